@@ -1,0 +1,1 @@
+"""The ``medveil`` command line: one module per command group, registered in ``main``."""

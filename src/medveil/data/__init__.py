@@ -1,0 +1,12 @@
+"""Data layer: one interface (:class:`ImageDataset`) over MedMNIST ``.npz`` files,
+image folders with a CSV, and DICOM files.
+
+>>> ds = load_dataset("bloodmnist.npz")          # a path, or a name under the data root
+>>> x = to_tensor(ds.split("train").images, size=32, channels=3)   # (N, 3, 32, 32) float
+"""
+
+from medveil.data.dataset import ImageDataset, Split, Task
+from medveil.data.loading import load_dataset
+from medveil.data.tensors import to_tensor
+
+__all__ = ["ImageDataset", "Split", "Task", "load_dataset", "to_tensor"]

@@ -1,0 +1,35 @@
+"""uint8 images -> float tensors (N, C, H, W) in [0, 1] at a requested size and channel count."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medveil.errors import DataError
+
+
+def to_tensor(images: np.ndarray, size: int | None = None, channels: int | None = None) -> torch.Tensor:
+    """Convert uint8 (N, H, W[, C]) to float32 (N, C, H, W) in [0, 1].
+
+    size: resize (bilinear, antialiased) to size x size when given and different.
+    channels: 1 or 3. Grey -> RGB repeats the channel; RGB -> grey uses ITU-R 601 luma.
+    """
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise DataError(f"expected images (N,H,W[,C]), got shape {images.shape}")
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    c = x.shape[1]
+    if channels is not None and channels != c:
+        if c == 1 and channels == 3:
+            x = x.expand(-1, 3, -1, -1).contiguous()
+        elif c == 3 and channels == 1:
+            luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            x = (x * luma).sum(dim=1, keepdim=True)
+        else:
+            raise DataError(f"cannot convert {c}-channel images to {channels} channels")
+    if size is not None and (x.shape[2] != size or x.shape[3] != size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = x.clamp_(0.0, 1.0)
+    return x
