@@ -20,6 +20,9 @@ from medveil.errors import MedVeilError
 COMMAND_MODULES: tuple[str, ...] = (
     "data_cmd",
     "demo_cmd",
+    "model_cmd",
+    "anonymize_cmd",
+    "federate_cmd",
 )
 
 

@@ -80,3 +80,20 @@ def medmnist_key(stem: str) -> str:
     """``organamnist_64`` -> ``organamnist``; ``bloodmnist`` -> ``bloodmnist``."""
     base, _, size = stem.rpartition("_")
     return base if base and size.isdigit() else stem
+
+
+# Image-folder datasets recognised by folder name (prefix match, lower case). Used only when
+# the caller names neither classes nor task; labels must then be 0..K-1 integers.
+FOLDERS: dict[str, DatasetInfo] = {
+    "aptos": DatasetInfo(
+        Task.ORDINAL,
+        ("no DR", "mild", "moderate", "severe", "proliferative DR"),
+        "colour fundus",
+    ),
+}
+
+
+def folder_info(name: str) -> DatasetInfo | None:
+    """What we know about an image folder from its name (``aptos2019`` -> APTOS DR grades)."""
+    lowered = name.lower()
+    return next((info for key, info in FOLDERS.items() if lowered.startswith(key)), None)

@@ -32,16 +32,34 @@ class Split:
     labels: (N,) int64 class index, or (N, C) {0,1} for multi-label tasks.
     ids: per-image identifiers (file names, ISIC ids ...) or None.
     patient_ids: per-image patient/subject id or None.
+    load_subset: optional loader of only some rows (indices -> images), so that a subset of a
+        folder/DICOM split decodes only its own files.
     """
 
     labels: np.ndarray
     load_images: Callable[[], np.ndarray]
     ids: np.ndarray | None = None
     patient_ids: np.ndarray | None = None
+    load_subset: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
     _images: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def subset(self, indices: np.ndarray) -> Split:
+        """The rows at ``indices`` as a new split; images stay lazy when not loaded yet."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if self._images is not None:
+            images = self._images[idx]
+            load, load_subset = (lambda: images), (lambda j: images[j])
+        elif self.load_subset is not None:
+            parent = self.load_subset
+            load, load_subset = (lambda: parent(idx)), (lambda j: parent(idx[j]))
+        else:
+            load, load_subset = (lambda: self.images[idx]), (lambda j: self.images[idx[j]])
+        pick = lambda a: None if a is None else a[idx]
+        return Split(labels=self.labels[idx], load_images=load, ids=pick(self.ids),
+                     patient_ids=pick(self.patient_ids), load_subset=load_subset)
 
     @property
     def images(self) -> np.ndarray:
@@ -71,6 +89,7 @@ class ImageDataset:
     splits: dict[str, Split]
     source: Path
     image_shape: tuple[int, int, int] | None = None  # (H, W, C) when known without decoding
+    source_kind: str = ""  # "MedMNIST .npz", "image folder + CSV", "DICOM"
 
     @property
     def num_classes(self) -> int:

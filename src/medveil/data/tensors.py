@@ -9,6 +9,19 @@ import torch.nn.functional as F
 from medveil.errors import DataError
 
 
+def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Float (N, C, H, W) -> (N, channels, H, W): grey -> RGB repeats, RGB -> grey is ITU-R 601 luma."""
+    c = x.shape[1]
+    if c == channels:
+        return x
+    if c == 1 and channels == 3:
+        return x.expand(-1, 3, -1, -1).contiguous()
+    if c == 3 and channels == 1:
+        luma = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x * luma).sum(dim=1, keepdim=True)
+    raise DataError(f"cannot convert {c}-channel images to {channels} channels")
+
+
 def to_tensor(images: np.ndarray, size: int | None = None, channels: int | None = None) -> torch.Tensor:
     """Convert uint8 (N, H, W[, C]) to float32 (N, C, H, W) in [0, 1].
 
@@ -20,15 +33,8 @@ def to_tensor(images: np.ndarray, size: int | None = None, channels: int | None 
     if images.ndim != 4:
         raise DataError(f"expected images (N,H,W[,C]), got shape {images.shape}")
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
-    c = x.shape[1]
-    if channels is not None and channels != c:
-        if c == 1 and channels == 3:
-            x = x.expand(-1, 3, -1, -1).contiguous()
-        elif c == 3 and channels == 1:
-            luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-            x = (x * luma).sum(dim=1, keepdim=True)
-        else:
-            raise DataError(f"cannot convert {c}-channel images to {channels} channels")
+    if channels is not None:
+        x = convert_channels(x, channels)
     if size is not None and (x.shape[2] != size or x.shape[3] != size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         x = x.clamp_(0.0, 1.0)

@@ -1,0 +1,1 @@
+"""Evaluation: utility, fidelity and privacy metrics."""

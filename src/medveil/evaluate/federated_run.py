@@ -1,0 +1,70 @@
+"""``medveil evaluate RUN_DIR``: evaluate a finished federated run on every client's test split.
+
+For each dataset of the run: (i) the universal model with its own head; (ii) the final backbone
+fine-tuned and linearly probed with the run's ``[evaluation]`` recipe, next to the MIM-only
+stage-0 backbone (the paper's baseline) under the identical recipe. Clients' data are rebuilt
+from the run's ``config.toml`` (same seed, same splits). Writes ``RUN_DIR/evaluation.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from medveil.errors import MedVeilError
+from medveil.evaluate.probe import backbone_eval, universal_eval
+from medveil.federated.config import load_config
+from medveil.federated.engine import COMPLETE, load_stage, write_json
+from medveil.federated.server import load_universal
+from medveil.federated.sites import build_sites
+from medveil.federated.training import TrainRecipe, derive_seed
+from medveil.models.mae import DECODER_PREFIXES
+
+
+def evaluate_run(run_dir: str | Path, finetune: bool = True, progress: bool = True) -> dict[str, Any]:
+    out = Path(run_dir)
+    if not (out / COMPLETE).is_file():
+        raise MedVeilError(f"{out}: not a complete federated run (no '{COMPLETE}' marker; "
+                           f"finish it with `medveil federate --out {out} --resume`)")
+    cfg = load_config(out / "config.toml")
+    universal = load_universal(out / "model.pt")
+    clients, _ = build_sites(cfg.clients, cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.seed)
+    stage0 = load_stage(out / "checkpoints" / "stage_000.pt")
+    mim_state = {k: v for k, v in stage0["model"].items() if not k.startswith(DECODER_PREFIXES)}
+    ev = cfg.evaluation
+    recipe = TrainRecipe(epochs=ev.finetune_epochs, batch_size=ev.finetune_batch_size,
+                         lr=ev.finetune_lr, weight_decay=cfg.local.weight_decay)
+    seed = derive_seed(cfg.seed, "evaluate")
+    result: dict[str, Any] = {"run": str(out), "recipe": {**recipe.__dict__, "probe_C": ev.probe_C}}
+    steps = [("universal", None), ("final", universal.backbone.state_dict()), ("mim_only", mim_state)]
+    for name, state in tqdm(steps, desc="evaluate", disable=None if progress else True):
+        if state is None:
+            result[name] = universal_eval(universal.backbone, universal.heads, clients)
+        else:
+            result[name] = backbone_eval(cfg.model.to_dict(), state, clients, recipe, seed,
+                                         ev.probe_C, ev.probe_max_iter, finetune)
+    write_json(out / "evaluation.json", result)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Plain-text table: one row per dataset, accuracy / AUC of every evaluation."""
+    cols = [("universal", None, "universal")]
+    for kind in ("probe", "finetune"):
+        cols += [(src, kind, f"{src} {kind}") for src in ("final", "mim_only")]
+    names = list(result["universal"])
+    header = f"{'dataset':<16}" + "".join(f"{label:>22}" for *_, label in cols)
+    lines = [header, "-" * len(header)]
+    for n in names:
+        cells = []
+        for src, kind, _ in cols:
+            m = result[src][n] if kind is None else result[src][n].get(kind)
+            cells.append("-" if m is None else f"acc {m['acc']:.3f} auc {_f(m.get('auc'))}")
+        lines.append(f"{n:<16}" + "".join(f"{c:>22}" for c in cells))
+    return "\n".join(lines)
+
+
+def _f(v: float | None) -> str:
+    return "  - " if v is None or v != v else f"{v:.3f}"

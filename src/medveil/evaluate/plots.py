@@ -1,0 +1,40 @@
+"""Figures of a federated run (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_stage_curves(stages: list[dict[str, Any]], path: Path, metric: str = "acc") -> Path:
+    """Per-client test ``metric`` of the universal model after each stage (forgetting curves)."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for s in stages:
+        for name, info in s.get("clients", {}).items():
+            value = info.get("test", {}).get(metric)
+            if value is not None:
+                xs, ys = series.setdefault(name, ([], []))
+                xs.append(int(s["stage"]))
+                ys.append(float(value))
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, (xs, ys) in sorted(series.items()):
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel("stage")
+    ax.set_ylabel(f"test {metric} (universal model + own head)")
+    ax.set_title("Per-client accuracy across stages")
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=8, loc="best")
+        ax.set_xticks(sorted({x for xs, _ in series.values() for x in xs}))
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,197 @@
+"""The federation config: a TOML file read into dataclasses, every key checked.
+
+```toml
+seed = 0
+device = "cpu"                  # or "cuda"
+[model]                         # medveil.models.ViTConfig fields
+img_size = 32
+embed_dim = 192
+[data]                          # medveil.federated.sites.SiteOptions
+pool_fraction = 0.2
+[[clients]]                     # one per hospital: a dataset by path or shipped sample name
+name = "blood"
+sample = "bloodmnist"           # or: path = "data/bloodmnist.npz" (relative to this file)
+[pretrain]                      # stage 0, MAE on the server pool (PretrainRecipe)
+[federation]                    # strategy, rounds, client_fraction, schedule
+[local]                         # client fine-tuning (TrainRecipe; fedprox_mu)
+[curation]                      # CurationParams (tau, lam, mim_mu, init, relay_alpha ...)
+[evaluation]                    # fine-tune / linear-probe recipe of `medveil evaluate`
+```
+Relative paths are resolved against the config file's folder; the run folder keeps the resolved
+config as ``config.toml``, so ``--resume`` and ``medveil evaluate`` need nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from medveil.errors import ConfigError
+from medveil.federated.curation import DEFAULT_SCHEDULE, STRATEGIES, CurationParams
+from medveil.federated.server import PretrainRecipe
+from medveil.federated.sites import ClientSpec, SiteOptions
+from medveil.federated.training import TrainRecipe
+from medveil.models import ViTConfig
+
+SCHEDULES = ("auto", "parallel", "sequential")
+
+
+@dataclass
+class FederationOptions:
+    """The ``[federation]`` section."""
+
+    strategy: str = "distill"          # distill | relay | fedavg
+    rounds: int = 3                    # stages after stage 0
+    client_fraction: float = 1.0       # share of clients sampled per stage (at least one)
+    schedule: str = "auto"             # parallel | sequential | auto (the strategy's default)
+
+    def resolved_schedule(self) -> str:
+        return DEFAULT_SCHEDULE[self.strategy] if self.schedule == "auto" else self.schedule
+
+
+@dataclass
+class EvaluationOptions:
+    """The ``[evaluation]`` section: one recipe for every backbone and dataset."""
+
+    finetune_epochs: int = 3
+    finetune_lr: float = 5e-4
+    finetune_batch_size: int = 64
+    probe_C: float = 1.0             # inverse L2 strength of the logistic-regression probe
+    probe_max_iter: int = 1000
+
+
+@dataclass
+class FederationConfig:
+    seed: int = 0
+    device: str = "cpu"
+    model: ViTConfig = field(default_factory=ViTConfig)
+    data: SiteOptions = field(default_factory=SiteOptions)
+    clients: list[ClientSpec] = field(default_factory=list)
+    pretrain: PretrainRecipe = field(default_factory=PretrainRecipe)
+    init_checkpoint: str = ""        # MAE / MedMAE / timm ViT weights to start the server from
+    federation: FederationOptions = field(default_factory=FederationOptions)
+    local: TrainRecipe = field(default_factory=TrainRecipe)
+    curation: CurationParams = field(default_factory=CurationParams)
+    evaluation: EvaluationOptions = field(default_factory=EvaluationOptions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ViTConfig, "data": SiteOptions, "pretrain": PretrainRecipe,
+    "federation": FederationOptions, "local": TrainRecipe, "curation": CurationParams,
+    "evaluation": EvaluationOptions,
+}
+TOP_LEVEL = ("seed", "device", "init_checkpoint")
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"{where} must be {type(default).__name__}, got {value!r}")
+    return value
+
+
+def _section(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    defaults = cls()
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return cls(**{k: _coerce(v, getattr(defaults, k), f"{where} {k}") for k, v in raw.items()})
+
+
+def _resolve(path: str, base: Path) -> str:
+    """Relative to the config's folder when it exists there; else kept (a name under the data root)."""
+    if path and not Path(path).is_absolute() and (base / path).exists():
+        return str((base / path).resolve())
+    return path
+
+
+def config_from_dict(raw: dict[str, Any], base_dir: Path, where: str = "config") -> FederationConfig:
+    unknown = sorted(set(raw) - set(SECTIONS) - set(TOP_LEVEL) - {"clients"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    cfg = FederationConfig()
+    for key in TOP_LEVEL:
+        if key in raw:
+            setattr(cfg, key, _coerce(raw[key], getattr(cfg, key), f"{where}: {key}"))
+    for name, cls in SECTIONS.items():
+        if name in raw:
+            setattr(cfg, name, _section(cls, raw[name], f"{where}: [{name}]"))
+    entries = raw.get("clients", [])
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{where}: no [[clients]] entries")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: [[clients]] #{i + 1} must be a table")
+        entry = dict(entry)
+        entry.setdefault("name", Path(entry.get("path") or entry.get("sample") or f"client{i}").stem)
+        spec = _section(ClientSpec, entry, f"{where}: [[clients]] #{i + 1}")
+        spec.path = _resolve(spec.path, base_dir)
+        cfg.clients.append(spec)
+    cfg.data.pool_path = _resolve(cfg.data.pool_path, base_dir)
+    cfg.init_checkpoint = _resolve(cfg.init_checkpoint, base_dir)
+    validate(cfg, where)
+    return cfg
+
+
+def validate(cfg: FederationConfig, where: str = "config") -> None:
+    fed = cfg.federation
+    if fed.strategy not in STRATEGIES:
+        raise ConfigError(f"{where}: unknown strategy {fed.strategy!r} (choose from {', '.join(STRATEGIES)})")
+    if fed.schedule not in SCHEDULES:
+        raise ConfigError(f"{where}: [federation] schedule must be one of {', '.join(SCHEDULES)}")
+    if fed.rounds < 0:
+        raise ConfigError(f"{where}: [federation] rounds must be >= 0")
+    if not 0.0 < fed.client_fraction <= 1.0:
+        raise ConfigError(f"{where}: [federation] client_fraction must be in (0, 1]")
+    if cfg.local.epochs < 1 or cfg.local.batch_size < 1 or cfg.pretrain.batch_size < 1:
+        raise ConfigError(f"{where}: epochs and batch sizes of [local] / [pretrain] must be >= 1")
+    if cfg.curation.init not in ("average", "base"):
+        raise ConfigError(f"{where}: [curation] init must be 'average' or 'base'")
+    cfg.model.validate()
+
+
+def load_config(path: str | Path) -> FederationConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    return config_from_dict(raw, path.parent, str(path))
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+
+def dump_toml(cfg: FederationConfig) -> str:
+    """The resolved config as TOML (reads back with :func:`load_config` to an equal config)."""
+    d = cfg.to_dict()
+    lines = [f"{k} = {_toml_value(d[k])}" for k in TOP_LEVEL]
+    for name in SECTIONS:
+        lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in d[name].items()]
+    for client in d["clients"]:
+        lines += ["", "[[clients]]"] + [f"{k} = {_toml_value(v)}" for k, v in client.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,286 @@
+"""In-process federation: stage 0 (server MIM pretraining), then ``rounds`` stages of
+join -> local fine-tuning -> screening -> curation -> evaluation, on one machine.
+
+Clients and server only exchange the messages of :mod:`medveil.federated.messages`, through
+the same functions a Flower app calls. Each stage's randomness comes from seeds derived from
+(seed, stage, client), so a run killed after stage s and resumed from its checkpoint gives the
+same numbers as an uninterrupted run.
+
+Run folder (RUN_DIR):
+    config.toml            the resolved config (written first)
+    checkpoints/stage_NNN.pt   after every stage (atomic); stage_000 (MIM-only) and the latest kept
+    metrics.json           per stage, per client: accuracy etc., bytes, rejected updates (at the end)
+    model.pt               the universal model: backbone + heads + task registry (at the end)
+    accuracy_by_stage.png  per-client test accuracy across stages (at the end)
+    complete               written last: a run folder without it is unfinished
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from medveil.errors import ConfigError, MedVeilError
+from medveil.federated.client import join_request, local_evaluate, local_fit
+from medveil.federated.config import FederationConfig, dump_toml, load_config
+from medveil.federated.curation import Curator, make_curator
+from medveil.federated.messages import ClientUpdate, message_nbytes
+from medveil.federated.server import Server, TaskEntry
+from medveil.federated.sites import ClientData, build_sites
+from medveil.federated.training import derive_seed
+from medveil.federated.updates import screen_updates
+from medveil.models.checkpoint import save_checkpoint
+
+log = logging.getLogger("medveil.federated")
+
+ClientFit = Callable[..., ClientUpdate]  # (data, instructions, recipe, seed, device=) -> update
+COMPLETE = "complete"
+
+
+@dataclass
+class Federation:
+    """Everything one run works on: config, clients' private data, the server, the curator."""
+
+    cfg: FederationConfig
+    clients: list[ClientData]
+    server: Server
+    curator: Curator
+    client_fit: ClientFit = local_fit
+
+    @property
+    def schedule(self) -> str:
+        return self.cfg.federation.resolved_schedule()
+
+
+def prepare(cfg: FederationConfig, client_fit: ClientFit = local_fit) -> Federation:
+    """Load the clients' data and the server pool, build the server and the curator."""
+    curator = make_curator(cfg.federation.strategy, cfg.curation)
+    clients, pool = build_sites(cfg.clients, cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.seed)
+    device = torch.device(cfg.device)
+    server = Server(cfg.model, pool.to(device) if device.type != "cpu" else pool,
+                    seed=derive_seed(cfg.seed, "init"))
+    server.model.to(device)
+    return Federation(cfg, clients, server, curator, client_fit)
+
+
+def run_pretraining(fed: Federation, progress: bool = True) -> dict[str, Any]:
+    """Stage 0: optional MAE/MedMAE checkpoint, then MIM pretraining on the pool."""
+    t0 = time.time()
+    out: dict[str, Any] = {"stage": 0, "kind": "pretrain", "pool_size": len(fed.server.pool)}
+    if fed.cfg.init_checkpoint:
+        from medveil.models.checkpoint import load_vit_checkpoint
+
+        report = load_vit_checkpoint(fed.cfg.init_checkpoint, fed.server.model)
+        out["init_checkpoint"] = {"path": report.path, "notes": report.notes}
+    out.update(fed.server.pretrain(fed.cfg.pretrain, derive_seed(fed.cfg.seed, 0, "pretrain"), progress))
+    out["seconds"] = time.time() - t0
+    return out
+
+
+def sample_participants(fed: Federation, stage: int) -> list[str]:
+    """ceil(fraction * K) clients (at least one), seeded by (seed, stage), in config order."""
+    k = len(fed.clients)
+    m = max(1, min(k, math.ceil(fed.cfg.federation.client_fraction * k - 1e-9)))
+    rng = np.random.default_rng(derive_seed(fed.cfg.seed, stage, "sample"))
+    chosen = set(rng.choice(k, size=m, replace=False).tolist())
+    return [c.name for i, c in enumerate(fed.clients) if i in chosen]
+
+
+def run_stage(fed: Federation, stage: int, progress: bool = True) -> dict[str, Any]:
+    """One federated stage; returns its metrics (see the module docstring)."""
+    t0 = time.time()
+    server, seed = fed.server, fed.cfg.seed
+    by_name = {c.name: c for c in fed.clients}
+    names = sample_participants(fed, stage)
+    groups = [names] if fed.schedule == "parallel" else [[n] for n in names]
+    per_client: dict[str, dict[str, Any]] = {}
+    rejected: list[dict[str, Any]] = []
+    curation: list[dict[str, Any]] = []
+    bar = tqdm(total=len(names), desc=f"stage {stage}: clients", leave=False,
+               disable=None if progress else True)
+    for gi, group in enumerate(groups):
+        updates = []
+        for name in group:
+            data = by_name[name]
+            info: dict[str, Any] = {"bytes": {}}
+            if name not in server.registry:
+                request = join_request(data)
+                info["bytes"]["join_up"] = message_nbytes(request)
+                info["joined_now"] = True
+                ins = server.join(request, stage, derive_seed(seed, stage, name, "head"))
+            else:
+                ins = server.instructions(name, stage)
+            info["bytes"]["fit_down"] = message_nbytes(ins)
+            update = fed.client_fit(data, ins, fed.cfg.local, derive_seed(seed, stage, name, "fit"),
+                                    device=fed.cfg.device)
+            info["bytes"]["fit_up"] = message_nbytes(update)
+            info["fit"] = {**update.metrics, "n_samples": update.n_samples}
+            per_client[name] = info
+            updates.append(update)
+            bar.update(1)
+        accepted, rejections = screen_updates(updates, server.backbone_spec(), server.head_specs())
+        rejected += [r.to_dict() for r in rejections]
+        result = fed.curator.curate(server, accepted, derive_seed(seed, stage, gi, "curate"), progress)
+        curation.append({"clients": [u.client_name for u in accepted], **result})
+    bar.close()
+    for data in fed.clients:  # every joined client evaluates the new universal model
+        if data.name not in server.registry:
+            continue
+        ins = server.instructions(data.name, stage)
+        report = local_evaluate(data, ins, device=fed.cfg.device)
+        info = per_client.setdefault(data.name, {"bytes": {}})
+        info["bytes"]["eval_down"] = message_nbytes(ins)
+        info["bytes"]["eval_up"] = message_nbytes(report)
+        info["test"] = report.metrics
+    return {"stage": stage, "kind": "federated", "strategy": fed.curator.name,
+            "schedule": fed.schedule, "participants": names, "clients": per_client,
+            "rejected": rejected, "curation": curation, "seconds": time.time() - t0}
+
+
+# ---- run folder ------------------------------------------------------------------------------
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then os.replace (never half-written)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """JSON with NaN/Inf as null, written atomically."""
+    write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
+
+
+def _checkpoint_path(out: Path, stage: int) -> Path:
+    return out / "checkpoints" / f"stage_{stage:03d}.pt"
+
+
+def save_stage(fed: Federation, out: Path, stage: int, stages: list[dict[str, Any]]) -> None:
+    state = fed.server.state_dict()
+    extra = {"stage": stage, "heads": state["heads"], "registry": state["registry"],
+             "metrics": _jsonable(stages), "config": fed.cfg.to_dict(), "torch_rng": torch.get_rng_state()}
+    save_checkpoint(_checkpoint_path(out, stage), fed.server.model, fed.cfg.model, extra=extra)
+    for old in (out / "checkpoints").glob("stage_*.pt"):  # keep stage 0 (MIM-only) and the latest
+        if old.name not in ("stage_000.pt", f"stage_{stage:03d}.pt"):
+            old.unlink(missing_ok=True)
+
+
+def load_stage(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise MedVeilError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it to "
+                           f"resume from the previous one") from None
+
+
+def restore(fed: Federation, ckpt: dict[str, Any]) -> None:
+    extra = ckpt["extra"]
+    fed.server.load_state_dict({"model": ckpt["model"], "heads": extra["heads"],
+                                "registry": extra["registry"]})
+    torch.set_rng_state(extra["torch_rng"])
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((out / "checkpoints").glob("stage_*.pt"))
+    return found[-1] if found else None
+
+
+def run_federation(
+    cfg: FederationConfig, out_dir: str | Path, resume: bool = False, max_stages: int | None = None,
+    progress: bool = True, client_fit: ClientFit = local_fit,
+) -> dict[str, Any]:
+    """Run (or resume) a federation into ``out_dir``; returns the metrics dict.
+
+    max_stages: stop after that many stages (stage 0 counts) without finishing the run, as if
+    killed; ``resume=True`` continues it. Returns the final metrics once the run is complete.
+    """
+    out = Path(out_dir)
+    if (out / COMPLETE).exists():
+        if not resume:
+            raise ConfigError(f"{out}: already holds a complete run (choose another --out)")
+        return json.loads((out / "metrics.json").read_text())
+    ckpt_path = latest_checkpoint(out) if out.exists() else None
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise ConfigError(f"{out}: not empty; pass --resume to continue that run or choose another --out")
+    if resume and (out / "config.toml").is_file():
+        saved = load_config(out / "config.toml")
+        if saved.to_dict() != cfg.to_dict():
+            raise ConfigError(f"{out}: was started with a different config (see {out / 'config.toml'})")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "config.toml").exists():
+        write_text(out / "config.toml", dump_toml(cfg))
+    fed = prepare(cfg, client_fit)
+    stages: list[dict[str, Any]] = []
+    start = 0
+    if ckpt_path is not None:
+        ckpt = load_stage(ckpt_path)
+        restore(fed, ckpt)
+        stages = list(ckpt["extra"]["metrics"])
+        start = int(ckpt["extra"]["stage"]) + 1
+        log.info("resuming %s after stage %d", out, start - 1)
+    total = cfg.federation.rounds + 1
+    end = total if max_stages is None else min(total, max_stages)
+    for stage in tqdm(range(start, end), desc="federate", initial=start, total=total,
+                      disable=None if progress else True):
+        metrics = run_pretraining(fed, progress) if stage == 0 else run_stage(fed, stage, progress)
+        stages.append(metrics)
+        save_stage(fed, out, stage, stages)
+    if end < total:
+        return {"stages": _jsonable(stages), "complete": False}
+    return finish_run(fed, out, stages)
+
+
+def finish_run(fed: Federation, out: Path, stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """Final model, metrics and figure; the ``complete`` marker last."""
+    from medveil.evaluate.plots import plot_stage_curves
+
+    registry: dict[str, TaskEntry] = fed.server.registry
+    last = stages[-1]
+    final = {n: info["test"] for n, info in last.get("clients", {}).items() if "test" in info}
+    metrics = {
+        "config": fed.cfg.to_dict(),
+        "strategy": fed.cfg.federation.strategy,
+        "schedule": fed.schedule,
+        "stages": stages,
+        "final": final,
+        "registry": {n: {"task": e.task, "class_names": e.class_names} for n, e in registry.items()},
+        "bytes_total": communication_totals(stages),
+    }
+    fed.server.save_universal(out / "model.pt")
+    plot_stage_curves(stages, out / "accuracy_by_stage.png")
+    write_json(out / "metrics.json", metrics)
+    write_text(out / COMPLETE, "ok\n")
+    return _jsonable(metrics)
+
+
+def communication_totals(stages: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per client: total bytes received (down) and sent (up) over the run."""
+    totals: dict[str, dict[str, int]] = {}
+    for s in stages:
+        for name, info in s.get("clients", {}).items():
+            t = totals.setdefault(name, {"down": 0, "up": 0})
+            for key, n in info.get("bytes", {}).items():
+                t["down" if key.endswith("_down") else "up"] += int(n)
+    return totals

@@ -1,0 +1,356 @@
+"""ViT / MAE models and checkpoint loading (tiny sizes, a few seconds on 2 cores)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from medveil.errors import MedVeilError
+from medveil.models import MaskedAutoencoderViT, ViTConfig, VisionTransformer
+from medveil.models.checkpoint import load_vit_checkpoint, read_checkpoint, save_checkpoint
+from medveil.models.layers import sincos_pos_embed
+
+
+def small_cfg(**kw) -> ViTConfig:
+    base = dict(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=2, num_heads=2,
+                decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    base.update(kw)
+    return ViTConfig(**base)
+
+
+def expected_keys(cfg: ViTConfig, decoder: bool, head: bool) -> list[str]:
+    """The timm / MAE models_mae.py state-dict keys, written out independently."""
+    keys = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
+    per_block = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+                 "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+                 "mlp.fc2.weight", "mlp.fc2.bias"]
+    keys += [f"blocks.{i}.{k}" for i in range(cfg.depth) for k in per_block]
+    keys += ["norm.weight", "norm.bias"]
+    if head:
+        keys += ["head.weight", "head.bias"]
+    if decoder:
+        keys += ["mask_token", "decoder_pos_embed", "decoder_embed.weight", "decoder_embed.bias"]
+        keys += [f"decoder_blocks.{i}.{k}" for i in range(cfg.decoder_depth) for k in per_block]
+        keys += ["decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias"]
+    return sorted(keys)
+
+
+# ---- shapes and keys -------------------------------------------------------------------------
+def test_key_names_match_timm_mae_layout():
+    cfg = small_cfg()
+    assert sorted(VisionTransformer(cfg).state_dict()) == expected_keys(cfg, decoder=False, head=False)
+    assert sorted(VisionTransformer(cfg, num_classes=5).state_dict()) == expected_keys(cfg, False, True)
+    assert sorted(MaskedAutoencoderViT(cfg).state_dict()) == expected_keys(cfg, decoder=True, head=False)
+
+
+def test_presets_and_config_round_trip():
+    tiny, base = ViTConfig.tiny(28, 1), ViTConfig.base16()
+    assert (tiny.embed_dim, tiny.depth, tiny.num_heads, tiny.patch_size, tiny.grid_size) == (192, 6, 3, 4, 7)
+    assert (base.embed_dim, base.depth, base.num_heads, base.patch_size, base.img_size) == (768, 12, 12, 16, 224)
+    assert (base.decoder_embed_dim, base.decoder_depth, base.decoder_num_heads) == (512, 8, 16)
+    assert ViTConfig.from_dict(base.to_dict()) == base
+    with pytest.raises(MedVeilError, match="bogus"):
+        ViTConfig.from_dict({"bogus": 1})
+
+
+@pytest.mark.parametrize("img_size,in_chans", [(16, 3), (28, 1)])
+def test_vit_shapes(img_size, in_chans):
+    cfg = small_cfg(img_size=img_size, in_chans=in_chans)
+    x = torch.rand(3, in_chans, img_size, img_size)
+    vit = VisionTransformer(cfg, num_classes=7)
+    assert vit.forward_features(x).shape == (3, 32)
+    assert vit(x).shape == (3, 7)
+    assert VisionTransformer(cfg)(x).shape == (3, 32)  # Identity head
+    mae = MaskedAutoencoderViT(cfg)
+    loss, pred, mask = mae(x)
+    L = (img_size // 4) ** 2
+    assert loss.ndim == 0 and pred.shape == (3, L, 16 * in_chans) and mask.shape == (3, L)
+
+
+def test_tiny_preset_28px_grey_runs():
+    cfg = ViTConfig.tiny(img_size=28, in_chans=1)
+    mae = MaskedAutoencoderViT(cfg)
+    loss, pred, mask = mae(torch.rand(2, 1, 28, 28))
+    assert pred.shape == (2, 49, 16) and torch.isfinite(loss)
+    assert (mask.sum(1) == 49 - int(49 * 0.25)).all()
+
+
+def test_sincos_table_matches_transformers_mae():
+    from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
+
+    ref = build_2d_sinusoidal_position_embedding(7, 7, 32, cls_token=True)
+    ref = torch.cat([ref[:, 16:], ref[:, :16]], dim=1)  # the layout of the released MAE weights
+    torch.testing.assert_close(sincos_pos_embed(32, 7)[0], ref, atol=1e-6, rtol=0)
+
+
+# ---- masking and loss ------------------------------------------------------------------------
+@pytest.mark.parametrize("ratio", [0.75, 0.5, 0.0])
+def test_masking_keeps_one_minus_ratio(ratio):
+    x = torch.randn(4, 16, 8)
+    visible, mask, ids_restore = MaskedAutoencoderViT.random_masking(x, ratio)
+    keep = int(16 * (1 - ratio))
+    assert visible.shape == (4, keep, 8)
+    assert (mask.sum(1) == 16 - keep).all()
+    for b in range(4):  # the visible tokens are exactly the unmasked ones
+        kept = x[b][mask[b] == 0]
+        assert torch.equal(torch.sort(visible[b], dim=0).values, torch.sort(kept, dim=0).values)
+    assert torch.equal(torch.sort(ids_restore, 1).values, torch.arange(16).expand(4, -1))
+
+
+def test_loss_only_on_masked_patches():
+    torch.manual_seed(0)
+    mae = MaskedAutoencoderViT(small_cfg())
+    imgs = torch.rand(2, 3, 16, 16)
+    loss, pred, mask = mae(imgs)
+    target = mae.patchify(mae.normalize(imgs))
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    per_patch = (pred - target).pow(2).mean(-1)
+    torch.testing.assert_close(loss, per_patch[mask.bool()].mean())
+    # perturbing predictions of visible patches changes nothing
+    pred2 = pred.detach().clone()
+    pred2[~mask.bool()] += 10.0
+    torch.testing.assert_close(mae.forward_loss(mae.normalize(imgs), pred2, mask), loss.detach())
+
+
+def test_patchify_round_trip():
+    mae = MaskedAutoencoderViT(small_cfg(in_chans=3))
+    imgs = torch.rand(2, 3, 16, 16)
+    assert torch.equal(mae.unpatchify(mae.patchify(imgs)), imgs)
+
+
+def test_determinism_under_seed():
+    def run():
+        torch.manual_seed(123)
+        mae = MaskedAutoencoderViT(small_cfg())
+        loss, pred, mask = mae(torch.rand(2, 3, 16, 16))
+        return loss, pred, mask
+
+    a, b = run(), run()
+    for t1, t2 in zip(a, b):
+        assert torch.equal(t1, t2)
+
+
+def test_loss_decreases_with_training():
+    torch.manual_seed(0)
+    mae = MaskedAutoencoderViT(small_cfg())
+    imgs = torch.rand(8, 3, 16, 16)
+    opt = torch.optim.AdamW(mae.parameters(), lr=3e-3)
+    noise = torch.rand(8, 16)  # fixed mask: a pure fitting test
+    losses = []
+    for _ in range(25):
+        loss, _, _ = mae(imgs, noise=noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert not any(p.requires_grad for p in (mae.pos_embed, mae.decoder_pos_embed))
+
+
+def test_encoder_state_dict_round_trip():
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    mae = MaskedAutoencoderViT(cfg)
+    vit = VisionTransformer(cfg, num_classes=4)
+    result = vit.load_state_dict(mae.encoder_state_dict(), strict=False)
+    assert result.unexpected_keys == [] and sorted(result.missing_keys) == ["head.bias", "head.weight"]
+    x = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(vit.forward_features(x), mae.forward_features(x))
+    # the encoder path of the MAE at mask ratio 0 gives the same cls feature
+    latent, _, _ = mae.forward_encoder(mae.normalize(x), mask_ratio=0.0)
+    torch.testing.assert_close(latent[:, 0], vit.forward_features(x), atol=1e-5, rtol=1e-5)
+
+
+# ---- against transformers' ViT-MAE (independent implementation) -------------------------------
+def hf_to_mae_keys(hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers ViTMAE / ViT names -> MAE models_mae.py names (both old and new HF spellings)."""
+    rename = [
+        (r"^(vit\.)?embeddings\.cls_token$", "cls_token"),
+        (r"^(vit\.)?embeddings\.position_embeddings$", "pos_embed"),
+        (r"^(vit\.)?embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+        (r"^(vit\.)?(encoder\.layer|layers)\.(\d+)\.", r"blocks.\3."),
+        (r"^decoder\.decoder_layers\.(\d+)\.", r"decoder_blocks.\1."),
+        (r"^(vit\.)?layernorm\.", "norm."),
+        (r"^decoder\.", ""),
+        (r"layernorm_before", "norm1"),
+        (r"layernorm_after", "norm2"),
+        (r"attention\.(output\.dense|o_proj)", "attn.proj"),
+        (r"intermediate\.dense", "mlp.fc1"),
+        (r"(?<!mlp\.)output\.dense", "mlp.fc2"),
+    ]
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in hf_sd.items():
+        for pattern, repl in rename:
+            key = re.sub(pattern, repl, key)
+        m = re.match(r"(.*)\.attention\.(?:attention\.)?(query|key|value|q_proj|k_proj|v_proj)\.(weight|bias)$", key)
+        if m:
+            which = {"query": "q", "key": "k", "value": "v"}.get(m[2], m[2][0])
+            qkv.setdefault(f"{m[1]}.attn.qkv.{m[3]}", {})[which] = value
+            continue
+        out[key] = value
+    for key, parts in qkv.items():
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def hf_mae(cfg: ViTConfig):
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    hcfg = ViTMAEConfig(
+        hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
+        intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio), image_size=cfg.img_size,
+        patch_size=cfg.patch_size, num_channels=cfg.in_chans, decoder_hidden_size=cfg.decoder_embed_dim,
+        decoder_num_hidden_layers=cfg.decoder_depth, decoder_num_attention_heads=cfg.decoder_num_heads,
+        decoder_intermediate_size=int(cfg.decoder_embed_dim * cfg.mlp_ratio), mask_ratio=0.75,
+        norm_pix_loss=cfg.norm_pix_loss, layer_norm_eps=1e-6, hidden_act="gelu", qkv_bias=True,
+    )
+    torch.manual_seed(1)
+    model = ViTMAEForPreTraining(hcfg).eval()
+    with torch.no_grad():  # random weights everywhere, so every tensor is exercised
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    return model
+
+
+def test_matches_transformers_vitmae_via_checkpoint(tmp_path):
+    cfg = ViTConfig.tiny(img_size=16, in_chans=3)
+    cfg.depth = 2
+    hf = hf_mae(cfg)
+    ckpt = tmp_path / "mae_timm_layout.pth"
+    sd = {f"module.{k}": v for k, v in hf_to_mae_keys(hf.state_dict()).items()}
+    torch.save({"model": sd, "epoch": 3}, ckpt)
+
+    ours = MaskedAutoencoderViT(cfg).eval()
+    report = load_vit_checkpoint(ckpt, ours)
+    assert report.missing == [] and report.dropped == []
+    x = torch.rand(4, 3, 16, 16)
+    noise = torch.rand(4, 16)
+    with torch.no_grad():
+        loss, pred, mask = ours(x, noise=noise)
+        ref = hf(pixel_values=ours.normalize(x), noise=noise)
+    torch.testing.assert_close(mask, ref.mask)
+    torch.testing.assert_close(pred, ref.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loss, ref.loss, atol=1e-4, rtol=1e-4)
+
+    # encoder only: features equal the transformers encoder's cls output (no masking)
+    vit = VisionTransformer(cfg, num_classes=3).eval()
+    report = load_vit_checkpoint(ckpt, vit)
+    assert sorted(report.missing) == ["head.bias", "head.weight"]
+    assert any(k.startswith("decoder_") for k in report.dropped)
+    hf.config.mask_ratio = 0.0
+    with torch.no_grad():
+        feats = vit.forward_features(x)
+        ref_feats = hf.vit(pixel_values=vit.normalize(x)).last_hidden_state[:, 0]
+    torch.testing.assert_close(feats, ref_feats, atol=1e-4, rtol=1e-4)
+
+
+def test_matches_transformers_vitmodel_features(tmp_path):
+    from transformers import ViTConfig as HFViTConfig
+    from transformers import ViTModel
+
+    cfg = ViTConfig.tiny(img_size=16, in_chans=1)
+    cfg.depth = 2
+    hf = ViTModel(HFViTConfig(hidden_size=192, num_hidden_layers=2, num_attention_heads=3,
+                              intermediate_size=768, image_size=16, patch_size=4, num_channels=1,
+                              layer_norm_eps=1e-6, hidden_act="gelu"), add_pooling_layer=False).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.05)
+    ckpt = tmp_path / "vit.pt"
+    torch.save({"state_dict": hf_to_mae_keys(hf.state_dict())}, ckpt)
+    vit = VisionTransformer(cfg).eval()
+    load_vit_checkpoint(ckpt, vit)
+    x = torch.rand(3, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(vit.forward_features(x),
+                                   hf(pixel_values=vit.normalize(x)).last_hidden_state[:, 0],
+                                   atol=1e-4, rtol=1e-4)
+
+
+# ---- checkpoint adaptation and errors --------------------------------------------------------
+def test_checkpoint_adaptations(tmp_path):
+    src_cfg = small_cfg(img_size=16, in_chans=3)
+    src = VisionTransformer(src_cfg, num_classes=10)
+    ckpt = tmp_path / "src.pth"
+    torch.save(src.state_dict(), ckpt)
+    # 24 px grey model with 4 classes: pos_embed resized 4x4 -> 6x6, RGB filters summed, head skipped
+    dst = VisionTransformer(small_cfg(img_size=24, in_chans=1), num_classes=4)
+    report = load_vit_checkpoint(ckpt, dst)
+    notes = " | ".join(report.notes)
+    assert "pos_embed" in notes and "grey" in notes and "head.weight" in notes
+    assert dst.pos_embed.shape == (1, 37, 32)
+    torch.testing.assert_close(dst.patch_embed.proj.weight, src.patch_embed.proj.weight.sum(1, keepdim=True))
+    torch.testing.assert_close(dst.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
+    # same grid: resize is the identity
+    same = VisionTransformer(src_cfg)
+    load_vit_checkpoint(ckpt, same)
+    torch.testing.assert_close(same.pos_embed, src.pos_embed)
+
+
+def test_checkpoint_errors(tmp_path):
+    vit = VisionTransformer(small_cfg())
+    with pytest.raises(MedVeilError, match="checkpoint not found"):
+        load_vit_checkpoint(tmp_path / "nope.pth", vit)
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not a checkpoint\n")
+    with pytest.raises(MedVeilError, match="not a PyTorch checkpoint"):
+        load_vit_checkpoint(junk, vit)
+    wide = tmp_path / "wide.pth"
+    torch.save({"model": VisionTransformer(small_cfg(embed_dim=64, num_heads=4)).state_dict()}, wide)
+    with pytest.raises(MedVeilError, match=r"shape mismatch for \S+: checkpoint"):
+        load_vit_checkpoint(wide, vit)
+    partial = tmp_path / "partial.pth"
+    sd = vit.state_dict()
+    del sd["blocks.1.mlp.fc1.weight"]
+    torch.save(sd, partial)
+    with pytest.raises(MedVeilError, match="missing key blocks.1.mlp.fc1.weight"):
+        load_vit_checkpoint(partial, vit)
+    assert load_vit_checkpoint(partial, vit, strict_backbone=False).missing == ["blocks.1.mlp.fc1.weight"]
+    other = tmp_path / "other.pth"
+    torch.save({"model": {"foo.weight": torch.zeros(2)}}, other)
+    with pytest.raises(MedVeilError, match="no ViT weights"):
+        load_vit_checkpoint(other, vit)
+    # every message is one line
+    try:
+        load_vit_checkpoint(wide, vit)
+    except MedVeilError as err:
+        assert "\n" not in str(err)
+
+
+def test_save_checkpoint_atomic_and_loadable(tmp_path):
+    cfg = small_cfg()
+    mae = MaskedAutoencoderViT(cfg)
+    path = save_checkpoint(tmp_path / "run" / "mae.pth", mae, cfg, extra={"epoch": 2, "seed": 0})
+    assert sorted(p.name for p in path.parent.iterdir()) == ["mae.pth"]  # no tmp left behind
+    sd, stored_cfg = read_checkpoint(path)
+    assert ViTConfig.from_dict(stored_cfg) == cfg
+    fresh = MaskedAutoencoderViT(cfg)
+    report = load_vit_checkpoint(path, fresh)
+    assert report.missing == [] and report.dropped == []
+    for k, v in mae.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v)
+
+
+def test_cli_load_check(tmp_path, capsys):
+    import argparse
+
+    from medveil.cli import model_cmd
+
+    parser = argparse.ArgumentParser(prog="medveil")
+    model_cmd.register(parser.add_subparsers(dest="command"))
+    cfg = ViTConfig.tiny(img_size=16, in_chans=1)
+    path = save_checkpoint(tmp_path / "m.pth", MaskedAutoencoderViT(cfg), cfg)
+    args = parser.parse_args(["model", "load-check", str(path)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "dropped 32 MAE decoder tensors" in out and "MAE decoder: loaded" in out and "shape (2, 192), finite True" in out
+    # another image size: the position grid is resized and reported
+    args = parser.parse_args(["model", "load-check", str(path), "--img-size", "24"])
+    assert args.func(args) == 0
+    assert "resized grid 16 -> 36" in capsys.readouterr().out
+    args = parser.parse_args(["model", "load-check", str(tmp_path / "missing.pth")])
+    with pytest.raises(MedVeilError, match="checkpoint not found"):
+        args.func(args)
