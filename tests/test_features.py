@@ -7,11 +7,19 @@ import torch
 
 import medveil.generative.feature_training as ft
 from medveil.errors import ConfigError, DataError
-from medveil.evaluate.fidelity import FeatureModule, FidelityEvaluator, fidelity_metrics, nearest_real
+from medveil.evaluate.fidelity import FeatureModule, fidelity_metrics, metrics_from_embeddings, nearest_real
 from medveil.generative.feature_training import FeatureTrainConfig, train_feature_net
 from medveil.models.features import ConvFeatureNet, build_feature_net
-from medveil.models.stylegan2 import GANConfig, Generator
 from medveil.models.vit import ViTConfig, VisionTransformer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Small convs on a shared 2-core machine: one thread avoids OpenMP spin contention.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _blobs(n: int, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,6 +38,8 @@ def test_random_conv_shapes_determinism_and_frozen():
     assert net.embed(x).shape == (2, 32 + 64 + 128 + 256)
     assert net.feature_maps(x).shape == (2, 32, 32, 32)
     assert net.embed(x[:, :1]).shape == (2, net.dim)  # grey is repeated to RGB
+    maps, emb = net.features(x)  # one shared pass == the two separate calls
+    assert torch.allclose(maps, net.feature_maps(x)) and torch.allclose(emb, net.embed(x))
     with pytest.raises(DataError, match="got \\(2, 4, 32, 32\\)"):
         net.embed(torch.rand(2, 4, 32, 32))
 
@@ -105,6 +115,8 @@ def test_vit_checkpoint_as_feature_net(tmp_path):
     assert torch.allclose(net.embed(x), vit.forward_features(torch.nn.functional.interpolate(
         x, size=(16, 16), mode="bilinear", align_corners=False)), atol=1e-6)
     assert net.describe()["vit_config"]["embed_dim"] == 32
+    maps, emb = net.features(x)
+    assert torch.allclose(maps, net.feature_maps(x)) and torch.allclose(emb, net.embed(x))
 
 
 def test_fid_kid_self_zero_noise_large():
@@ -131,15 +143,8 @@ def test_feature_module_for_torchmetrics_and_nearest_real():
     m = FeatureModule(net)
     x = torch.rand(2, 3, 8, 8)
     assert torch.allclose(m((x * 255).round().to(torch.uint8)), m(x), atol=0.05)
+    emb = torch.randn(40, 5, generator=torch.Generator().manual_seed(0))
+    m = metrics_from_embeddings(emb, emb + 3.0, kid_subset_size=20, kid_subsets=5)
+    assert m["fid"] == pytest.approx(5 * 9.0, rel=1e-3)  # shifted copy: FID = ||mean shift||^2
     dist, idx = nearest_real(torch.tensor([[0.0, 0.0], [10.0, 0.0]]), torch.tensor([[9.0, 0.0], [0.0, 1.0]]))
     assert idx.tolist() == [1, 0] and dist.tolist() == pytest.approx([1.0, 1.0])
-
-
-def test_fidelity_evaluator_on_a_generator_is_deterministic():
-    torch.manual_seed(0)
-    G = Generator(GANConfig(resolution=32, z_dim=8, w_dim=8, mapping_layers=2, channel_base=64, channel_max=8))
-    real, _ = _blobs(16, size=32)
-    ev = FidelityEvaluator(real, build_feature_net("random-conv:seed=0,width=4"), n_fake=12, kid_subsets=5)
-    a, b = ev(G), ev(G)
-    assert a["fid"] == b["fid"] and a["kid_mean"] == b["kid_mean"] and a["n_fake"] == 12
-    assert a["fid"] > 0 and "nn_real_distance" not in a and a["feature_net"] == "random-conv:seed=0,width=4"

@@ -69,6 +69,14 @@ def test_vit_shapes(img_size, in_chans):
     assert loss.ndim == 0 and pred.shape == (3, L, 16 * in_chans) and mask.shape == (3, L)
 
 
+def test_wrong_input_shape_is_one_line_error():
+    vit = VisionTransformer(small_cfg(img_size=16, in_chans=1))
+    with pytest.raises(MedVeilError, match=r"expects images \(1, 16, 16\), got \(3, 16, 16\)"):
+        vit(torch.rand(2, 3, 16, 16))
+    with pytest.raises(MedVeilError, match="got \\(1, 28, 28\\)"):
+        vit(torch.rand(2, 1, 28, 28))
+
+
 def test_tiny_preset_28px_grey_runs():
     cfg = ViTConfig.tiny(img_size=28, in_chans=1)
     mae = MaskedAutoencoderViT(cfg)

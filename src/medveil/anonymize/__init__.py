@@ -7,4 +7,11 @@
   work state (``OUT/.work``).
 - :mod:`~medveil.anonymize.verify`: ``verify_release(OUT)``, the checks behind
   ``medveil verify-release``.
+
+With a GAN (k-SALSA steps 2-7):
+
+- :mod:`~medveil.anonymize.alignment`: local style alignment, batched over many groups.
+- :mod:`~medveil.anonymize.pipeline`: ``anonymize(...)``, behind ``medveil anonymize``.
+- :mod:`~medveil.anonymize.quick`: load trained models, or train tiny ones (``--quick``).
+- :mod:`~medveil.anonymize.demo`: the anonymisation step of ``medveil demo``.
 """

@@ -23,6 +23,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "model_cmd",
     "anonymize_cmd",
     "federate_cmd",
+    "gan_cmd",
+    "release_cmd",
 )
 
 

@@ -136,7 +136,7 @@ def read_dicom(path: Path, size: tuple[int, int] | None = None,
     else:
         files, ids = [path], np.array([path.stem])
     headers = [dicom_header(p) for p in files]
-    store = ImageFiles(files, size=size, window=window)
+    store = ImageFiles(files, size=size, window=window, shapes=[h.shape for h in headers])
     patients = np.array([h.patient_id for h in headers])
     split = Split(labels=np.zeros(len(files), dtype=np.int64), load_images=store.decode,
                   ids=ids, patient_ids=patients if all(patients) else None,
@@ -144,5 +144,5 @@ def read_dicom(path: Path, size: tuple[int, int] | None = None,
     return ImageDataset(
         name=path.stem if path.is_file() else path.name, task=Task.MULTICLASS,
         class_names=["unlabelled"], modality=modality_name(headers), splits={"train": split},
-        source=path, image_shape=store.first_shape(), source_kind="DICOM",
+        source=path, image_shape=store.target(), source_kind="DICOM",
     )

@@ -25,7 +25,7 @@ import numpy as np
 from medveil.data.catalog import folder_info
 from medveil.data.dataset import ImageDataset, Split, Task
 from medveil.data.imagefiles import IMAGE_EXTENSIONS, ImageFiles, is_dicom
-from medveil.data.labels import encode_labels, parse_task
+from medveil.data.labels import encode_labels
 from medveil.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,10 @@ def read_image_folder(
         [row[cols.label] for row in rows], lambda k: where[k],
         classes=info.class_names if info else classes, task=info.task if info else task,
     )
-    store = ImageFiles(files, where=where, size=_size(size), window=window)
     dicom_headers = _dicom_headers(files, where) if any(is_dicom(f) for f in files) else None
+    all_dicom = dicom_headers is not None and len(dicom_headers) == len(files)
+    store = ImageFiles(files, where=where, size=_size(size), window=window,
+                       shapes=[h.shape for h in dicom_headers] if all_dicom else None)
     patients = _patients(rows, cols.patient, dicom_headers)
     split_of = _split_names(rows, cols.split, where)
     id_array = np.asarray(ids)
@@ -117,7 +119,7 @@ def read_image_folder(
         else:
             modality = info.modality if info else "unknown"
     return ImageDataset(
-        name=base.name if csv_path is None and path.is_dir() else table.stem,
+        name=base.name if path.is_dir() else table.stem,
         task=resolved_task, class_names=class_names, modality=modality, splits=splits,
         source=path, image_shape=store.first_shape(), source_kind="image folder + CSV",
     )
@@ -216,7 +218,9 @@ def _find_relative(folder: Path, image_id: str) -> Path | None:
     return None
 
 
-def find_image_dir(table: Path, base: Path, ids: Sequence[str], image_dir: str | Path | None) -> _FileIndex:
+def find_image_dir(
+    table: Path, base: Path, ids: Sequence[str], image_dir: str | Path | None
+) -> _FileIndex:
     """The folder whose files match the ids: ``image_dir`` or the CSV's folder or a sub-folder."""
     probe = list(ids[:20])
     if image_dir is not None:
@@ -259,7 +263,9 @@ def _dicom_headers(files: Sequence[Path], where: Sequence[str]) -> list:
     return [dicom_header(f, w) for f, w in zip(files, where) if is_dicom(f)]
 
 
-def _patients(rows: list[dict[str, str]], column: str | None, dicom_headers: list | None) -> np.ndarray | None:
+def _patients(
+    rows: list[dict[str, str]], column: str | None, dicom_headers: list | None
+) -> np.ndarray | None:
     if column is not None:
         return np.asarray([row[column].strip() for row in rows])
     if dicom_headers is not None and len(dicom_headers) == len(rows):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
 from medveil.errors import DataError
@@ -55,7 +55,8 @@ def header_shape(path: Path, where: str = "") -> tuple[int, int, int]:
             w, h = img.size
             return h, w, 1 if img.mode in GREY_MODES else 3
     except _PIL_ERRORS as err:
-        raise DataError(f"{_prefix(where)}{path}: not a readable image ({_reason(err)})") from None
+        raise DataError(f"{_prefix(where)}{path}: corrupt or truncated image, or not an image "
+                        f"({_reason(err)})") from None
 
 
 def decode_image(path: Path, channels: int, size: tuple[int, int] | None, where: str = "",
@@ -94,13 +95,15 @@ class ImageFiles:
 
     files: image paths; where: per-file context for error messages (e.g. "labels.csv row 7
     (id 'abc')"); size: (H, W) to resize everything to, or None for the most common size;
-    window: DICOM (center, width), None for the file's own window or min-max.
+    window: DICOM (center, width), None for the file's own window or min-max; shapes: the
+    files' header shapes when the caller has read them already.
     """
 
     files: Sequence[Path]
     where: Sequence[str] | None = None
     size: tuple[int, int] | None = None
     window: tuple[float, float] | None = None
+    shapes: Sequence[tuple[int, int, int]] | None = None  # per-file (H, W, C) if already known
     workers: int = field(default_factory=lambda: min(8, 2 * (os.cpu_count() or 1)))
     _target: tuple[int, int, int] | None = field(default=None, repr=False)
 
@@ -115,8 +118,9 @@ class ImageFiles:
     def target(self) -> tuple[int, int, int]:
         """(H, W, C) every image decodes to: majority channels, requested or most common size."""
         if self._target is None:
-            shapes = self._map(lambda i: header_shape(self.files[i], self.context(i)),
-                               range(len(self.files)), "reading headers")
+            shapes = list(self.shapes) if self.shapes is not None else self._map(
+                lambda i: header_shape(self.files[i], self.context(i)),
+                range(len(self.files)), "reading headers")
             self._target = _majority_shape(shapes, self.size)
         return self._target
 
@@ -145,7 +149,9 @@ class ImageFiles:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _majority_shape(shapes: list[tuple[int, int, int]], size: tuple[int, int] | None) -> tuple[int, int, int]:
+def _majority_shape(
+    shapes: list[tuple[int, int, int]], size: tuple[int, int] | None
+) -> tuple[int, int, int]:
     n = len(shapes)
     channels = Counter(s[2] for s in shapes)
     c = max(channels, key=lambda k: (channels[k], k))

@@ -52,8 +52,7 @@ def load_dataset(
     if (p.is_file() and suffix == ".csv") or (p.is_dir() and any(p.glob("*.csv"))):
         from medveil.data.folder_csv import read_image_folder
 
-        csv_path = p if p.is_file() else None
-        return read_image_folder(p.parent if csv_path else p, csv_path=csv_path, **options)
+        return read_image_folder(p, **options)
     if (p.is_file() and suffix == ".dcm") or (p.is_dir() and _has_dicom(p)):
         from medveil.data.dicom import read_dicom
 

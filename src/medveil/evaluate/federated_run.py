@@ -19,7 +19,7 @@ from medveil.federated.config import load_config
 from medveil.federated.engine import COMPLETE, load_stage, write_json
 from medveil.federated.server import load_universal
 from medveil.federated.sites import build_sites
-from medveil.federated.training import TrainRecipe, derive_seed
+from medveil.federated.training import derive_seed
 from medveil.models.mae import DECODER_PREFIXES
 
 
@@ -34,8 +34,7 @@ def evaluate_run(run_dir: str | Path, finetune: bool = True, progress: bool = Tr
     stage0 = load_stage(out / "checkpoints" / "stage_000.pt")
     mim_state = {k: v for k, v in stage0["model"].items() if not k.startswith(DECODER_PREFIXES)}
     ev = cfg.evaluation
-    recipe = TrainRecipe(epochs=ev.finetune_epochs, batch_size=ev.finetune_batch_size,
-                         lr=ev.finetune_lr, weight_decay=cfg.local.weight_decay)
+    recipe = ev.finetune_recipe(cfg.local)
     seed = derive_seed(cfg.seed, "evaluate")
     result: dict[str, Any] = {"run": str(out), "recipe": {**recipe.__dict__, "probe_C": ev.probe_C}}
     steps = [("universal", None), ("final", universal.backbone.state_dict()), ("mim_only", mim_state)]

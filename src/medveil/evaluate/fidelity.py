@@ -121,33 +121,3 @@ def fidelity_metrics(real: torch.Tensor, fake: torch.Tensor, net: FeatureNet, *,
     result = metrics_from_embeddings(embed_images(net, real, batch_size), embed_images(net, fake, batch_size),
                                      kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, seed=seed)
     return {**result, "feature_net": net.name, "feature_net_info": net.describe()}
-
-
-class FidelityEvaluator:
-    """``evaluator(G) -> dict`` for the GAN trainer: FID/KID of ``n_fake`` generated images
-    (fixed seed, noise const) against ``real`` (N, C, R, R) in [0, 1], embedded once up front.
-    Returns scalars only (no per-image list), plus the feature net's name and describe()."""
-
-    def __init__(self, real: torch.Tensor, net: FeatureNet, n_fake: int = 500, *,
-                 kid_subset_size: int | None = None, kid_subsets: int = 100, batch_size: int = 64,
-                 truncation_psi: float = 1.0, seed: int = 0) -> None:
-        self.net, self.n_fake, self.batch_size = net, int(n_fake), batch_size
-        self.kid_subset_size, self.kid_subsets = kid_subset_size, kid_subsets
-        self.truncation_psi, self.seed = truncation_psi, seed
-        self.real_emb = embed_images(net, _check(real, "real"), batch_size)
-
-    @torch.no_grad()
-    def generate(self, G: nn.Module) -> torch.Tensor:
-        """n_fake images (n_fake, C, R, R) in [0, 1] from a fixed-seed z."""
-        device = next(G.parameters()).device
-        z = torch.randn(self.n_fake, G.z_dim, generator=torch.Generator().manual_seed(self.seed))
-        imgs = [G(c.to(device), truncation_psi=self.truncation_psi, noise_mode="const").cpu()
-                for c in z.split(self.batch_size)]
-        return ((torch.cat(imgs) + 1) / 2).clamp(0, 1)
-
-    def __call__(self, G: nn.Module) -> dict[str, Any]:
-        fake_emb = embed_images(self.net, self.generate(G), self.batch_size)
-        result = metrics_from_embeddings(self.real_emb, fake_emb, kid_subset_size=self.kid_subset_size,
-                                         kid_subsets=self.kid_subsets, seed=self.seed)
-        result.pop("nn_real_distance")
-        return {**result, "feature_net": self.net.name, "feature_net_info": self.net.describe()}

@@ -82,7 +82,7 @@ def probe_eval(backbone: VisionTransformer, data: ClientData, C: float = 1.0,
     else:
         # classes absent from the train split get -inf-like logits
         logits = np.full((len(f_test), data.num_classes), -1e9)
-        logits[:, model.classes_] = model.predict_log_proba(f_test)
+        logits[:, model.classes_] = np.log(np.clip(model.predict_proba(f_test), 1e-12, None))
     return classification_metrics(data.task.value, data.y_test.numpy(), logits)
 
 

@@ -17,7 +17,9 @@ sample = "bloodmnist"           # or: path = "data/bloodmnist.npz" (relative to 
 [curation]                      # CurationParams (tau, lam, mim_mu, init, relay_alpha ...)
 [evaluation]                    # fine-tune / linear-probe recipe of `medveil evaluate`
 ```
-Relative paths are resolved against the config file's folder; the run folder keeps the resolved
+A relative ``path`` is taken from the config file's folder when it exists there, else it is a
+name under ``$MEDVEIL_DATA_ROOT`` (:mod:`medveil.data.roots`). A missing dataset, an unknown
+key or strategy fails at load time with a one-line error. The run folder keeps the resolved
 config as ``config.toml``, so ``--resume`` and ``medveil evaluate`` need nothing else.
 """
 
@@ -25,12 +27,12 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from medveil.errors import ConfigError
-from medveil.federated.curation import DEFAULT_SCHEDULE, STRATEGIES, CurationParams
+from medveil.federated.curation import DEFAULT_SCHEDULE, STRATEGIES, CurationParams, make_curator
 from medveil.federated.server import PretrainRecipe
 from medveil.federated.sites import ClientSpec, SiteOptions
 from medveil.federated.training import TrainRecipe
@@ -61,6 +63,12 @@ class EvaluationOptions:
     finetune_batch_size: int = 64
     probe_C: float = 1.0             # inverse L2 strength of the logistic-regression probe
     probe_max_iter: int = 1000
+
+    def finetune_recipe(self, local: TrainRecipe) -> TrainRecipe:
+        """The clients' recipe (weight decay, head lr, class weighting) with these epochs / lr /
+        batch size and no FedProx term."""
+        return replace(local, epochs=self.finetune_epochs, lr=self.finetune_lr,
+                       batch_size=self.finetune_batch_size, fedprox_mu=0.0)
 
 
 @dataclass
@@ -162,9 +170,12 @@ def validate(cfg: FederationConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: [federation] client_fraction must be in (0, 1]")
     if cfg.local.epochs < 1 or cfg.local.batch_size < 1 or cfg.pretrain.batch_size < 1:
         raise ConfigError(f"{where}: epochs and batch sizes of [local] / [pretrain] must be >= 1")
-    if cfg.curation.init not in ("average", "base"):
-        raise ConfigError(f"{where}: [curation] init must be 'average' or 'base'")
+    if cfg.local.class_weighting not in ("none", "balanced"):
+        raise ConfigError(f"{where}: [local] class_weighting must be 'none' or 'balanced'")
+    make_curator(fed.strategy, cfg.curation)  # checks the [curation] values the strategy uses
     cfg.model.validate()
+    for spec in cfg.clients:
+        spec.resolve()  # a missing dataset fails now, not after pretraining
 
 
 def load_config(path: str | Path) -> FederationConfig:

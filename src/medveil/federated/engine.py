@@ -148,12 +148,26 @@ def run_stage(fed: Federation, stage: int, progress: bool = True) -> dict[str, A
             "rejected": rejected, "curation": curation, "seconds": time.time() - t0}
 
 
+def run_stages(fed: Federation, start: int, end: int, progress: bool = True,
+               stages: list[dict[str, Any]] | None = None,
+               after_stage: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    """Stages start..end-1 (stage 0 = pretraining); appends each stage's metrics to ``stages``."""
+    stages = [] if stages is None else stages
+    total = fed.cfg.federation.rounds + 1
+    for stage in tqdm(range(start, end), desc="federate", initial=start, total=total,
+                      disable=None if progress else True):
+        stages.append(run_pretraining(fed, progress) if stage == 0 else run_stage(fed, stage, progress))
+        if after_stage is not None:
+            after_stage(stage)
+    return stages
+
+
 # ---- run folder ------------------------------------------------------------------------------
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, float | np.floating):
         return float(obj) if math.isfinite(obj) else None
     if isinstance(obj, np.integer):
@@ -170,7 +184,7 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     """JSON with NaN/Inf as null, written atomically."""
-    write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
+    write_text(path, json.dumps(jsonable(obj), indent=2) + "\n")
 
 
 def _checkpoint_path(out: Path, stage: int) -> Path:
@@ -180,7 +194,7 @@ def _checkpoint_path(out: Path, stage: int) -> Path:
 def save_stage(fed: Federation, out: Path, stage: int, stages: list[dict[str, Any]]) -> None:
     state = fed.server.state_dict()
     extra = {"stage": stage, "heads": state["heads"], "registry": state["registry"],
-             "metrics": _jsonable(stages), "config": fed.cfg.to_dict(), "torch_rng": torch.get_rng_state()}
+             "metrics": jsonable(stages), "config": fed.cfg.to_dict(), "torch_rng": torch.get_rng_state()}
     save_checkpoint(_checkpoint_path(out, stage), fed.server.model, fed.cfg.model, extra=extra)
     for old in (out / "checkpoints").glob("stage_*.pt"):  # keep stage 0 (MIM-only) and the latest
         if old.name not in ("stage_000.pt", f"stage_{stage:03d}.pt"):
@@ -242,13 +256,9 @@ def run_federation(
         log.info("resuming %s after stage %d", out, start - 1)
     total = cfg.federation.rounds + 1
     end = total if max_stages is None else min(total, max_stages)
-    for stage in tqdm(range(start, end), desc="federate", initial=start, total=total,
-                      disable=None if progress else True):
-        metrics = run_pretraining(fed, progress) if stage == 0 else run_stage(fed, stage, progress)
-        stages.append(metrics)
-        save_stage(fed, out, stage, stages)
+    run_stages(fed, start, end, progress, stages, after_stage=lambda s: save_stage(fed, out, s, stages))
     if end < total:
-        return {"stages": _jsonable(stages), "complete": False}
+        return {"stages": jsonable(stages), "complete": False}
     return finish_run(fed, out, stages)
 
 
@@ -272,7 +282,7 @@ def finish_run(fed: Federation, out: Path, stages: list[dict[str, Any]]) -> dict
     plot_stage_curves(stages, out / "accuracy_by_stage.png")
     write_json(out / "metrics.json", metrics)
     write_text(out / COMPLETE, "ok\n")
-    return _jsonable(metrics)
+    return jsonable(metrics)
 
 
 def communication_totals(stages: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
@@ -284,3 +294,20 @@ def communication_totals(stages: list[dict[str, Any]]) -> dict[str, dict[str, in
             for key, n in info.get("bytes", {}).items():
                 t["down" if key.endswith("_down") else "up"] += int(n)
     return totals
+
+
+def summary_table(metrics: dict[str, Any]) -> str:
+    """Final per-client test metrics and traffic of a run."""
+    lines = [f"strategy {metrics['strategy']} ({metrics['schedule']}), "
+             f"{len(metrics['stages']) - 1} stages after MIM pretraining",
+             f"{'client':<16}{'acc':>8}{'bacc':>8}{'auc':>8}{'MB down':>10}{'MB up':>8}"]
+    for name, m in metrics["final"].items():
+        b = metrics["bytes_total"].get(name, {"down": 0, "up": 0})
+        auc = m.get("auc")
+        lines.append(f"{name:<16}{m['acc']:>8.3f}{m['bacc']:>8.3f}"
+                     f"{(auc if auc is not None else float('nan')):>8.3f}"
+                     f"{b['down'] / 1e6:>10.1f}{b['up'] / 1e6:>8.1f}")
+    rejected = sum(len(s.get("rejected", [])) for s in metrics["stages"])
+    if rejected:
+        lines.append(f"{rejected} client update(s) rejected (see metrics.json)")
+    return "\n".join(lines)

@@ -194,6 +194,13 @@ class UniversalModel:
     heads: dict[str, nn.Linear]
     registry: dict[str, TaskEntry]
 
+    @torch.no_grad()
+    def predict(self, task: str, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, C) of one task's head for images (N, C_in, H, W) in [0, 1] (see ``to_tensor``)."""
+        if task not in self.heads:
+            raise MedVeilError(f"no task {task!r} in this universal model (tasks: {', '.join(self.heads)})")
+        return self.heads[task](self.backbone.forward_features(x))
+
 
 def load_universal(path: Path) -> UniversalModel:
     """Read a file written by :meth:`Server.save_universal` (``model.pt`` of a run)."""

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medveil.data import Task
+from medveil.errors import ConfigError
 from medveil.models import VisionTransformer
 
 
@@ -30,6 +31,8 @@ class TrainRecipe:
     batch_size: int = 64
     lr: float = 5e-4
     weight_decay: float = 0.05
+    head_lr_scale: float = 10.0  # the fresh linear head learns this much faster than the backbone
+    class_weighting: str = "none"  # "balanced": loss weights n / (C * n_c) from the local labels
     fedprox_mu: float = 0.0  # > 0 turns local training into FedProx
 
 
@@ -47,11 +50,25 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def task_loss(logits: torch.Tensor, y: torch.Tensor, task: Task | str) -> torch.Tensor:
-    """logits (B, C); y (B,) int or (B, C) {0,1} for multi-label -> scalar loss."""
+def task_loss(logits: torch.Tensor, y: torch.Tensor, task: Task | str,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (B, C); y (B,) int or (B, C) {0,1} for multi-label -> scalar loss.
+
+    weight: (C,) class weights (cross-entropy) or positive-class weights (multi-label BCE).
+    """
     if Task(task) is Task.MULTILABEL:
-        return F.binary_cross_entropy_with_logits(logits, y.float())
-    return F.cross_entropy(logits, y)
+        return F.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=weight)
+    return F.cross_entropy(logits, y, weight=weight)
+
+
+def balanced_weights(y: torch.Tensor, num_classes: int, task: Task | str) -> torch.Tensor:
+    """Inverse-frequency class weights n / (C * n_c) (multi-label: n_neg / n_pos per class),
+    computed from a client's own labels; classes without samples get weight 1."""
+    if Task(task) is Task.MULTILABEL:
+        pos = y.float().sum(0)
+        return torch.where(pos > 0, (len(y) - pos) / pos.clamp(min=1), torch.ones_like(pos))
+    counts = torch.bincount(y, minlength=num_classes).float()
+    return torch.where(counts > 0, len(y) / (num_classes * counts.clamp(min=1)), torch.ones_like(counts))
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
@@ -78,10 +95,17 @@ def train_classifier(
     """
     device = next(head.parameters()).device
     params = [p for p in backbone.parameters() if p.requires_grad] if train_backbone else []
+    n_backbone = len(params)
     params += list(head.parameters())
     if recipe.fedprox_mu > 0 and prox_ref is None:
         prox_ref = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    groups = [{"params": params[:n_backbone]},
+              {"params": params[n_backbone:], "lr": recipe.lr * recipe.head_lr_scale}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.lr, weight_decay=recipe.weight_decay)
+    if recipe.class_weighting not in ("none", "balanced"):
+        raise ConfigError(f"class_weighting must be 'none' or 'balanced', got {recipe.class_weighting!r}")
+    weight = (balanced_weights(y, head.out_features, task).to(device)
+              if recipe.class_weighting == "balanced" else None)
     gen = torch.Generator().manual_seed(seed)
     backbone.train(train_backbone)
     head.train()
@@ -96,7 +120,7 @@ def train_classifier(
                 else:
                     with torch.no_grad():
                         feats = backbone.forward_features(xb)
-                loss = task_loss(head(feats), yb, task)
+                loss = task_loss(head(feats), yb, task, weight)
                 if recipe.fedprox_mu > 0:
                     assert prox_ref is not None
                     prox = sum(((p - r) ** 2).sum() for p, r in zip(params, prox_ref, strict=True))

@@ -57,6 +57,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.gan, dict):
             self.gan = GANConfig.from_dict(self.gan)
+        if not isinstance(self.gan, GANConfig):
+            raise ConfigError(f"train config: gan must be a table of GAN fields, got {self.gan!r}")
+        for f in fields(self):
+            v, t = getattr(self, f.name), f.type
+            if (t == "int" and (not isinstance(v, int) or isinstance(v, bool))) or \
+                    (t == "float" and not isinstance(v, (int, float))) or \
+                    (t == "str" and not isinstance(v, str)):
+                raise ConfigError(f"train config: {f.name} must be {t}, got {v!r}")
         if self.augment not in AUGMENT_MODES:
             raise ConfigError(f"augment must be one of {AUGMENT_MODES}, got {self.augment!r}")
         for name in ("steps", "batch", "r1_interval", "ada_interval", "log_every", "grid_size"):

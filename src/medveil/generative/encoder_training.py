@@ -57,8 +57,8 @@ class EncoderTrainConfig:
     checkpoint_every: int = 100
     feature_net: str = DEFAULT_FEATURE_NET
     weights: ReconWeights = field(default_factory=ReconWeights)
-    width: int = 32  # encoder stem channels
-    head_channels: int = 128  # encoder pyramid / map2style channels
+    width: int = 16  # encoder stem channels (CPU-sized; pSp-like capacity needs 32-64)
+    head_channels: int = 64  # encoder pyramid / map2style channels
 
     def __post_init__(self) -> None:
         if isinstance(self.weights, dict):
@@ -76,10 +76,10 @@ class EncoderTrainConfig:
         return d
 
 
-def generator_fingerprint(G: Generator) -> str:
-    """sha256 over the generator's state dict (names, shapes, values): which G an encoder fits."""
+def generator_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over a module's state dict (names, shapes, values), e.g. which G an encoder fits."""
     h = hashlib.sha256()
-    for name, t in sorted(G.state_dict().items()):
+    for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()

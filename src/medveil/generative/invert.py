@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +29,10 @@ from tqdm.auto import tqdm
 
 from medveil.data.tensors import convert_channels
 from medveil.errors import ConfigError, DataError
-from medveil.generative.checkpoint import load_checkpoint
 from medveil.generative.latent_opt import frozen, warmup_cosine_lr
 from medveil.models.encoder import Encoder
 from medveil.models.features import FeatureNet, build_feature_net
-from medveil.models.stylegan2 import GANConfig, Generator
+from medveil.models.stylegan2 import Generator
 
 DEFAULT_FEATURE_NET = "random-conv:seed=0"
 
@@ -50,7 +48,7 @@ class ReconWeights:
 @dataclass
 class ProjectConfig:
     steps: int = 200
-    lr: float = 0.05  # Adam on W+; warm-up first 5 %, cosine decay over the last 25 %
+    lr: float = 0.1  # Adam on W+; warm-up first 5 %, cosine decay over the last 25 %
     warmup_frac: float = 0.05
     decay_frac: float = 0.25
     batch_size: int = 32  # images optimised together (independent losses, one Adam over the batch)
@@ -58,22 +56,6 @@ class ProjectConfig:
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
-    """The EMA generator of a GAN run: RUN_DIR, RUN_DIR/checkpoints or a checkpoint file."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "latest.pt" if (p / "latest.pt").is_file() else p / "checkpoints" / "latest.pt"
-    ck = load_checkpoint(p)
-    if not isinstance(ck, dict) or "G_ema" not in ck or "config" not in ck:
-        raise ConfigError(f"{p}: not a MedVeil GAN checkpoint (no G_ema / config)")
-    G = Generator(GANConfig.from_dict(ck["config"]["gan"]))
-    try:
-        G.load_state_dict(ck["G_ema"])
-    except RuntimeError:
-        raise ConfigError(f"{p}: generator weights do not match the config stored with them") from None
-    return G.to(device).eval().requires_grad_(False)
 
 
 def match_generator(images: torch.Tensor, G: Generator, where: str = "images") -> torch.Tensor:
@@ -108,9 +90,9 @@ class ReconTargets:
     def __init__(self, x: torch.Tensor, fnet: FeatureNet) -> None:
         with torch.no_grad():
             self.x = x
-            self.maps = fnet.feature_maps(_rgb(x))  # (B, c, h, w)
+            self.maps, emb = fnet.features(_rgb(x))  # (B, c, h, w), (B, D)
             self.maps_energy = self.maps.square().mean(dim=(1, 2, 3)).clamp_min(1e-8)  # (B,)
-            self.emb = F.normalize(fnet.embed(_rgb(x)), dim=1)  # (B, D)
+            self.emb = F.normalize(emb, dim=1)
 
 
 def recon_losses(y: torch.Tensor, t: ReconTargets, fnet: FeatureNet, wts: ReconWeights
@@ -119,12 +101,12 @@ def recon_losses(y: torch.Tensor, t: ReconTargets, fnet: FeatureNet, wts: ReconW
     pixel = ((y - t.x) * 2).square().mean(dim=(1, 2, 3))  # MSE on the [-1, 1] scale
     parts = {"pixel": pixel}
     total = wts.pixel * pixel
-    if wts.maps:
-        maps = (fnet.feature_maps(_rgb(y)) - t.maps).square().mean(dim=(1, 2, 3)) / t.maps_energy
-        parts["maps"], total = maps, total + wts.maps * maps
-    if wts.embed:
-        embed = 1 - (F.normalize(fnet.embed(_rgb(y)), dim=1) * t.emb).sum(dim=1)
-        parts["embed"], total = embed, total + wts.embed * embed
+    if wts.maps or wts.embed:
+        fmaps, emb = fnet.features(_rgb(y))
+        maps = (fmaps - t.maps).square().mean(dim=(1, 2, 3)) / t.maps_energy
+        embed = 1 - (F.normalize(emb, dim=1) * t.emb).sum(dim=1)
+        parts["maps"], parts["embed"] = maps, embed
+        total = total + wts.maps * maps + wts.embed * embed
     return total, parts
 
 

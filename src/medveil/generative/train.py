@@ -73,7 +73,8 @@ class EpochSampler:
 class GANTrainer:
     def __init__(self, images: torch.Tensor, cfg: TrainConfig, run_dir: str | Path,
                  evaluator: Evaluator | None = None, device: str | torch.device | None = None,
-                 progress: bool | None = None, measure_throughput: bool = True) -> None:
+                 progress: bool | None = None, measure_throughput: bool = True,
+                 curves: bool = True) -> None:
         g = cfg.gan
         if images.ndim != 4 or images.shape[1:] != (g.img_channels, g.resolution, g.resolution):
             raise ConfigError(
@@ -82,7 +83,7 @@ class GANTrainer:
         if images.shape[0] < 2:
             raise ConfigError("GAN training needs at least 2 images")
         self.cfg, self.evaluator, self.progress = cfg, evaluator, progress
-        self.measure_throughput = measure_throughput
+        self.measure_throughput, self.curves = measure_throughput, curves
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.run_dir = Path(run_dir)
         self.ckpt_path = self.run_dir / "checkpoints" / "latest.pt"
@@ -298,14 +299,13 @@ class GANTrainer:
                 window, n_window = {}, 0
             if self.evaluator and ((cfg.eval_every and self.step % cfg.eval_every == 0) or done):
                 last_eval = self.evaluate()
-            if (cfg.sample_every and self.step % cfg.sample_every == 0) or done:
+            if cfg.sample_every and self.step % cfg.sample_every == 0 and not done:
                 self.write_samples()
-                plot_curves(self.metrics_path, self.run_dir / "curves.png")
+                self._plot()
             if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or done:
                 self.save_checkpoint()
         bar.close()
-        if not (self.run_dir / "samples" / "latest.png").exists():
-            self.write_samples()  # resumed a finished run: still leave a grid
+        self.write_samples()
         ips = n_train / t_train if t_train > 0 else float("nan")
         summary = {"step": self.step, "kimg": self.nimg / 1000, "wall_s": time.perf_counter() - t0,
                    "p": self.ada.p, "device": str(self.device), "config": cfg.to_dict(),
@@ -315,16 +315,22 @@ class GANTrainer:
                        (r for r in reversed(read_metrics(self.metrics_path)) if r["kind"] == "train"),
                        {})}
         write_text_atomic(json.dumps(summary, indent=2), self.run_dir / "summary.json")
-        plot_curves(self.metrics_path, self.run_dir / "curves.png")
+        self._plot()
         return summary
+
+    def _plot(self) -> None:
+        if self.curves:
+            plot_curves(self.metrics_path, self.run_dir / "curves.png")
 
 
 def train_gan(images: torch.Tensor, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
               evaluator: Evaluator | None = None, device: str | None = None,
-              progress: bool | None = None, measure_throughput: bool = True) -> dict[str, Any]:
+              progress: bool | None = None, measure_throughput: bool = True,
+              curves: bool = True) -> dict[str, Any]:
     """Train (or resume) a StyleGAN2 on ``images`` (N, C, R, R) float in [0, 1].
     Returns the summary dict also written to RUN_DIR/summary.json. ``measure_throughput``:
-    count FLOPs of one step and time a matmul at the end (a few seconds)."""
+    count FLOPs of one step and time a matmul at the end (a few seconds). ``curves``: draw
+    RUN_DIR/curves.png (matplotlib, ~1 s per drawing)."""
     trainer = GANTrainer(images, cfg, run_dir, evaluator=evaluator, device=device,
-                         progress=progress, measure_throughput=measure_throughput)
+                         progress=progress, measure_throughput=measure_throughput, curves=curves)
     return trainer.run(resume=resume)

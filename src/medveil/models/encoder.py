@@ -41,9 +41,9 @@ class EncoderConfig:
     img_channels: int = 3
     num_ws: int = 14
     w_dim: int = 128
-    width: int = 32  # channels of the stem; doubled per stage up to max_width
+    width: int = 16  # channels of the stem; doubled per stage up to max_width
     max_width: int = 256
-    head_channels: int = 128  # channels of the pyramid maps and map2style heads
+    head_channels: int = 64  # channels of the pyramid maps and map2style heads
 
     def __post_init__(self) -> None:
         r = self.resolution

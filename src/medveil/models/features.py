@@ -75,6 +75,11 @@ class FeatureNet(nn.Module):
         """(B, 3, H, W) in [0, 1] -> early-layer feature maps (B, C, h, w) for Gram/style losses."""
         return self._feature_maps(as_rgb(x))
 
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(feature_maps(x), embed(x)) in one call; subclasses share the common layers."""
+        x = as_rgb(x)
+        return self._feature_maps(x), self._embed(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed(x)
 
@@ -145,6 +150,10 @@ class ConvFeatureNet(FeatureNet):
 
     def _feature_maps(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks[0]((x - _MEAN) / _STD)  # (B, widths[0], H, W)
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outs = self.block_outputs(as_rgb(x))  # one pass: block 1 is both the maps and part of the embedding
+        return outs[0], torch.cat([o.mean(dim=(2, 3)) for o in outs], dim=1)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": "ConvFeatureNet", "widths": list(self.widths),

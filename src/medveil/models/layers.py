@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medveil.errors import DataError
+
 LN_EPS = 1e-6
 
 
@@ -34,13 +36,15 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size**2
+        self.in_chans = in_chans
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         p = self.patch_size
-        if H != self.img_size or W != self.img_size:
-            raise ValueError(f"expected {self.img_size}x{self.img_size} input, got {H}x{W}")
+        if H != self.img_size or W != self.img_size or C != self.in_chans:
+            raise DataError(f"model expects images ({self.in_chans}, {self.img_size}, {self.img_size}), "
+                            f"got ({C}, {H}, {W}); resize with medveil.data.to_tensor(size=, channels=)")
         h, w = H // p, W // p
         # (B, C, h, p, w, p) -> (B, h, w, C, p, p) -> (B, L, C*p*p): the conv weight's (C, p, p) order
         patches = x.reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p)

@@ -1,0 +1,304 @@
+"""MedUniverse benchmark: the federated universal model vs its baselines on six MedMNIST-format
+datasets (28 px, six modalities) of ../shared/data/medmnist.
+
+Per seed, every method starts from the SAME stage-0 backbone (MAE on the server pool, held
+apart from every train split) and gets the same budget (R stages x E local epochs; baselines
+R*E epochs):
+  meduniverse  federation, strategy "distill" (our reconstruction, the default)
+  fedavg       federation, FedAvg backbones + per-client heads (FedPer-style)
+  fedprox      as fedavg with the FedProx term (mu = 0.01)
+  relay        federation, strategy "relay" (sequential, next base = last client's backbone)
+  local_only   each client alone, ViT from random init, R*E epochs
+  centralised  all labelled data pooled, one backbone + per-client heads, R*E epochs (upper bound)
+  mim_only     the stage-0 backbone (the paper's baseline), evaluated by (ii) only
+Evaluations: (i) the model with the client's own head on its test split; (ii) the backbone
+fine-tuned (same recipe for all) and linearly probed (logistic regression on frozen features).
+LODO: for each held-out dataset, pretrain on a pool of the five others, federate them, then
+probe / fine-tune on the held-out dataset; compared with that stage-0 MIM backbone.
+Statistics: mean +/- std over seeds; paired two-sided Wilcoxon signed-rank and paired t-test
+over (dataset, seed) pairs (medveil.evaluate.stats).
+
+    python benchmarks/meduniverse.py --quick      # 9.2 min on the shared 2-core box (6.6 CPU-min)
+    python benchmarks/meduniverse.py              # full: ~60 min on 2 idle cores (estimate, ~120 CPU-min)
+Writes benchmarks/results/meduniverse[_quick].json and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medveil.evaluate.probe import backbone_eval
+from medveil.evaluate.stats import format_mean_std, mean_std, paired_tests
+from medveil.federated.baselines import centralised, local_only
+from medveil.federated.config import FederationConfig, config_from_dict
+from medveil.federated.curation import make_curator
+from medveil.federated.engine import Federation, jsonable, prepare, run_stages
+from medveil.federated.server import Server
+from medveil.federated.training import derive_seed
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = ("bloodmnist", "organamnist", "retinamnist", "breastmnist", "pneumoniamnist", "ham10000")
+FEDERATED = {  # method -> config overrides
+    "meduniverse": {"federation": {"strategy": "distill"}},
+    "fedavg": {"federation": {"strategy": "fedavg"}},
+    "fedprox": {"federation": {"strategy": "fedavg"}, "local": {"fedprox_mu": 0.01}},
+    "relay": {"federation": {"strategy": "relay"}},
+}
+BASELINES = ("local_only", "centralised", "mim_only")
+FINETUNED = ("mim_only", "meduniverse", "fedavg")  # backbones also fine-tuned in (ii); all are probed
+
+QUICK: dict[str, Any] = {  # patch 7 at 28 px (4x4 tokens): fast enough for 3 seeds + LODO on 2 cores
+    "seeds": 3,
+    "model": {"img_size": 28, "patch_size": 7, "in_chans": 3, "embed_dim": 64, "depth": 3, "num_heads": 4,
+              "decoder_embed_dim": 64, "decoder_depth": 1, "decoder_num_heads": 4},
+    "data": {"pool_fraction": 0.2, "max_train": 200, "max_test": 200, "max_pool": 80},
+    "pretrain": {"epochs": 15, "batch_size": 64, "lr": 1.5e-3, "warmup_epochs": 2},
+    "federation": {"rounds": 3},
+    "local": {"epochs": 2, "batch_size": 32, "lr": 5e-4, "class_weighting": "balanced"},
+    "curation": {"epochs": 5.0, "batch_size": 64, "lr": 1e-3},
+    "evaluation": {"finetune_epochs": 6, "finetune_lr": 5e-4, "finetune_batch_size": 32},
+    "lodo_heldout": ("retinamnist", "breastmnist"),
+}
+FULL: dict[str, Any] = {  # patch 4 at 28 px (7x7 tokens), 3x the data, 4 stages, LODO on all six
+    "seeds": 3,
+    "model": {"img_size": 28, "patch_size": 4, "in_chans": 3, "embed_dim": 64, "depth": 4, "num_heads": 4,
+              "decoder_embed_dim": 64, "decoder_depth": 1, "decoder_num_heads": 4},
+    "data": {"pool_fraction": 0.2, "max_train": 600, "max_test": 500, "max_pool": 200},
+    "pretrain": {"epochs": 20, "batch_size": 64, "lr": 1.5e-3, "warmup_epochs": 2},
+    "federation": {"rounds": 4},
+    "local": {"epochs": 2, "batch_size": 32, "lr": 5e-4, "class_weighting": "balanced"},
+    "curation": {"epochs": 3.0, "batch_size": 64, "lr": 1e-3},
+    "evaluation": {"finetune_epochs": 8, "finetune_lr": 5e-4, "finetune_batch_size": 32},
+    "lodo_heldout": DATASETS,
+}
+
+
+def make_config(setting: dict[str, Any], data_dir: Path, seed: int, names: tuple[str, ...],
+                overrides: dict[str, Any] | None = None) -> FederationConfig:
+    raw: dict[str, Any] = {"seed": seed, "clients": [{"name": n, "path": str(data_dir / f"{n}.npz")} for n in names]}
+    for section in ("model", "data", "pretrain", "federation", "local", "curation", "evaluation"):
+        raw[section] = dict(setting[section])
+    for section, values in (overrides or {}).items():
+        raw[section].update(values)
+    return config_from_dict(raw, data_dir)
+
+
+def fork(base: Federation, cfg: FederationConfig, stage0: dict[str, Any]) -> Federation:
+    """A federation on the same clients and pool, starting from the shared stage-0 server."""
+    server = Server(cfg.model, base.server.pool)
+    server.load_state_dict(copy.deepcopy(stage0))
+    return Federation(cfg, base.clients, server, make_curator(cfg.federation.strategy, cfg.curation))
+
+
+def run_seed(setting: dict[str, Any], data_dir: Path, seed: int, log: list[str]) -> dict[str, Any]:
+    """All methods for one seed: results[method][dataset] = {"universal"|"probe"|"finetune": metrics}."""
+    t0 = time.time()
+    cfg = make_config(setting, data_dir, seed, DATASETS)
+    base = prepare(cfg)
+    pre = run_stages(base, 0, 1, progress=False)[0]
+    stage0 = base.server.state_dict()
+    mim_state = base.server.backbone_state()
+    recipe_eval = cfg.evaluation.finetune_recipe(cfg.local)
+    eval_seed = derive_seed(seed, "bench-eval")
+    results: dict[str, Any] = {"mim_only": backbone_eval(cfg.model.to_dict(), mim_state, base.clients, recipe_eval,
+                                                         eval_seed, cfg.evaluation.probe_C)}
+    timing = {"pretrain": pre["seconds"]}
+    log.append(f"seed {seed}: pretrain {pre['seconds']:.0f}s, MIM loss {pre['mim_loss'][0]:.3f} -> "
+               f"{pre['mim_loss'][-1]:.3f}")
+    for method, overrides in FEDERATED.items():
+        t = time.time()
+        mcfg = make_config(setting, data_dir, seed, DATASETS, overrides)
+        fed = fork(base, mcfg, stage0)
+        stages = run_stages(fed, 1, mcfg.federation.rounds + 1, progress=False)
+        last = stages[-1]["clients"]
+        per = backbone_eval(mcfg.model.to_dict(), fed.server.backbone_state(), base.clients, recipe_eval,
+                            eval_seed, cfg.evaluation.probe_C, finetune=method in FINETUNED)
+        for name in per:
+            per[name]["universal"] = last[name]["test"]
+        results[method] = per
+        results.setdefault("_stages", {})[method] = [
+            {n: c["test"]["acc"] for n, c in s["clients"].items() if "test" in c} for s in stages]
+        results.setdefault("_bytes", {})[method] = {
+            n: {k: v for k, v in stages[-1]["clients"][n]["bytes"].items()} for n in last}
+        timing[method] = time.time() - t
+    budget = replace(cfg.local, epochs=cfg.federation.rounds * cfg.local.epochs, fedprox_mu=0.0)
+    t = time.time()
+    results["local_only"] = {n: {"universal": m} for n, m in
+                             local_only(cfg.model, base.clients, budget, derive_seed(seed, "local")).items()}
+    timing["local_only"] = time.time() - t
+    t = time.time()
+    results["centralised"] = {n: {"universal": m} for n, m in
+                              centralised(cfg.model, mim_state, base.clients, budget,
+                                          derive_seed(seed, "central")).items()}
+    timing["centralised"] = time.time() - t
+    results["_timing"] = timing
+    log.append(f"seed {seed}: done in {time.time() - t0:.0f}s "
+               + ", ".join(f"{k} {v:.0f}s" for k, v in timing.items()))
+    return results
+
+
+def run_lodo(setting: dict[str, Any], data_dir: Path, seed: int, held: str) -> dict[str, Any]:
+    """Federate (distill) on the five other datasets; probe / fine-tune the held-out one."""
+    others = tuple(n for n in DATASETS if n != held)
+    cfg = make_config(setting, data_dir, seed, others)
+    fed = prepare(cfg)
+    target_cfg = make_config(setting, data_dir, seed, (held,))
+    target = prepare(target_cfg).clients  # the held-out site's data (its pool share unused)
+    run_stages(fed, 0, 1, progress=False)
+    mim_state = fed.server.backbone_state()
+    run_stages(fed, 1, cfg.federation.rounds + 1, progress=False)
+    recipe = cfg.evaluation.finetune_recipe(cfg.local)
+    s = derive_seed(seed, "lodo-eval")
+    return {
+        "mim_only": backbone_eval(cfg.model.to_dict(), mim_state, target, recipe, s)[held],
+        "meduniverse": backbone_eval(cfg.model.to_dict(), fed.server.backbone_state(), target, recipe, s)[held],
+    }
+
+
+def run_job(job: tuple[str, int, str], setting: dict[str, Any], data_dir: Path) -> tuple[Any, list[str]]:
+    """One seed of the main comparison, or one LODO fold; returns (result, log lines)."""
+    kind, seed, held = job
+    t = time.time()
+    log: list[str] = []
+    if kind == "seed":
+        return run_seed(setting, data_dir, seed, log), log
+    result = run_lodo(setting, data_dir, seed, held)
+    return result, [f"LODO seed {seed} held-out {held}: {time.time() - t:.0f}s"]
+
+
+def cell(results: list[dict[str, Any]], method: str, dataset: str, kind: str, metric: str) -> list[float]:
+    out = []
+    for r in results:
+        m = r.get(method, {}).get(dataset, {}).get(kind)
+        out.append(float("nan") if m is None or m.get(metric) is None else float(m[metric]))
+    return out
+
+
+def tables(results: list[dict[str, Any]], lodo: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    lines: list[str] = []
+    summary: dict[str, Any] = {"per_dataset": {}, "tests": {}, "lodo": {}}
+    rows = [("meduniverse", "universal"), ("fedavg", "universal"), ("fedprox", "universal"),
+            ("relay", "universal"), ("local_only", "universal"), ("centralised", "universal"),
+            ("mim_only", "probe"), ("meduniverse", "probe"), ("fedavg", "probe"), ("fedprox", "probe"),
+            ("relay", "probe"),
+            ("mim_only", "finetune"), ("meduniverse", "finetune"), ("fedavg", "finetune")]
+    for metric in ("acc", "bacc"):
+        lines.append(f"\n{metric} (%), mean ± std over {len(results)} seeds; (i) universal = model + own "
+                     f"head, (ii) probe / finetune of the backbone")
+        header = f"{'method':<14}{'eval':<11}" + "".join(f"{d[:12]:>15}" for d in DATASETS) + f"{'mean':>9}"
+        lines += [header, "-" * len(header)]
+        for method, kind in rows:
+            cells = [cell(results, method, d, kind, metric) for d in DATASETS]
+            means = [mean_std(c)[0] for c in cells]
+            overall = sum(means) / len(means)
+            summary["per_dataset"].setdefault(metric, {})[f"{method}/{kind}"] = {
+                d: dict(zip(("mean", "std"), mean_std(c), strict=True)) for d, c in zip(DATASETS, cells, strict=True)}
+            lines.append(f"{method:<14}{kind:<11}" + "".join(f"{format_mean_std(c):>15}" for c in cells)
+                         + f"{overall * 100:>9.1f}")
+    lines.append("\nPaired tests over (dataset, seed) pairs, two-sided (Wilcoxon signed-rank; paired t-test)")
+    comparisons = [(("meduniverse", "universal"), (b, "universal")) for b in
+                   ("fedavg", "fedprox", "relay", "local_only", "centralised")]
+    comparisons += [(("meduniverse", k), ("mim_only", k)) for k in ("probe", "finetune")]
+    for metric in ("acc", "bacc"):
+        for (ma, ka), (mb, kb) in comparisons:
+            a = [x for d in DATASETS for x in cell(results, ma, d, ka, metric)]
+            b = [x for d in DATASETS for x in cell(results, mb, d, kb, metric)]
+            t = paired_tests(a, b)
+            key = f"{metric}: {ma}/{ka} vs {mb}/{kb}"
+            summary["tests"][key] = t
+            lines.append(f"{key:<52} n={t['n']:>2} diff {t['mean_diff'] * 100:+6.2f} pts  "
+                         f"W/L {t['wins']}/{t['losses']}  Wilcoxon p={t['wilcoxon_p']:.4f}  t-test p={t['t_p']:.4f}")
+    if lodo:
+        lines.append("\nLeave-one-dataset-out: backbone federated on the other five, evaluated on the held-out "
+                     "dataset (acc %, mean ± std over seeds)")
+        held = sorted({row["held"] for row in lodo}, key=DATASETS.index)
+        for kind in ("probe", "finetune"):
+            for method in ("mim_only", "meduniverse"):
+                vals = {h: [r[method][kind]["acc"] for r in lodo if r["held"] == h] for h in held}
+                summary["lodo"][f"{method}/{kind}"] = {h: mean_std(v) for h, v in vals.items()}
+                lines.append(f"{method:<14}{kind:<11}" + "".join(f"{h[:12]:>14} {format_mean_std(v):>13}"
+                                                                 for h, v in vals.items()))
+            a = [r["meduniverse"][kind]["acc"] for r in lodo]
+            b = [r["mim_only"][kind]["acc"] for r in lodo]
+            t = paired_tests(a, b)
+            summary["tests"][f"lodo acc: meduniverse/{kind} vs mim_only/{kind}"] = t
+            lines.append(f"  paired over (held-out, seed), n={t['n']}: diff {t['mean_diff'] * 100:+.2f} pts, "
+                         f"Wilcoxon p={t['wilcoxon_p']:.4f}, t-test p={t['t_p']:.4f}")
+    return "\n".join(lines), summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small settings, < 10 min on 2 cores")
+    parser.add_argument("--seeds", type=int, help="number of seeds (default 3)")
+    parser.add_argument("--no-lodo", action="store_true", help="skip leave-one-dataset-out")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads per worker (default 1: tiny models, robust on a shared machine)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="parallel processes over seeds / LODO folds (default 2; results do not depend on it)")
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get(
+        "MEDVEIL_SHARED_DATA", REPO.parent / "shared" / "data")) / "medmnist")
+    parser.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/meduniverse[_quick].json)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    missing = [d for d in DATASETS if not (args.data_dir / f"{d}.npz").is_file()]
+    if missing:
+        print(f"meduniverse benchmark: datasets missing in {args.data_dir}: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    setting = QUICK if args.quick else FULL
+    seeds = list(range(args.seeds or setting["seeds"]))
+    out = args.out or REPO / "benchmarks" / "results" / f"meduniverse{'_quick' if args.quick else ''}.json"
+    t0 = time.time()
+    jobs = [("seed", seed, "") for seed in seeds]
+    if not args.no_lodo:
+        jobs += [("lodo", seed, held) for seed in seeds for held in setting["lodo_heldout"]]
+    done: dict[tuple[str, int, str], Any] = {}
+    log: list[str] = []
+    if args.workers <= 1:
+        for job in jobs:
+            done[job] = run_job(job, setting, args.data_dir)
+            log += done[job][1]
+            print("\n".join(done[job][1]), flush=True)
+    else:  # independent seeds / LODO folds in parallel processes (spawned: no forked OpenMP state)
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=torch.set_num_threads,
+                                 initargs=(args.threads,)) as pool:
+            futures = {pool.submit(run_job, job, setting, args.data_dir): job for job in jobs}
+            for future in as_completed(futures):
+                done[futures[future]] = future.result()
+                log += done[futures[future]][1]
+                print("\n".join(done[futures[future]][1]), flush=True)
+    results = [done[j][0] for j in jobs if j[0] == "seed"]
+    lodo = [{"seed": j[1], "held": j[2], **done[j][0]} for j in jobs if j[0] == "lodo"]
+    text, summary = tables(results, lodo)
+    elapsed = time.time() - t0
+    print(text)
+    print(f"\ntotal {elapsed / 60:.1f} min ({'quick' if args.quick else 'full'} mode, {len(seeds)} seeds, "
+          f"{args.workers} worker(s) x {args.threads} thread(s))")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"mode": "quick" if args.quick else "full", "seeds": seeds, "setting": setting,
+               "datasets": DATASETS, "elapsed_s": elapsed, "machine": platform.platform(),
+               "torch_threads": args.threads, "workers": args.workers, "command": " ".join(sys.argv), "summary": summary,
+               "results": results, "lodo": lodo, "log": log, "table": text}
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(jsonable(payload), indent=1))
+    os.replace(tmp, out)
+    print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

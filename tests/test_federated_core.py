@@ -1,0 +1,201 @@
+"""Aggregation, curation strategies, update screening and the join protocol, on a tiny ViT."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from medveil.errors import DataError, UpdateRejected
+from medveil.federated.client import join_request, local_fit
+from medveil.federated.curation import (
+    CurationParams,
+    DistillCurator,
+    FedAvgCurator,
+    RelayCurator,
+    distill_kl,
+    interpolate,
+    make_curator,
+    weighted_average,
+)
+from medveil.federated.messages import ClientUpdate, JoinRequest, message_nbytes, to_payload
+from medveil.federated.server import Server
+from medveil.federated.sites import build_sites
+from medveil.federated.training import TrainRecipe
+from medveil.federated.updates import check_update, screen_updates
+from medveil.models import ViTConfig
+
+from fed_helpers import TINY_MODEL, tiny_config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is as fast and immune to a busy machine
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A server with a pool and two joined clients, plus one real local update per client."""
+    folder = tmp_path_factory.mktemp("core")
+    cfg = tiny_config(folder)
+    clients, pool = build_sites(cfg.clients, cfg.data, 16, 3, cfg.seed)
+    return cfg, clients, pool
+
+
+def fresh_server(setup) -> Server:
+    cfg, clients, pool = setup
+    server = Server(ViTConfig(**TINY_MODEL), pool, seed=0)
+    for i, data in enumerate(clients):
+        server.join(join_request(data), stage=1, seed=i)
+    return server
+
+
+def real_updates(setup, server: Server) -> list[ClientUpdate]:
+    _, clients, _ = setup
+    recipe = TrainRecipe(epochs=1, batch_size=16, lr=1e-3)
+    return [local_fit(d, server.instructions(d.name, 1), recipe, seed=7) for d in clients]
+
+
+def assert_state_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_weighted_average_is_exact():
+    a = {"w": torch.tensor([1.0, 2.0, -3.0]), "step": torch.tensor(5)}
+    b = {"w": torch.tensor([5.0, 6.0, 1.0]), "step": torch.tensor(9)}
+    assert_state_equal(weighted_average([a, a], [10, 30]), a)
+    avg = weighted_average([a, b], [1, 3])
+    assert torch.allclose(avg["w"], (a["w"] + 3 * b["w"]) / 4, atol=0, rtol=1e-7)
+    assert avg["step"].item() == 5  # non-float tensors are taken from the first state
+    mid = interpolate(a, b, 0.5)
+    assert torch.allclose(mid["w"], torch.tensor([3.0, 4.0, -1.0]))
+
+
+def test_fedavg_of_two_identical_updates_is_that_update(setup):
+    server = fresh_server(setup)
+    update = real_updates(setup, server)[0]
+    twin = ClientUpdate("beta", 1, {k: v.clone() for k, v in update.backbone.items()},
+                        server.instructions("beta", 1).head, n_samples=3)
+    FedAvgCurator().curate(server, [update, twin], seed=0, progress=False)
+    assert_state_equal(server.backbone_state(), update.backbone)
+    assert_state_equal(server.heads["alpha"].state_dict(), update.head)  # FedPer: own head kept
+
+
+def test_fedavg_weights_by_sample_count(setup):
+    server = fresh_server(setup)
+    u1, u2 = real_updates(setup, server)
+    FedAvgCurator().curate(server, [u1, u2], seed=0, progress=False)
+    n1, n2 = u1.n_samples, u2.n_samples
+    key = "blocks.0.attn.qkv.weight"
+    expected = (u1.backbone[key].double() * n1 + u2.backbone[key].double() * n2) / (n1 + n2)
+    assert torch.allclose(server.backbone_state()[key].double(), expected, atol=1e-7)
+    assert not torch.equal(server.backbone_state()[key], u1.backbone[key])
+
+
+def test_relay_copies_and_interpolates(setup):
+    server = fresh_server(setup)
+    base = server.backbone_state()
+    u1, _ = real_updates(setup, server)
+    RelayCurator(1.0).curate(server, [u1], seed=0, progress=False)
+    assert_state_equal(server.backbone_state(), u1.backbone)
+    server.load_backbone(base)
+    RelayCurator(0.25).curate(server, [u1], seed=0, progress=False)
+    key = "patch_embed.proj.weight"
+    assert torch.allclose(server.backbone_state()[key], 0.75 * base[key] + 0.25 * u1.backbone[key], atol=1e-6)
+
+
+def test_distill_reduces_kl_and_guards_other_heads(setup):
+    server = fresh_server(setup)
+    u1, _ = real_updates(setup, server)
+    before = server.backbone_state()
+    curator = DistillCurator(CurationParams(init="base", epochs=6.0, batch_size=16, lr=1e-3))
+    result = curator.curate(server, [u1], seed=0, progress=False)
+    assert result["kd_after"] < 0.7 * result["kd_before"]
+    assert result["forget_kl_before"] == pytest.approx(0.0, abs=1e-6)  # beta's target: its own outputs
+    assert result["forget_kl_after"] < result["kd_after"] + 0.05
+    assert not torch.equal(server.backbone_state()["blocks.0.mlp.fc1.weight"], before["blocks.0.mlp.fc1.weight"])
+
+
+def test_distill_kl_properties():
+    t = torch.randn(5, 4)
+    assert distill_kl(t, t, 2.0, "multi-class").item() == pytest.approx(0.0, abs=1e-6)
+    assert distill_kl(t, t, 2.0, "multi-label").item() == pytest.approx(0.0, abs=1e-6)
+    assert distill_kl(torch.zeros(5, 4), t, 2.0, "multi-class").item() > 0
+    assert distill_kl(torch.zeros(5, 4), t, 1.0, "multi-label").item() > 0
+
+
+def test_bad_updates_are_rejected_and_not_aggregated(setup, caplog):
+    server = fresh_server(setup)
+    good, other = real_updates(setup, server)
+    spec, heads = server.backbone_spec(), server.head_specs()
+
+    def variant(**changes) -> ClientUpdate:
+        u = ClientUpdate(other.client_name, 1, dict(other.backbone), dict(other.head), other.n_samples)
+        for k, v in changes.items():
+            setattr(u, k, v)
+        return u
+
+    nan_backbone = dict(other.backbone)
+    nan_backbone["norm.weight"] = nan_backbone["norm.weight"].clone()
+    nan_backbone["norm.weight"][0] = math.nan
+    inf_head = {"weight": other.head["weight"].clone(), "bias": other.head["bias"]}
+    inf_head["weight"][0, 0] = math.inf
+    wrong_shape = dict(other.backbone)
+    wrong_shape["blocks.1.mlp.fc2.bias"] = torch.zeros(7)
+    missing = {k: v for k, v in other.backbone.items() if k != "cls_token"}
+    bad = [variant(backbone=nan_backbone), variant(head=inf_head), variant(backbone=wrong_shape),
+           variant(backbone=missing), variant(n_samples=0), variant(client_name="stranger"),
+           variant(head={"weight": torch.zeros(3, 32), "bias": torch.zeros(3)})]  # beta has 2 classes
+    with caplog.at_level("WARNING", logger="medveil.federated"):
+        accepted, rejected = screen_updates([good, *bad], spec, heads)
+    assert accepted == [good]
+    assert len(rejected) == len(bad)
+    reasons = " | ".join(r.reason for r in rejected)
+    for needle in ("NaN or Inf", "shape (7,)", "missing keys ['cls_token']", "n_samples", "has not joined"):
+        assert needle in reasons
+    assert all("\n" not in r.reason for r in rejected)
+    assert len([r for r in caplog.records if "rejected" in r.getMessage()]) == len(bad)
+    with pytest.raises(UpdateRejected):
+        check_update(bad[0], spec, heads["beta"])
+    # only the good update reaches the curator: FedAvg of one update == that update
+    FedAvgCurator().curate(server, accepted, seed=0, progress=False)
+    assert_state_equal(server.backbone_state(), good.backbone)
+
+
+def test_join_protocol_and_class_count_mismatch(setup):
+    server = fresh_server(setup)
+    _, clients, _ = setup
+    ins = server.instructions("alpha", 2)
+    assert ins.head["weight"].shape == (clients[0].num_classes, 32)
+    assert server.registry["alpha"].class_names == ["0", "1", "2"]
+    again = server.join(JoinRequest("alpha", 3), stage=2, seed=99)  # a known client keeps its head
+    assert torch.equal(again.head["weight"], ins.head["weight"])
+    with pytest.raises(DataError, match="has 5 classes but its head has 3 outputs"):
+        server.join(JoinRequest("alpha", 5), stage=2, seed=0)
+    wrong = server.instructions("beta", 2)  # a 2-output head sent to the 3-class client
+    wrong.client_name = "alpha"
+    with pytest.raises(DataError, match="3 classes but its head has 2 outputs"):
+        local_fit(clients[0], wrong, TrainRecipe(), seed=0)
+
+
+def test_messages_payload_and_size(setup):
+    server = fresh_server(setup)
+    ins = server.instructions("alpha", 1)
+    payload = to_payload(ins)
+    assert set(payload) == {"client_name", "stage", "model_config", "backbone", "head"}
+    assert all(hasattr(v, "dtype") and not isinstance(v, torch.Tensor) for v in payload["backbone"].values())
+    raw = sum(v.numel() * v.element_size() for v in ins.backbone.values())
+    size = message_nbytes(ins)
+    assert raw < size < raw * 1.2 + 50_000
+    assert message_nbytes(JoinRequest("alpha", 3)) < 2_000
+
+
+def test_make_curator_rejects_unknown_strategy():
+    with pytest.raises(Exception, match="unknown strategy 'magic'"):
+        make_curator("magic", CurationParams())
