@@ -9,7 +9,6 @@ Prints a table and writes JSON (default benchmarks/results/data_loading.json). -
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -19,6 +18,7 @@ import numpy as np
 
 from medveil.data import load_dataset
 from medveil.data.duplicates import duplicate_groups
+from medveil.io import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,9 +64,7 @@ def main() -> None:
         "aptos_distinct_photographs": int(len(np.unique(groups))), "aptos_images": n,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -18,7 +18,6 @@ JSON. :func:`run_inversion_benchmark` is what ``benchmarks/gan.py`` calls.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -38,6 +37,7 @@ from medveil.generative.encoder_training import EncoderTrainConfig, train_encode
 from medveil.generative.figures import save_grid
 from medveil.generative.invert import ProjectConfig, encode, project, quality, summarize
 from medveil.generative.train import train_gan
+from medveil.io import write_json_atomic
 from medveil.models.features import build_feature_net
 from medveil.models.stylegan2 import GANConfig
 
@@ -147,10 +147,7 @@ def main() -> None:
                                      feature_net=args.feature_net, lr=args.lr)
     result["command"] = " ".join([".venv/bin/python", "benchmarks/gan_inversion.py", *sys.argv[1:]])
     print_table(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, result)
     print(f"wrote {args.out}; reconstructions grid (rows: real, encoder, encoder+opt, opt) {result['grid']}")
 
 

@@ -28,7 +28,6 @@ Images stay under --work (git-ignored runs/ or /tmp); only numbers go into the J
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -39,7 +38,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from medveil.anonymize.alignment import AlignConfig, align_groups, align_per_group_reference
+from medveil.anonymize.alignment import (
+    AlignConfig,
+    align_groups,
+    align_per_group_reference,
+)
 from medveil.anonymize.pipeline import AnonymizeConfig, PrivateSet, anonymize, to_uint8
 from medveil.anonymize.quick import load_models, quick_models
 from medveil.data import load_dataset, to_tensor
@@ -47,6 +50,7 @@ from medveil.data.duplicates import duplicate_groups
 from medveil.data.splits import split_indices
 from medveil.evaluate.release_eval import baseline_sets, evaluate_sets, format_table
 from medveil.evaluate.utility import UtilityConfig, utility_scores
+from medveil.io import write_json_atomic
 from medveil.models.features import build_feature_net
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.perf_counter() - t_start,
     }
     out = args.out or REPO / "benchmarks" / "results" / f"ksalsa{'_quick' if q else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_json_atomic(out, payload)
     print(f"\nwrote {out} ({payload['wall_s'] / 60:.1f} min)")
     return 0
 

@@ -45,7 +45,8 @@ from medveil.evaluate.stats import format_mean_std, mean_std, paired_tests
 from medveil.federated.baselines import centralised, local_only
 from medveil.federated.config import FederationConfig, config_from_dict
 from medveil.federated.curation import make_curator
-from medveil.federated.engine import Federation, jsonable, prepare, run_stages
+from medveil.federated.engine import Federation, prepare, run_stages
+from medveil.io import jsonable, write_json_atomic
 from medveil.federated.server import Server
 from medveil.federated.training import derive_seed
 
@@ -168,15 +169,29 @@ def run_lodo(setting: dict[str, Any], data_dir: Path, seed: int, held: str) -> d
     }
 
 
-def run_job(job: tuple[str, int, str], setting: dict[str, Any], data_dir: Path) -> tuple[Any, list[str]]:
-    """One seed of the main comparison, or one LODO fold; returns (result, log lines)."""
+def run_job(job: tuple[str, int, str], setting: dict[str, Any], data_dir: Path,
+            cache: Path | None = None) -> tuple[Any, list[str], float]:
+    """One seed of the main comparison, or one LODO fold; returns (result, log lines, seconds). With
+    ``cache`` (a folder) a finished job's result is stored there and reused by a rerun with the
+    same setting, so a killed benchmark resumes job by job."""
     kind, seed, held = job
+    key = jsonable({"job": list(job), "setting": setting, "data_dir": str(data_dir)})
+    path = cache / f"{kind}-{seed}{'-' + held if held else ''}.json" if cache else None
+    if path is not None and path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return stored["result"], stored["log"] + ["(cached)"], stored["seconds"]
     t = time.time()
     log: list[str] = []
     if kind == "seed":
-        return run_seed(setting, data_dir, seed, log), log
-    result = run_lodo(setting, data_dir, seed, held)
-    return result, [f"LODO seed {seed} held-out {held}: {time.time() - t:.0f}s"]
+        result = run_seed(setting, data_dir, seed, log)
+    else:
+        result = run_lodo(setting, data_dir, seed, held)
+        log = [f"LODO seed {seed} held-out {held}: {time.time() - t:.0f}s"]
+    seconds = time.time() - t
+    if path is not None:
+        write_json_atomic(path, {"key": key, "result": result, "log": log, "seconds": seconds})
+    return result, log, seconds
 
 
 def cell(results: list[dict[str, Any]], method: str, dataset: str, kind: str, metric: str) -> list[float]:
@@ -252,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get(
         "MEDVEIL_SHARED_DATA", REPO.parent / "shared" / "data")) / "medmnist")
     parser.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/meduniverse[_quick].json)")
+    parser.add_argument("--work", type=Path, help="finished jobs are kept here; a rerun resumes from them "
+                        "(default runs/bench_meduniverse[_quick])")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     missing = [d for d in DATASETS if not (args.data_dir / f"{d}.npz").is_file()]
@@ -261,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     setting = QUICK if args.quick else FULL
     seeds = list(range(args.seeds or setting["seeds"]))
     out = args.out or REPO / "benchmarks" / "results" / f"meduniverse{'_quick' if args.quick else ''}.json"
+    cache = args.work or REPO / "runs" / f"bench_meduniverse{'_quick' if args.quick else ''}"
     t0 = time.time()
     jobs = [("seed", seed, "") for seed in seeds]
     if not args.no_lodo:
@@ -269,14 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     log: list[str] = []
     if args.workers <= 1:
         for job in jobs:
-            done[job] = run_job(job, setting, args.data_dir)
+            done[job] = run_job(job, setting, args.data_dir, cache)
             log += done[job][1]
             print("\n".join(done[job][1]), flush=True)
     else:  # independent seeds / LODO folds in parallel processes (spawned: no forked OpenMP state)
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=torch.set_num_threads,
                                  initargs=(args.threads,)) as pool:
-            futures = {pool.submit(run_job, job, setting, args.data_dir): job for job in jobs}
+            futures = {pool.submit(run_job, job, setting, args.data_dir, cache): job for job in jobs}
             for future in as_completed(futures):
                 done[futures[future]] = future.result()
                 log += done[futures[future]][1]
@@ -285,17 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     lodo = [{"seed": j[1], "held": j[2], **done[j][0]} for j in jobs if j[0] == "lodo"]
     text, summary = tables(results, lodo)
     elapsed = time.time() - t0
+    job_seconds = sum(done[j][2] for j in jobs)
     print(text)
-    print(f"\ntotal {elapsed / 60:.1f} min ({'quick' if args.quick else 'full'} mode, {len(seeds)} seeds, "
+    print(f"\njobs took {job_seconds / 60:.1f} min in all; this call {elapsed / 60:.1f} min ({'quick' if args.quick else 'full'} mode, {len(seeds)} seeds, "
           f"{args.workers} worker(s) x {args.threads} thread(s))")
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"mode": "quick" if args.quick else "full", "seeds": seeds, "setting": setting,
-               "datasets": DATASETS, "elapsed_s": elapsed, "machine": platform.platform(),
+               "datasets": DATASETS, "elapsed_s": elapsed, "sum_job_s": job_seconds, "machine": platform.platform(),
                "torch_threads": args.threads, "workers": args.workers, "command": " ".join(sys.argv), "summary": summary,
                "results": results, "lodo": lodo, "log": log, "table": text}
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(jsonable(payload), indent=1))
-    os.replace(tmp, out)
+    write_json_atomic(out, payload)
     print(f"written: {out}")
     return 0
 

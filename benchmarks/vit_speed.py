@@ -16,7 +16,6 @@ compared to the fp32 matmul peak measured in the same run (best large ``torch.mm
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from medveil.io import write_json_atomic
 from medveil.models import MaskedAutoencoderViT, ViTConfig
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "vit_speed.json"
@@ -216,9 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     print_table(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

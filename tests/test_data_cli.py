@@ -110,10 +110,16 @@ def test_debug_shows_the_traceback(capsys, tmp_path):
 
 
 def test_demo_summarises_every_sample(capsys, tmp_path):
-    code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"))
-    assert code == 0 and "step 1/" in out
+    code, out, _ = run(capsys, "demo", "--only", "samples", "--out", str(tmp_path / "demo"))
+    assert code == 0 and "step 1/1: samples" in out
     result = json.loads((tmp_path / "demo" / "demo.json").read_text())
     samples = result["samples"]
     assert set(samples) == {"bloodmnist", "organamnist", "retinamnist", "breastmnist",
                             "pneumoniamnist", "ham10000"}
     assert samples["organamnist"]["channels"] == 1 and len(samples["organamnist"]["classes"]) == 11
+
+
+def test_demo_unknown_step_is_one_line_error(capsys, tmp_path):
+    code, _, err = run(capsys, "demo", "--only", "samples,bogus", "--out", str(tmp_path / "demo"))
+    assert code == 2 and "unknown step(s) bogus" in err and err.count("\n") == 1
+    assert not (tmp_path / "demo" / "demo.json").exists()

@@ -163,7 +163,7 @@ def test_crash_before_report_fails_verification(tmp_path: Path,
     def dying(path: Path, obj: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(release_mod, "_write_json_atomic", dying)
+    monkeypatch.setattr(release_mod, "write_json_atomic", dying)
     with pytest.raises(KeyboardInterrupt):
         _write(tmp_path, overwrite=True)
     assert not (tmp_path / "report.json").exists()

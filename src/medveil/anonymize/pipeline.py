@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,7 +30,8 @@ from medveil.anonymize.release import (
 from medveil.data.dataset import ImageDataset
 from medveil.data.tensors import to_tensor
 from medveil.errors import ConfigError, DataError, MedVeilError
-from medveil.generative.checkpoint import config_mismatch, write_text_atomic
+from medveil.generative.checkpoint import config_mismatch
+from medveil.io import atomic_file, write_json_atomic
 from medveil.generative.encoder_training import generator_fingerprint
 from medveil.generative.invert import invert_images
 from medveil.models.encoder import Encoder
@@ -224,7 +224,7 @@ def anonymize(data: PrivateSet, models: Models, out_dir: str | Path,
     centroid_images = state.load("centroid_images")
     state.clear()
     report["timings"]["write_s"] = time.perf_counter() - t
-    write_text_atomic(json.dumps(report, indent=2) + "\n", release.report_path)
+    write_json_atomic(release.report_path, report)
     return AnonymizeResult(release, report, groups, images, centroid_images, ws.numpy(),
                            to_uint8(recon), to_uint8(x))
 
@@ -246,7 +246,7 @@ def invert_resumable(x: torch.Tensor, models: Models, work: Path, cfg: Anonymize
         config_mismatch(key, found, str(work))
     else:
         work.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(json.dumps(key, indent=2), config_path)
+        write_json_atomic(config_path, key)
     fnet = build_feature_net(cfg.feature_net).to(next(models.G.parameters()).device)
     ws, recon = [], []
     starts = range(0, len(x), INVERT_CHUNK)
@@ -263,7 +263,8 @@ def invert_resumable(x: torch.Tensor, models: Models, work: Path, cfg: Anonymize
         w, r = invert_images(x[start: start + INVERT_CHUNK], models.G, models.encoder,
                              cfg.invert_steps, fnet=fnet, progress=progress)
         r16 = r.half()  # stored as float16; we use the stored values in this run too
-        _save_npz(path, ws=w.float().numpy(), recon=r16.numpy())
+        with atomic_file(path) as f:
+            np.savez(f, ws=w.float().numpy(), recon=r16.numpy())
         ws.append(w.float())
         recon.append(r16.float())
     return torch.cat(ws), torch.cat(recon)
@@ -302,15 +303,6 @@ def _complete(out: Path) -> bool:
         return json.loads((out / REPORT).read_text()).get("complete") is True
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 __all__ = ["AnonymizeConfig", "AnonymizeResult", "Models", "PrivateSet",

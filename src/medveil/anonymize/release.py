@@ -35,6 +35,7 @@ from PIL import Image
 
 from medveil.anonymize.grouping import group_problems
 from medveil.errors import DataError, MedVeilError
+from medveil.io import atomic_file, jsonable, write_json_atomic
 
 AUDIT_NOTE = (
     "keep audit/ apart from release/: audit/groups.csv links every released image to the real "
@@ -100,7 +101,7 @@ def write_release(
         if (out / part).exists():
             os.replace(out / part, partial / f"old-{part}")
         os.replace(partial / part, out / part)
-    _write_json_atomic(report_path, _report(report, groups, labels, class_names, k, patient_ids))
+    write_json_atomic(report_path, _report(report, groups, labels, class_names, k, patient_ids))
     shutil.rmtree(partial, ignore_errors=True)
     if not quiet:
         print(f"medveil: wrote {len(names)} images to {out / 'release'}; {AUDIT_NOTE}",
@@ -128,8 +129,7 @@ class ReleaseState:
 
         self.dir = Path(out_dir) / ".work"
         self.n_groups = int(n_groups)
-        expected = json.loads(json.dumps({"n_groups": self.n_groups, "config": dict(config)},
-                                         default=_json_default))
+        expected = jsonable({"n_groups": self.n_groups, "config": dict(config)})
         state_path = self.dir / "state.json"
         if state_path.is_file():
             try:
@@ -140,7 +140,7 @@ class ReleaseState:
             config_mismatch(expected, found, str(self.dir))
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(state_path, expected)
+            write_json_atomic(state_path, expected)
         self._done = np.zeros(self.n_groups, dtype=bool)
         for path in self._batches():
             self._done[self._read(path, "groups")] = True
@@ -164,12 +164,8 @@ class ReleaseState:
                 raise ValueError(f"array {name!r} must have {idx.size} rows (one per group)")
         existing = [int(p.stem.split("-")[1]) for p in self._batches()]
         path = self.dir / f"batch-{max(existing, default=-1) + 1:06d}.npz"
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_file(path) as f:
             np.savez(f, groups=idx, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
         self._done[idx] = True
         return path
 
@@ -308,23 +304,3 @@ def _report(extra: Mapping[str, Any] | None, groups: Sequence[Sequence[Hashable]
         "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "complete": True,
     }
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -10,8 +10,6 @@ import json
 import sys
 from pathlib import Path
 
-from medveil.anonymize.release import AUDIT_NOTE
-from medveil.anonymize.verify import verify_release
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from medveil.anonymize.release import AUDIT_NOTE
+    from medveil.anonymize.verify import verify_release
+
     report = verify_release(args.out, k=args.k)
     print(report.table())
     if args.json is not None:

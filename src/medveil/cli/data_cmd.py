@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from medveil.data.loading import load_dataset
 from medveil.data.roots import ENV_VAR
-from medveil.data.summary import describe
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,12 +65,17 @@ def dataset_kwargs(args: argparse.Namespace) -> dict:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from medveil.data.loading import load_dataset
+    from medveil.data.summary import describe
+
     dataset = load_dataset(args.path, **dataset_kwargs(args))
     print(describe(dataset))
     return 0
 
 
 def run_check(args: argparse.Namespace) -> int:
+    from medveil.data.loading import load_dataset
+
     dataset = load_dataset(args.path, **dataset_kwargs(args))
     for name, split in dataset.splits.items():
         n, h, w, c = split.images.shape

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from medveil.errors import ConfigError
@@ -60,7 +59,6 @@ def run_federate(args: argparse.Namespace) -> int:
             raise ConfigError("--config is required (or --resume an existing RUN_DIR)")
         config = args.out / "config.toml"
     cfg = load_config(config)
-    logging.basicConfig(level=logging.WARNING, format="medveil: %(message)s")
     metrics = run_federation(cfg, args.out, resume=args.resume, progress=not args.quiet)
     if not args.quiet:
         print(summary_table(metrics))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -120,7 +119,7 @@ def run_invert(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from medveil.generative.checkpoint import write_text_atomic
+    from medveil.io import write_json_atomic
     from medveil.generative.encoder_training import load_encoder, train_encoder
     from medveil.generative.figures import save_grid
     from medveil.generative.invert import ProjectConfig, encode, project, quality, summarize
@@ -173,7 +172,7 @@ def run_invert(args: argparse.Namespace) -> int:
                "optimize_steps": args.optimize_steps, "lr": args.lr, "results": results, "timings": timings,
                "feature_net": fnet.describe(), "num_ws": G.num_ws, "w_dim": G.w_dim,
                "resolution": G.resolution}
-    write_text_atomic(json.dumps(metrics, indent=2), out / "metrics.json")
+    write_json_atomic(out / "metrics.json", metrics)
     final = results[list(results)[-1]]
     print(f"inverted {x.shape[0]} image(s): PSNR {final['psnr_mean']:.2f} dB, SSIM {final['ssim_mean']:.3f} "
           f"-> {out}")

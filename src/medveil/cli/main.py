@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
 from medveil import __version__
@@ -23,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "model_cmd",
     "anonymize_cmd",
     "federate_cmd",
+    "site_cmd",
     "gan_cmd",
     "release_cmd",
 )
@@ -47,9 +50,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    line: str | None = None) -> str:
+    return f"medveil: warning: {message}\n"
+
+
+def _setup_messages(debug: bool) -> None:
+    """Warnings and log records as ``medveil: warning: ...`` lines (full form with --debug)."""
+    if not debug:
+        warnings.formatwarning = _format_warning
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="medveil: %(levelname)s: %(message)s" if not debug
+                        else "%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.addLevelName(logging.WARNING, "warning")
+    logging.addLevelName(logging.INFO, "info")
+    logging.addLevelName(logging.ERROR, "error")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _setup_messages(args.debug)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
@@ -63,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("medveil: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `medveil data info X | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

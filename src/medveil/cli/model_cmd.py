@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from medveil.errors import ConfigError
-from medveil.models.checkpoint import load_vit_checkpoint, read_checkpoint
-from medveil.models.mae import DECODER_PREFIXES, MaskedAutoencoderViT
-from medveil.models.vit import ViTConfig, VisionTransformer
 
-PRESETS = {"tiny": ViTConfig.tiny, "base16": ViTConfig.base16}
+PRESETS = ("base16", "tiny")  # ViTConfig class methods
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,9 +25,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_load_check(args: argparse.Namespace) -> int:
+    import torch
+
+    from medveil.models.checkpoint import load_vit_checkpoint, read_checkpoint
+    from medveil.models.mae import DECODER_PREFIXES, MaskedAutoencoderViT
+    from medveil.models.vit import ViTConfig, VisionTransformer
+
     sd, stored = read_checkpoint(args.checkpoint)
     if args.preset:
-        cfg = PRESETS[args.preset](**({"img_size": args.img_size} if args.img_size else {}))
+        cfg = getattr(ViTConfig, args.preset)(**({"img_size": args.img_size} if args.img_size else {}))
     elif stored is not None:
         cfg = ViTConfig.from_dict(stored)
     else:

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from medveil.errors import MedVeilError
 from medveil.evaluate.probe import backbone_eval, universal_eval
 from medveil.federated.config import load_config
-from medveil.federated.engine import COMPLETE, load_stage, write_json
+from medveil.federated.engine import COMPLETE, load_stage
+from medveil.io import write_json_atomic
 from medveil.federated.server import load_universal
 from medveil.federated.sites import build_sites
 from medveil.federated.training import derive_seed
@@ -44,7 +45,7 @@ def evaluate_run(run_dir: str | Path, finetune: bool = True, progress: bool = Tr
         else:
             result[name] = backbone_eval(cfg.model.to_dict(), state, clients, recipe, seed,
                                          ev.probe_C, ev.probe_max_iter, finetune)
-    write_json(out / "evaluation.json", result)
+    write_json_atomic(out / "evaluation.json", result)
     return result
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from medveil.io import save_figure  # noqa: E402
 
 
 def plot_stage_curves(stages: list[dict[str, Any]], path: Path, metric: str = "acc") -> Path:
@@ -33,8 +34,5 @@ def plot_stage_curves(stages: list[dict[str, Any]], path: Path, metric: str = "a
         ax.legend(fontsize=8, loc="best")
         ax.set_xticks(sorted({x for xs, _ in series.values() for x in xs}))
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)
     return path

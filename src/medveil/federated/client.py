@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 
 from medveil.errors import DataError
-from medveil.evaluate.metrics import classification_metrics
 from medveil.federated.messages import ClientUpdate, EvalReport, FitInstructions, JoinRequest, StateDict
 from medveil.federated.sites import ClientData
 from medveil.federated.training import TrainRecipe, predict_logits, train_classifier
@@ -63,6 +62,8 @@ def local_fit(data: ClientData, ins: FitInstructions, recipe: TrainRecipe, seed:
 @torch.no_grad()
 def local_evaluate(data: ClientData, ins: FitInstructions, device: str = "cpu") -> EvalReport:
     """Metrics of the received model (universal backbone + this client's head) on the test split."""
+    from medveil.evaluate.metrics import classification_metrics  # sklearn: ~1 s, only when evaluating
+
     backbone, head = _models(data, ins, device)
     logits = predict_logits(backbone, head, data.x_test)
     metrics = classification_metrics(data.task.value, data.y_test.numpy(), logits.numpy())

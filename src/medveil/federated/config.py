@@ -21,6 +21,9 @@ A relative ``path`` is taken from the config file's folder when it exists there,
 name under ``$MEDVEIL_DATA_ROOT`` (:mod:`medveil.data.roots`). A missing dataset, an unknown
 key or strategy fails at load time with a one-line error. The run folder keeps the resolved
 config as ``config.toml``, so ``--resume`` and ``medveil evaluate`` need nothing else.
+
+``remote_clients=True`` (the Flower server): the clients' datasets live at the sites, so a
+``[[clients]]`` entry needs only its ``name`` and no dataset is looked up on this machine.
 """
 
 from __future__ import annotations
@@ -130,7 +133,8 @@ def _resolve(path: str, base: Path) -> str:
     return path
 
 
-def config_from_dict(raw: dict[str, Any], base_dir: Path, where: str = "config") -> FederationConfig:
+def config_from_dict(raw: dict[str, Any], base_dir: Path, where: str = "config",
+                     remote_clients: bool = False) -> FederationConfig:
     unknown = sorted(set(raw) - set(SECTIONS) - set(TOP_LEVEL) - {"clients"})
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
@@ -154,11 +158,11 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path, where: str = "config")
         cfg.clients.append(spec)
     cfg.data.pool_path = _resolve(cfg.data.pool_path, base_dir)
     cfg.init_checkpoint = _resolve(cfg.init_checkpoint, base_dir)
-    validate(cfg, where)
+    validate(cfg, where, remote_clients)
     return cfg
 
 
-def validate(cfg: FederationConfig, where: str = "config") -> None:
+def validate(cfg: FederationConfig, where: str = "config", remote_clients: bool = False) -> None:
     fed = cfg.federation
     if fed.strategy not in STRATEGIES:
         raise ConfigError(f"{where}: unknown strategy {fed.strategy!r} (choose from {', '.join(STRATEGIES)})")
@@ -174,11 +178,13 @@ def validate(cfg: FederationConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: [local] class_weighting must be 'none' or 'balanced'")
     make_curator(fed.strategy, cfg.curation)  # checks the [curation] values the strategy uses
     cfg.model.validate()
+    if remote_clients:
+        return
     for spec in cfg.clients:
         spec.resolve()  # a missing dataset fails now, not after pretraining
 
 
-def load_config(path: str | Path) -> FederationConfig:
+def load_config(path: str | Path, remote_clients: bool = False) -> FederationConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config not found: {path}")
@@ -186,7 +192,7 @@ def load_config(path: str | Path) -> FederationConfig:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
-    return config_from_dict(raw, path.parent, str(path))
+    return config_from_dict(raw, path.parent, str(path), remote_clients)
 
 
 def _toml_value(v: Any) -> str:

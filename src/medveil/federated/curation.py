@@ -34,6 +34,10 @@ several updates in one curation they are applied in order; its default schedule 
 
 ``fedavg``: backbone = sum_k n_k w_k / sum_k n_k; each client keeps its own head (FedPer-style).
 With ``[local] fedprox_mu > 0`` the clients train with the FedProx term (FedProx baseline).
+Robust variants (``[curation] aggregation``): "median" (coordinate-wise median) or "trimmed_mean"
+(coordinate-wise mean after cutting ``trim_fraction`` of the values at each end), both
+unweighted, computed by Flower's ``aggregate_median`` / ``aggregate_trimmed_avg``; they bound
+what one faulty or malicious site can do to the backbone.
 """
 
 from __future__ import annotations
@@ -69,6 +73,26 @@ class CurationParams:
     mask_ratio: float = 0.75
     init: str = "average"     # distill student init: "average" | "base"
     relay_alpha: float = 1.0
+    aggregation: str = "mean"  # fedavg backbone: "mean" (n_k-weighted) | "median" | "trimmed_mean"
+    trim_fraction: float = 0.2  # trimmed_mean: share cut at each end, in [0, 0.5)
+
+
+AGGREGATIONS = ("mean", "median", "trimmed_mean")
+
+
+def robust_average(states: list[StateDict], how: str, trim_fraction: float = 0.2) -> StateDict:
+    """Coordinate-wise median or trimmed mean of floating tensors (Flower's aggregate functions);
+    other tensors from the first state."""
+    from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
+
+    keys = [k for k, v in states[0].items() if v.is_floating_point()]
+    results = [([s[k].double().numpy() for k in keys], 1) for s in states]
+    arrays = (aggregate_median(results) if how == "median"
+              else aggregate_trimmed_avg(results, proportiontocut=trim_fraction))
+    out = dict(states[0])
+    for key, arr in zip(keys, arrays, strict=True):
+        out[key] = torch.from_numpy(arr).to(states[0][key].dtype)
+    return out
 
 
 def weighted_average(states: list[StateDict], weights: list[float]) -> StateDict:
@@ -119,15 +143,25 @@ class Curator:
 class FedAvgCurator(Curator):
     name = "fedavg"
 
+    def __init__(self, aggregation: str = "mean", trim_fraction: float = 0.2) -> None:
+        if aggregation not in AGGREGATIONS:
+            raise ConfigError(f"[curation] aggregation must be one of {', '.join(AGGREGATIONS)}, "
+                              f"got {aggregation!r}")
+        if not 0.0 <= trim_fraction < 0.5:
+            raise ConfigError(f"[curation] trim_fraction must be in [0, 0.5), got {trim_fraction}")
+        self.aggregation, self.trim_fraction = aggregation, trim_fraction
+
     def curate(self, server: Server, updates: list[ClientUpdate], seed: int,
                progress: bool = True) -> dict[str, Any]:
         if not updates:
             return {"aggregated": 0}
-        server.load_backbone(weighted_average([u.backbone for u in updates],
-                                              [u.n_samples for u in updates]))
+        states = [u.backbone for u in updates]
+        server.load_backbone(weighted_average(states, [u.n_samples for u in updates])
+                             if self.aggregation == "mean"
+                             else robust_average(states, self.aggregation, self.trim_fraction))
         for u in updates:
             server.set_head(u.client_name, u.head)
-        return {"aggregated": len(updates)}
+        return {"aggregated": len(updates), "aggregation": self.aggregation}
 
 
 class RelayCurator(Curator):
@@ -232,5 +266,5 @@ def make_curator(strategy: str, params: CurationParams) -> Curator:
     if strategy == "relay":
         return RelayCurator(params.relay_alpha)
     if strategy == "fedavg":
-        return FedAvgCurator()
+        return FedAvgCurator(params.aggregation, params.trim_fraction)
     raise ConfigError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")

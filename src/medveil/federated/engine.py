@@ -2,7 +2,8 @@
 join -> local fine-tuning -> screening -> curation -> evaluation, on one machine.
 
 Clients and server only exchange the messages of :mod:`medveil.federated.messages`, through
-the same functions a Flower app calls. Each stage's randomness comes from seeds derived from
+a :class:`~medveil.federated.transport.Transport`: in-process calls by default, Flower messages
+to remote sites with ``medveil.federated.flower`` (same stage logic, same seeds). Each stage's randomness comes from seeds derived from
 (seed, stage, client), so a run killed after stage s and resumed from its checkpoint gives the
 same numbers as an uninterrupted run.
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,14 +32,16 @@ import torch
 from tqdm.auto import tqdm
 
 from medveil.errors import ConfigError, MedVeilError
-from medveil.federated.client import join_request, local_evaluate, local_fit
+from medveil.federated.client import local_fit
 from medveil.federated.config import FederationConfig, dump_toml, load_config
 from medveil.federated.curation import Curator, make_curator
 from medveil.federated.messages import ClientUpdate, message_nbytes
 from medveil.federated.server import Server, TaskEntry
-from medveil.federated.sites import ClientData, build_sites
+from medveil.federated.sites import ClientData, build_sites, load_pool
 from medveil.federated.training import derive_seed
+from medveil.federated.transport import FitJob, LocalTransport, Transport
 from medveil.federated.updates import screen_updates
+from medveil.io import jsonable, write_json_atomic, write_text_atomic
 from medveil.models.checkpoint import save_checkpoint
 
 log = logging.getLogger("medveil.federated")
@@ -50,28 +52,53 @@ COMPLETE = "complete"
 
 @dataclass
 class Federation:
-    """Everything one run works on: config, clients' private data, the server, the curator."""
+    """Everything one run works on: config, clients' private data (in-process only; empty when
+    the clients are remote), the server, the curator, and the transport to the clients."""
 
     cfg: FederationConfig
     clients: list[ClientData]
     server: Server
     curator: Curator
     client_fit: ClientFit = local_fit
+    transport: Transport | None = None
+
+    def __post_init__(self) -> None:
+        if self.transport is None:
+            self.transport = LocalTransport(self.clients, self.client_fit, self.cfg.device)
 
     @property
     def schedule(self) -> str:
         return self.cfg.federation.resolved_schedule()
 
+    @property
+    def client_names(self) -> list[str]:
+        """The configured clients, in config order."""
+        return [spec.name for spec in self.cfg.clients]
 
-def prepare(cfg: FederationConfig, client_fit: ClientFit = local_fit) -> Federation:
-    """Load the clients' data and the server pool, build the server and the curator."""
+
+def remote_pool(cfg: FederationConfig) -> torch.Tensor:
+    """The server pool when the clients are remote: only ``[data] pool_path`` (the server's own
+    unlabelled images), never a client's dataset; empty without it."""
+    if cfg.data.pool_path:
+        return load_pool(Path(cfg.data.pool_path), cfg.model.img_size, cfg.model.in_chans,
+                         cfg.data.max_pool, cfg.seed)
+    return torch.empty(0, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
+
+
+def prepare(cfg: FederationConfig, client_fit: ClientFit = local_fit,
+            transport: Transport | None = None) -> Federation:
+    """Build the server and the curator. In-process (``transport=None``): load the clients' data
+    and the server pool; with a remote transport the server opens only its own pool."""
     curator = make_curator(cfg.federation.strategy, cfg.curation)
-    clients, pool = build_sites(cfg.clients, cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.seed)
+    if transport is None:
+        clients, pool = build_sites(cfg.clients, cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.seed)
+    else:
+        clients, pool = [], remote_pool(cfg)
     device = torch.device(cfg.device)
     server = Server(cfg.model, pool.to(device) if device.type != "cpu" else pool,
                     seed=derive_seed(cfg.seed, "init"))
     server.model.to(device)
-    return Federation(cfg, clients, server, curator, client_fit)
+    return Federation(cfg, clients, server, curator, client_fit, transport)
 
 
 def run_pretraining(fed: Federation, progress: bool = True) -> dict[str, Any]:
@@ -88,64 +115,101 @@ def run_pretraining(fed: Federation, progress: bool = True) -> dict[str, Any]:
     return out
 
 
-def sample_participants(fed: Federation, stage: int) -> list[str]:
-    """ceil(fraction * K) clients (at least one), seeded by (seed, stage), in config order."""
-    k = len(fed.clients)
+def sample_participants(fed: Federation, stage: int, present: list[str] | None = None) -> list[str]:
+    """ceil(fraction * K) of the K present clients (at least one; all configured clients by
+    default), seeded by (seed, stage), in config order."""
+    present_set = set(fed.client_names if present is None else present)
+    names = [n for n in fed.client_names if n in present_set]
+    k = len(names)
+    if k == 0:
+        return []
     m = max(1, min(k, math.ceil(fed.cfg.federation.client_fraction * k - 1e-9)))
     rng = np.random.default_rng(derive_seed(fed.cfg.seed, stage, "sample"))
     chosen = set(rng.choice(k, size=m, replace=False).tolist())
-    return [c.name for i, c in enumerate(fed.clients) if i in chosen]
+    return [n for i, n in enumerate(names) if i in chosen]
+
+
+def _instructions(fed: Federation, name: str, stage: int, info: dict[str, Any]):
+    """Join (first time: the client's class count in, a fresh head out) or the current model."""
+    server = fed.server
+    if name in server.registry:
+        return server.instructions(name, stage)
+    request = fed.transport.join_request(name)
+    info["bytes"]["join_up"] = message_nbytes(request)
+    info["joined_now"] = True
+    return server.join(request, stage, derive_seed(fed.cfg.seed, stage, name, "head"))
 
 
 def run_stage(fed: Federation, stage: int, progress: bool = True) -> dict[str, Any]:
-    """One federated stage; returns its metrics (see the module docstring)."""
+    """One federated stage; returns its metrics (see the module docstring).
+
+    Clients that do not answer (``absent``: disconnected, timed out) miss this stage only;
+    malformed, non-finite or wrongly shaped updates are ``rejected``; neither is aggregated.
+    """
     t0 = time.time()
-    server, seed = fed.server, fed.cfg.seed
-    by_name = {c.name: c for c in fed.clients}
-    names = sample_participants(fed, stage)
+    server, seed, transport = fed.server, fed.cfg.seed, fed.transport
+    present = transport.available(stage)
+    names = sample_participants(fed, stage, present)
     groups = [names] if fed.schedule == "parallel" else [[n] for n in names]
     per_client: dict[str, dict[str, Any]] = {}
     rejected: list[dict[str, Any]] = []
+    absent: dict[str, str] = {n: "not connected" for n in fed.client_names if n not in present}
     curation: list[dict[str, Any]] = []
     bar = tqdm(total=len(names), desc=f"stage {stage}: clients", leave=False,
                disable=None if progress else True)
     for gi, group in enumerate(groups):
-        updates = []
+        jobs = []
         for name in group:
-            data = by_name[name]
             info: dict[str, Any] = {"bytes": {}}
-            if name not in server.registry:
-                request = join_request(data)
-                info["bytes"]["join_up"] = message_nbytes(request)
-                info["joined_now"] = True
-                ins = server.join(request, stage, derive_seed(seed, stage, name, "head"))
-            else:
-                ins = server.instructions(name, stage)
+            per_client[name] = info
+            try:
+                ins = _instructions(fed, name, stage, info)
+            except MedVeilError as err:  # e.g. a known client rejoining with another class count
+                log.warning("join refused: %s", err)
+                rejected.append({"client": name, "stage": stage, "reason": str(err)})
+                continue
             info["bytes"]["fit_down"] = message_nbytes(ins)
-            update = fed.client_fit(data, ins, fed.cfg.local, derive_seed(seed, stage, name, "fit"),
-                                    device=fed.cfg.device)
+            jobs.append(FitJob(ins, derive_seed(seed, stage, name, "fit")))
+        result = transport.fit(jobs, fed.cfg.local, stage)
+        updates = [result.replies[j.instructions.client_name] for j in jobs
+                   if j.instructions.client_name in result.replies]
+        for update in updates:
+            info = per_client[update.client_name]
             info["bytes"]["fit_up"] = message_nbytes(update)
             info["fit"] = {**update.metrics, "n_samples": update.n_samples}
-            per_client[name] = info
-            updates.append(update)
-            bar.update(1)
+        _merge_wire(per_client, result.wire_bytes)
+        absent.update(result.absent)
+        rejected += [r.to_dict() for r in result.rejected]
+        bar.update(len(group))
         accepted, rejections = screen_updates(updates, server.backbone_spec(), server.head_specs())
         rejected += [r.to_dict() for r in rejections]
-        result = fed.curator.curate(server, accepted, derive_seed(seed, stage, gi, "curate"), progress)
-        curation.append({"clients": [u.client_name for u in accepted], **result})
+        result_c = fed.curator.curate(server, accepted, derive_seed(seed, stage, gi, "curate"), progress)
+        curation.append({"clients": [u.client_name for u in accepted], **result_c})
     bar.close()
-    for data in fed.clients:  # every joined client evaluates the new universal model
-        if data.name not in server.registry:
-            continue
-        ins = server.instructions(data.name, stage)
-        report = local_evaluate(data, ins, device=fed.cfg.device)
-        info = per_client.setdefault(data.name, {"bytes": {}})
+    # every joined client that is here evaluates the new universal model
+    evaluated = [n for n in fed.client_names if n in server.registry and n in present and n not in absent]
+    eval_ins = [server.instructions(n, stage) for n in evaluated]
+    reports = transport.evaluate(eval_ins, stage)
+    for ins in eval_ins:
+        info = per_client.setdefault(ins.client_name, {"bytes": {}})
         info["bytes"]["eval_down"] = message_nbytes(ins)
-        info["bytes"]["eval_up"] = message_nbytes(report)
-        info["test"] = report.metrics
+        report = reports.replies.get(ins.client_name)
+        if report is not None:
+            info["bytes"]["eval_up"] = message_nbytes(report)
+            info["test"] = report.metrics
+    _merge_wire(per_client, reports.wire_bytes)
+    absent.update(reports.absent)
+    for name, reason in absent.items():
+        log.warning("client %r absent from stage %d: %s", name, stage, reason)
     return {"stage": stage, "kind": "federated", "strategy": fed.curator.name,
             "schedule": fed.schedule, "participants": names, "clients": per_client,
-            "rejected": rejected, "curation": curation, "seconds": time.time() - t0}
+            "rejected": rejected, "absent": [{"client": n, "reason": r} for n, r in absent.items()],
+            "curation": curation, "seconds": time.time() - t0}
+
+
+def _merge_wire(per_client: dict[str, dict[str, Any]], wire: dict[str, dict[str, int]]) -> None:
+    for name, counts in wire.items():
+        per_client.setdefault(name, {"bytes": {}}).setdefault("wire_bytes", {}).update(counts)
 
 
 def run_stages(fed: Federation, start: int, end: int, progress: bool = True,
@@ -163,30 +227,6 @@ def run_stages(fed: Federation, start: int, end: int, progress: bool = True,
 
 
 # ---- run folder ------------------------------------------------------------------------------
-def jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, float | np.floating):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then os.replace (never half-written)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """JSON with NaN/Inf as null, written atomically."""
-    write_text(path, json.dumps(jsonable(obj), indent=2) + "\n")
-
-
 def _checkpoint_path(out: Path, stage: int) -> Path:
     return out / "checkpoints" / f"stage_{stage:03d}.pt"
 
@@ -223,9 +263,12 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def run_federation(
     cfg: FederationConfig, out_dir: str | Path, resume: bool = False, max_stages: int | None = None,
-    progress: bool = True, client_fit: ClientFit = local_fit,
+    progress: bool = True, client_fit: ClientFit = local_fit, transport: Transport | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a federation into ``out_dir``; returns the metrics dict.
+
+    transport: how to reach the clients (default: in-process, loading their data from the config);
+    the Flower ServerApp passes its ``FlowerTransport`` here and nothing else changes.
 
     max_stages: stop after that many stages (stage 0 counts) without finishing the run, as if
     killed; ``resume=True`` continues it. Returns the final metrics once the run is complete.
@@ -239,13 +282,13 @@ def run_federation(
     if out.exists() and any(out.iterdir()) and not resume:
         raise ConfigError(f"{out}: not empty; pass --resume to continue that run or choose another --out")
     if resume and (out / "config.toml").is_file():
-        saved = load_config(out / "config.toml")
+        saved = load_config(out / "config.toml", remote_clients=transport is not None)
         if saved.to_dict() != cfg.to_dict():
             raise ConfigError(f"{out}: was started with a different config (see {out / 'config.toml'})")
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "config.toml").exists():
-        write_text(out / "config.toml", dump_toml(cfg))
-    fed = prepare(cfg, client_fit)
+        write_text_atomic(out / "config.toml", dump_toml(cfg))
+    fed = prepare(cfg, client_fit, transport)
     stages: list[dict[str, Any]] = []
     start = 0
     if ckpt_path is not None:
@@ -280,8 +323,8 @@ def finish_run(fed: Federation, out: Path, stages: list[dict[str, Any]]) -> dict
     }
     fed.server.save_universal(out / "model.pt")
     plot_stage_curves(stages, out / "accuracy_by_stage.png")
-    write_json(out / "metrics.json", metrics)
-    write_text(out / COMPLETE, "ok\n")
+    write_json_atomic(out / "metrics.json", metrics)
+    write_text_atomic(out / COMPLETE, "ok\n")
     return jsonable(metrics)
 
 

@@ -88,6 +88,43 @@ def _subset(n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(idx[:cap] if 0 < cap < n else idx)
 
 
+def load_client(spec: ClientSpec, opts: SiteOptions, img_size: int, channels: int,
+                seed: int) -> tuple[ClientData, torch.Tensor | None]:
+    """One client's private splits, plus the share of its train split held apart for the server
+    pool (None when ``pool_path`` is set or ``pool_fraction`` is 0). A Flower site calls this
+    with its own dataset; the split depends only on (seed, client name, options)."""
+    path = spec.resolve()
+    ds = load_dataset(path)
+    if spec.num_classes and spec.num_classes != ds.num_classes:
+        raise DataError(f"{path}: client {spec.name!r} has {ds.num_classes} classes but the "
+                        f"config declares num_classes = {spec.num_classes}")
+    rng = np.random.default_rng(derive_seed(seed, "sites", spec.name))
+    train, test = ds.split("train"), ds.split("test")
+    order = rng.permutation(len(train))
+    n_pool = 0 if opts.pool_path else int(round(opts.pool_fraction * len(train)))
+    pool_idx, train_idx = order[:n_pool], order[n_pool:]
+    pool_idx = np.sort(pool_idx[:opts.max_pool] if opts.max_pool else pool_idx)
+    if opts.max_train and len(train_idx) > opts.max_train:
+        train_idx = train_idx[:opts.max_train]
+    train_idx = np.sort(train_idx)
+    if len(train_idx) == 0:
+        raise DataError(f"{path}: client {spec.name!r} has no training images left")
+    test_idx = _subset(len(test), opts.max_test, rng)
+    if len(test_idx) == 0:
+        raise DataError(f"{path}: client {spec.name!r} has an empty test split")
+    images = train.images
+    pool = to_tensor(images[pool_idx], size=img_size, channels=channels) if n_pool else None
+    client = ClientData(
+        name=spec.name, task=ds.task, class_names=list(ds.class_names), modality=ds.modality,
+        source=str(path),
+        x_train=to_tensor(images[train_idx], size=img_size, channels=channels),
+        y_train=torch.from_numpy(train.labels[train_idx]),
+        x_test=to_tensor(test.images[test_idx], size=img_size, channels=channels),
+        y_test=torch.from_numpy(test.labels[test_idx]),
+    )
+    return client, pool
+
+
 def build_sites(
     specs: list[ClientSpec], opts: SiteOptions, img_size: int, channels: int, seed: int
 ) -> tuple[list[ClientData], torch.Tensor]:
@@ -100,41 +137,14 @@ def build_sites(
         raise ConfigError(f"client names must be unique; repeated: {', '.join(dupes)}")
     if not 0.0 <= opts.pool_fraction < 1.0:
         raise ConfigError(f"[data] pool_fraction must be in [0, 1), got {opts.pool_fraction}")
-    own_pool = bool(opts.pool_path)
     clients: list[ClientData] = []
     pool_parts: list[torch.Tensor] = []
     for spec in specs:
-        path = spec.resolve()
-        ds = load_dataset(path)
-        if spec.num_classes and spec.num_classes != ds.num_classes:
-            raise DataError(f"{path}: client {spec.name!r} has {ds.num_classes} classes but the "
-                            f"config declares num_classes = {spec.num_classes}")
-        rng = np.random.default_rng(derive_seed(seed, "sites", spec.name))
-        train, test = ds.split("train"), ds.split("test")
-        order = rng.permutation(len(train))
-        n_pool = 0 if own_pool else int(round(opts.pool_fraction * len(train)))
-        pool_idx, train_idx = order[:n_pool], order[n_pool:]
-        pool_idx = np.sort(pool_idx[:opts.max_pool] if opts.max_pool else pool_idx)
-        if opts.max_train and len(train_idx) > opts.max_train:
-            train_idx = train_idx[:opts.max_train]
-        train_idx = np.sort(train_idx)
-        if len(train_idx) == 0:
-            raise DataError(f"{path}: client {spec.name!r} has no training images left")
-        test_idx = _subset(len(test), opts.max_test, rng)
-        if len(test_idx) == 0:
-            raise DataError(f"{path}: client {spec.name!r} has an empty test split")
-        images = train.images
-        if n_pool:
-            pool_parts.append(to_tensor(images[pool_idx], size=img_size, channels=channels))
-        clients.append(ClientData(
-            name=spec.name, task=ds.task, class_names=list(ds.class_names), modality=ds.modality,
-            source=str(path),
-            x_train=to_tensor(images[train_idx], size=img_size, channels=channels),
-            y_train=torch.from_numpy(train.labels[train_idx]),
-            x_test=to_tensor(test.images[test_idx], size=img_size, channels=channels),
-            y_test=torch.from_numpy(test.labels[test_idx]),
-        ))
-    if own_pool:
+        client, part = load_client(spec, opts, img_size, channels, seed)
+        clients.append(client)
+        if part is not None:
+            pool_parts.append(part)
+    if opts.pool_path:
         pool = load_pool(Path(opts.pool_path), img_size, channels, opts.max_pool, seed)
     elif pool_parts:
         pool = torch.cat(pool_parts)

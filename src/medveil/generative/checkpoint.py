@@ -1,14 +1,12 @@
-"""Atomic checkpoints and RNG-state capture, so a killed run resumes bit-for-bit.
+"""Checkpoint loading, config checks and RNG-state capture, so a killed run resumes bit-for-bit.
 
-``save_atomic`` writes to a temporary file in the same folder and ``os.replace``s it, so a
-reader sees either the previous complete checkpoint or the new complete one, never half.
+Checkpoints are written with :func:`medveil.io.save_torch_atomic`: a reader sees either the
+previous complete checkpoint or the new complete one, never half.
 """
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,33 +14,6 @@ import numpy as np
 import torch
 
 from medveil.errors import ConfigError, DataError
-
-
-def save_atomic(obj: Any, path: str | Path) -> Path:
-    """torch.save ``obj`` to ``path`` atomically (tmp file + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_text_atomic(text: str, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

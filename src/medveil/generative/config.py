@@ -129,6 +129,6 @@ def load_train_config(path: str | Path) -> TrainConfig:
 
 
 def save_train_config(cfg: TrainConfig, path: str | Path) -> None:
-    from medveil.generative.checkpoint import write_text_atomic
+    from medveil.io import write_text_atomic
 
-    write_text_atomic(dumps_toml(cfg.to_dict()), path)
+    write_text_atomic(path, dumps_toml(cfg.to_dict()))

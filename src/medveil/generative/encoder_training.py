@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 
 from medveil.errors import ConfigError
 from medveil.generative.checkpoint import (
-    config_mismatch, load_checkpoint, rng_state, save_atomic, seed_everything, set_rng_state, write_text_atomic,
+    config_mismatch, load_checkpoint, rng_state, seed_everything, set_rng_state,
 )
+from medveil.io import save_torch_atomic, write_json_atomic, write_text_atomic
 from medveil.generative.invert import DEFAULT_FEATURE_NET, ReconTargets, ReconWeights, recon_losses, to_unit
 from medveil.generative.latent_opt import frozen
 from medveil.generative.train import EpochSampler
@@ -86,8 +87,8 @@ def generator_fingerprint(module: torch.nn.Module) -> str:
 
 
 def save_encoder(encoder: Encoder, path: str | Path, meta: dict[str, Any]) -> Path:
-    return save_atomic({"format": ENCODER_FORMAT, "encoder_config": encoder.cfg.to_dict(),
-                        "state_dict": encoder.state_dict(), **meta}, path)
+    return save_torch_atomic(path, {"format": ENCODER_FORMAT, "encoder_config": encoder.cfg.to_dict(),
+                                    "state_dict": encoder.state_dict(), **meta})
 
 
 def load_encoder(path: str | Path, G: Generator | None = None) -> Encoder:
@@ -193,13 +194,13 @@ class EncoderTrainer:
                 raise ConfigError(f"{self.run_dir} already holds an encoder run; resume it or pick a new folder")
             self.load_state_dict(load_checkpoint(self.ckpt_path))
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(json.dumps(self.meta, indent=2), self.run_dir / "config.json")
+        write_json_atomic(self.run_dir / "config.json", self.meta)
         metrics = self.run_dir / "metrics.jsonl"
         if self.step == 0:
             metrics.unlink(missing_ok=True)
         elif metrics.is_file():  # drop rows logged after the checkpoint we resumed from
             keep = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] <= self.step]
-            write_text_atomic("".join(ln + "\n" for ln in keep), metrics)
+            write_text_atomic(metrics, "".join(ln + "\n" for ln in keep))
         t0, acc, n = time.perf_counter(), {}, 0
         with frozen(self.G, self.fnet):
             self.encoder.train()
@@ -216,14 +217,14 @@ class EncoderTrainer:
                     bar.set_postfix(pixel=f"{row['pixel']:.4f}")
                     acc, n = {}, 0
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                    save_atomic(self.state_dict(), self.ckpt_path)
+                    save_torch_atomic(self.ckpt_path, self.state_dict())
             bar.close()
         self.encoder.eval()
         save_encoder(self.encoder, self.run_dir / "encoder.pt", {**self.meta, "step": self.step})
         rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
         summary = {"steps": self.step, "seconds_this_session": time.perf_counter() - t0,
                    "last": rows[-1] if rows else {}, "feature_net": self.fnet.name}
-        write_text_atomic(json.dumps(summary, indent=2), self.run_dir / "summary.json")
+        write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
 
 

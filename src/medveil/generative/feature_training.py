@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from medveil.errors import ConfigError, DataError
-from medveil.generative.checkpoint import load_checkpoint, save_atomic
+from medveil.generative.checkpoint import load_checkpoint
+from medveil.io import save_torch_atomic
 from medveil.models.features import CONV_FORMAT, DEFAULT_WIDTHS, ConvFeatureNet, as_rgb, load_conv_feature_net
 
 
@@ -66,8 +67,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
 
 def save_conv_feature_net(net: ConvFeatureNet, path: str | Path, info: dict) -> Path:
     """Write ``net``'s weights + widths + training info atomically (readable by ``conv:PATH``)."""
-    return save_atomic({"format": CONV_FORMAT, "widths": list(net.widths), "info": info,
-                        "state_dict": net.state_dict()}, path)
+    return save_torch_atomic(path, {"format": CONV_FORMAT, "widths": list(net.widths), "info": info,
+                                    "state_dict": net.state_dict()})
 
 
 def train_feature_net(images: torch.Tensor, labels: torch.Tensor | None, out_path: str | Path,
@@ -125,9 +126,10 @@ def train_feature_net(images: torch.Tensor, labels: torch.Tensor | None, out_pat
             opt.step()
             total, steps = total + loss.item(), steps + 1
         history.append({"epoch": epoch + 1, "loss": total / max(steps, 1)})
-        save_atomic({"config": asdict(cfg), "supervised": supervised, "net": net.state_dict(),
-                     "head": head.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                     "epoch": epoch + 1, "history": history}, ckpt_path)
+        save_torch_atomic(ckpt_path, {
+            "config": asdict(cfg), "supervised": supervised, "net": net.state_dict(),
+            "head": head.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+            "epoch": epoch + 1, "history": history})
 
     info = {"source": net.source, "config": {**asdict(cfg), "widths": list(cfg.widths)},
             "num_images": N, "image_size": list(images.shape[-2:]), "history": history}

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from medveil.io import atomic_file, save_figure
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
@@ -38,9 +39,8 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
     if upscale_to and img.width < upscale_to:
         f = math.ceil(upscale_to / img.width)
         img = img.resize((img.width * f, img.height * f), Image.NEAREST)
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path) as fh:
+        img.save(fh, format="PNG")
     return path
 
 
@@ -89,9 +89,4 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
         axes[2].set_title("fidelity (not evaluated)")
     axes[2].set_xlabel("step")
     fig.tight_layout()
-    out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, out_path)
-    return out_path
+    return save_figure(fig, out_path, dpi=90)

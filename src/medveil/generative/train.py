@@ -32,9 +32,9 @@ from tqdm.auto import tqdm
 from medveil.errors import ConfigError
 from medveil.generative.augment import AdaptiveP, augment
 from medveil.generative.checkpoint import (
-    config_mismatch, load_checkpoint, rng_state, save_atomic, seed_everything, set_rng_state,
-    write_text_atomic,
+    config_mismatch, load_checkpoint, rng_state, seed_everything, set_rng_state,
 )
+from medveil.io import save_torch_atomic, write_json_atomic, write_text_atomic
 from medveil.generative.config import TrainConfig, save_train_config
 from medveil.generative.figures import plot_curves, read_metrics, save_grid
 from medveil.generative.throughput import count_flops, throughput_report
@@ -215,7 +215,7 @@ class GANTrainer:
         set_rng_state(ck["rng"])
 
     def save_checkpoint(self) -> None:
-        save_atomic(self.state_dict(), self.ckpt_path)
+        save_torch_atomic(self.ckpt_path, self.state_dict())
 
     # ------------------------------------------------------------------ outputs
     def _log(self, row: dict[str, Any]) -> None:
@@ -268,7 +268,7 @@ class GANTrainer:
                                   "choose another output folder")
             self.load_state_dict(load_checkpoint(self.ckpt_path), where=str(self.ckpt_path))
             kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= self.step]
-            write_text_atomic("".join(json.dumps(r) + "\n" for r in kept), self.metrics_path)
+            write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         else:
             self.metrics_path.unlink(missing_ok=True)
         save_train_config(cfg, self.run_dir / "config.toml")
@@ -314,7 +314,7 @@ class GANTrainer:
                    "last_eval": last_eval, "last_train": next(
                        (r for r in reversed(read_metrics(self.metrics_path)) if r["kind"] == "train"),
                        {})}
-        write_text_atomic(json.dumps(summary, indent=2), self.run_dir / "summary.json")
+        write_json_atomic(self.run_dir / "summary.json", summary)
         self._plot()
         return summary
 

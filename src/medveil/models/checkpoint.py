@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medveil.errors import MedVeilError
+from medveil.io import save_torch_atomic
 from medveil.models.vit import ViTConfig, VisionTransformer
 
 CHECKPOINT_FORMAT = "medveil-vit-1"
@@ -188,14 +188,5 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "cfg": cfg.to_dict(),
                "extra": dict(extra or {})}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_torch_atomic(path, payload)
     return path

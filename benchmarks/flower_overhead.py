@@ -1,0 +1,171 @@
+"""What Flower costs: the same small federation in-process vs over Flower on loopback.
+
+Federation: the demo's tiny ViT (28 px, patch 7, dim 96, depth 4), five sites = five shipped
+MedMNIST samples (blood, organ CT, breast US, chest X-ray, skin; 300 train images each), the
+server's unlabelled pool = the retinamnist sample (560 images, labels ignored; no site holds it),
+strategy distill (--strategy), 2 stages of 2 local epochs, one torch thread per process on
+both engines (same seed: the final weights must agree).
+Flower: a SuperLink with TLS + SuperNode authentication and one SuperNode per site, all on
+127.0.0.1 (medveil.federated.flower.pilot.LocalPilot). Per stage it prints wall time (the
+engine's own per-stage clock, same code on both sides), the bytes the engine accounts
+(torch.save size of every message, identical on both engines) and the bytes in Flower's records
+(Flower's ``count_bytes``), and the CPU seconds of all processes. Stage 1 over Flower includes
+the one-time join round (sites tell their class counts).
+
+    .venv/bin/python benchmarks/flower_overhead.py            # ~5-10 min on the shared 2-core box
+    .venv/bin/python benchmarks/flower_overhead.py --rounds 1 --local-epochs 1   # quicker
+Writes benchmarks/results/flower_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SITES = {"blood": "bloodmnist", "organ-ct": "organamnist", "breast-us": "breastmnist",
+         "chest-xray": "pneumoniamnist", "skin": "ham10000"}
+POOL_SAMPLE = "retinamnist"
+
+
+def federation(args: argparse.Namespace, sites: dict[str, str] | None, pool: Path) -> dict:
+    model = {"img_size": 28, "patch_size": 7, "in_chans": 3, "embed_dim": 96, "depth": 4, "num_heads": 3,
+             "decoder_embed_dim": 64, "decoder_depth": 1, "decoder_num_heads": 4}
+    return {
+        "seed": 0, "model": model, "data": {"pool_path": str(pool)},
+        "pretrain": {"epochs": args.pretrain_epochs, "batch_size": 64, "lr": 1e-3, "warmup_epochs": 1},
+        "federation": {"strategy": args.strategy, "rounds": args.rounds},
+        "local": {"epochs": args.local_epochs, "batch_size": 32, "lr": 5e-4, "class_weighting": "balanced"},
+        "curation": {"epochs": args.curation_epochs, "lr": 1e-3},
+        "clients": [{"name": n, "sample": s} if sites else {"name": n} for n, s in SITES.items()],
+    }
+
+
+def cpu_seconds(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def per_stage(metrics: dict) -> list[dict]:
+    rows = []
+    for stage in metrics["stages"][1:]:
+        engine_bytes = sum(sum(info.get("bytes", {}).values()) for info in stage["clients"].values())
+        wire = sum(sum(info.get("wire_bytes", {}).values()) for info in stage["clients"].values())
+        rows.append({"stage": stage["stage"], "seconds": stage["seconds"], "engine_bytes": engine_bytes,
+                     "flower_record_bytes": wire or None, "absent": len(stage.get("absent", [])),
+                     "rejected": len(stage["rejected"])})
+    return rows
+
+
+def max_abs_diff(a: Path, b: Path) -> float:
+    x, y = (torch.load(p, map_location="cpu", weights_only=True) for p in (a, b))
+    diff = [float((x["model"][k] - y["model"][k]).abs().max()) for k in x["model"]]
+    for n, head in x["extra"]["heads"].items():
+        diff += [float((head[k] - y["extra"]["heads"][n][k]).abs().max()) for k in head]
+    return max(diff)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--strategy", default="distill", choices=("distill", "fedavg", "relay"))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--local-epochs", type=int, default=2)
+    parser.add_argument("--pretrain-epochs", type=int, default=2)
+    parser.add_argument("--curation-epochs", type=float, default=5.0)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "flower_overhead.json")
+    args = parser.parse_args()
+
+    import tomli_w
+
+    from medveil.data.samples import sample_path
+    from medveil.federated.config import config_from_dict
+    from medveil.federated.engine import run_federation
+    from medveil.federated.flower.pilot import LocalPilot
+
+    torch.set_num_threads(1)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="medveil-flower-bench-") as tmp:
+        work = Path(tmp)
+        pool = sample_path(POOL_SAMPLE)
+        cfg = config_from_dict(federation(args, SITES, pool), work)
+
+        print("in-process engine ...", flush=True)
+        t0, c0 = time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF)
+        local = run_federation(cfg, work / "local", progress=False)
+        local_wall, local_cpu = time.perf_counter() - t0, cpu_seconds(resource.RUSAGE_SELF) - c0
+
+        print("Flower (SuperLink + 5 SuperNodes, TLS + auth, loopback) ...", flush=True)
+        coordinator = work / "coordinator.toml"
+        coordinator.write_text(tomli_w.dumps(federation(args, None, pool)))
+        c0 = cpu_seconds(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        with LocalPilot(work / "pilot", {n: f"sample:{s}" for n, s in SITES.items()}, threads=1) as pilot:
+            pilot.create_pki()
+            pilot.start_link()
+            pilot.register()
+            for name in SITES:
+                pilot.start_site(name)
+            t_ready = time.perf_counter()
+            status = pilot.run(coordinator, work / "flower", timeout=3600, stage_timeout=1800.0,
+                               join_timeout=120.0)
+            t_done = time.perf_counter()
+        flower_cpu = cpu_seconds(resource.RUSAGE_CHILDREN) - c0
+        if status != "finished:completed":
+            print(f"Flower run ended with {status}", file=sys.stderr)
+            return 1
+        flower = json.loads((work / "flower" / "metrics.json").read_text())
+        diff = max_abs_diff(work / "local" / "model.pt", work / "flower" / "model.pt")
+
+    rows = []
+    for a, b in zip(per_stage(local), per_stage(flower), strict=True):
+        rows.append({"stage": a["stage"], "inprocess_s": a["seconds"], "flower_s": b["seconds"],
+                     "overhead_pct": 100.0 * (b["seconds"] / a["seconds"] - 1.0),
+                     "engine_bytes": a["engine_bytes"], "engine_bytes_flower": b["engine_bytes"],
+                     "flower_record_bytes": b["flower_record_bytes"], "absent": b["absent"]})
+    print()
+    print(f"{'stage':>5} {'in-process s':>13} {'Flower s':>9} {'overhead':>9} {'MB (engine)':>12} "
+          f"{'MB (Flower records)':>20}")
+    for r in rows:
+        print(f"{r['stage']:>5} {r['inprocess_s']:>13.1f} {r['flower_s']:>9.1f} {r['overhead_pct']:>8.0f}% "
+              f"{r['engine_bytes'] / 1e6:>12.2f} {r['flower_record_bytes'] / 1e6:>20.2f}")
+    later = [r for r in rows if r["stage"] > 1]
+    mean = (lambda key, rs: sum(r[key] for r in rs) / len(rs)) if rows else None
+    summary = {
+        "overhead_pct_all_stages": 100.0 * (mean("flower_s", rows) / mean("inprocess_s", rows) - 1.0),
+        "overhead_pct_after_join": (100.0 * (mean("flower_s", later) / mean("inprocess_s", later) - 1.0)
+                                    if later else None),
+        "max_abs_weight_diff": diff,
+        "inprocess_total_s": local_wall, "inprocess_cpu_s": local_cpu,
+        "flower_startup_s": t_ready - t0, "flower_run_s": t_done - t_ready,
+        "flower_cpu_s_all_processes": flower_cpu,
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+    }
+    print(f"\nmean overhead per stage: {summary['overhead_pct_all_stages']:.0f}% (all stages), "
+          + (f"{summary['overhead_pct_after_join']:.0f}% (stages after the join round)" if later else ""))
+    print(f"whole run: in-process {local_wall:.0f} s ({local_cpu:.0f} CPU-s); Flower {t_done - t_ready:.0f} s "
+          f"after {t_ready - t0:.0f} s start-up ({flower_cpu:.0f} CPU-s in all Flower processes)")
+    print(f"final weights: max |in-process - Flower| = {diff:.2e}")
+    print(f"load average before/after: {load_before[0]:.1f} / {summary['load_average_after'][0]:.1f} "
+          f"on {os.cpu_count()} cores")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "settings": vars(args) | {"out": str(args.out)},
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+              "stages": rows, "summary": summary}
+    tmp_out = args.out.with_name(f".{args.out.name}.tmp")
+    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp_out, args.out)
+    print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The MedVeil Flower app (Message API): ``server_app`` runs on the coordinator's SuperLink,
+``client_app`` on every hospital's SuperNode. Both call the in-process engine's functions
+(engine.run_federation with a FlowerTransport; client.local_fit / local_evaluate), so every
+strategy (distill, relay, fedavg, FedProx) and every checkpoint / resume rule is the same.
+
+Run config (``[tool.flwr.app.config]``, set by ``medveil server run``):
+    config          absolute path of the federation TOML on the coordinator
+    out             absolute path of the run folder on the coordinator
+    resume          continue the run in ``out`` from its last stage checkpoint
+    stage-timeout   seconds a round waits for the sites' replies (then they are absent)
+    straggler-timeout  once a majority replied, seconds to wait for the rest (0 = off)
+    join-timeout    seconds the first stage waits for ``min-sites`` sites to connect
+    min-sites       sites to wait for (0 = all configured)
+    max-stages      stop after this many stages, stage 0 included (0 = run to the end)
+    threads         torch threads of the server process (0 = torch's default)
+
+Node config of a site (``flower-supernode --node-config``, set by ``medveil site start``):
+    name            the site's name (a ``[[clients]]`` name of the coordinator's config)
+    data            its private dataset: a path, a name under ``data-root``, or ``sample:NAME``
+    data-root       optional folder for names (like ``$MEDVEIL_DATA_ROOT``)
+    device          torch device for local training (default "cpu")
+    threads         torch threads (0 = torch's default)
+
+Messages: ``query`` (who are you? -> JoinRequest), ``train`` (FitInstructions -> ClientUpdate),
+``evaluate`` (FitInstructions -> EvalReport); see :mod:`medveil.federated.flower.codec`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from medveil.errors import ConfigError
+from medveil.federated.flower import codec
+
+log = logging.getLogger("medveil.federated")
+
+server_app = ServerApp()
+client_app = ClientApp()
+
+RUN_CONFIG_DEFAULTS: dict[str, Any] = {
+    "config": "", "out": "", "resume": False, "stage-timeout": 3600.0, "straggler-timeout": 0.0,
+    "join-timeout": 300.0, "min-sites": 0, "max-stages": 0, "threads": 0,
+}
+
+
+def _threads(n: Any) -> None:
+    if int(n or 0) > 0:
+        import torch
+
+        torch.set_num_threads(int(n))
+
+
+def check_remote_config(cfg) -> None:
+    """The Flower server never reads a site's data: a pool must be its own (``pool_path``)."""
+    needs_pool = cfg.pretrain.epochs > 0 or cfg.federation.strategy == "distill"
+    if needs_pool and not cfg.data.pool_path:
+        raise ConfigError("across sites the server never reads a site's data, so [data] pool_fraction "
+                          "cannot build its pool: set [data] pool_path to the server's own unlabelled "
+                          "images (or use pretrain epochs = 0 with a non-distill strategy)")
+
+
+def _log_to_stderr() -> None:
+    """MedVeil's INFO log in the ServerApp's output (``flwr log RUN_ID`` / the SuperLink log)."""
+    logger = logging.getLogger("medveil")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("medveil: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+@server_app.main()
+def server_main(grid: Grid, context: Context) -> None:
+    from medveil.federated.config import load_config
+    from medveil.federated.engine import run_federation
+    from medveil.federated.flower.transport import FlowerTransport
+
+    _log_to_stderr()
+    rc = {**RUN_CONFIG_DEFAULTS, **dict(context.run_config)}
+    if not rc["config"] or not rc["out"]:
+        raise ConfigError("run config needs 'config' and 'out' (absolute paths on the coordinator)")
+    _threads(rc["threads"])
+    cfg = load_config(Path(str(rc["config"])), remote_clients=True)
+    check_remote_config(cfg)
+    transport = FlowerTransport(grid, cfg, stage_timeout=float(rc["stage-timeout"]),
+                                join_timeout=float(rc["join-timeout"]), min_sites=int(rc["min-sites"]),
+                                straggler_timeout=float(rc["straggler-timeout"]))
+    metrics = run_federation(cfg, Path(str(rc["out"])), resume=bool(rc["resume"]),
+                             max_stages=int(rc["max-stages"]) or None, progress=False, transport=transport)
+    for stage in metrics.get("stages", [])[1:]:
+        log.info("stage %d: %d participants, %d absent, %d rejected, %.1f s", stage["stage"],
+                 len(stage["participants"]), len(stage.get("absent", [])), len(stage["rejected"]),
+                 stage["seconds"] or 0.0)
+    log.info("run folder %s (%s)", rc["out"], "complete" if metrics.get("complete", True) else "stopped")
+
+
+# ---- site side ---------------------------------------------------------------------------
+def site_data(context: Context, site: dict[str, Any]):
+    """This site's private splits, from its node config and the server's data options."""
+    from medveil.federated.sites import ClientSpec, SiteOptions, load_client
+
+    node = dict(context.node_config)
+    name, data = str(node.get("name", "")), str(node.get("data", ""))
+    if not name or not data:
+        raise ConfigError("this SuperNode has no node config 'name' and 'data' (start it with "
+                          "`medveil site start --name NAME --data PATH ...`)")
+    _threads(node.get("threads", 0))
+    if node.get("data-root"):
+        import os
+
+        os.environ["MEDVEIL_DATA_ROOT"] = str(node["data-root"])
+    opts = SiteOptions(pool_fraction=float(site["pool_fraction"]), max_train=int(site["max_train"]),
+                       max_test=int(site["max_test"]), max_pool=int(site["max_pool"]))
+    client, _held_apart = load_client(ClientSpec(name=name, path=data), opts, int(site["img_size"]),
+                                      int(site["in_chans"]), int(site["seed"]))
+    return client
+
+
+def _device(context: Context) -> str:
+    return str(dict(context.node_config).get("device", "cpu"))
+
+
+def _checked(message: Message, context: Context):
+    ins, extra = codec.decode_instructions(message.content)
+    data = site_data(context, extra["site"])
+    if ins.client_name != data.name:
+        raise ConfigError(f"message for site {ins.client_name!r} reached site {data.name!r}")
+    return ins, extra, data
+
+
+def private_errors(handler):
+    """A failing site answers with the error's type only: the traceback (which may name local
+    paths) goes to the site's own log (its SuperNode output), never over the wire."""
+
+    @functools.wraps(handler)
+    def wrapped(message: Message, context: Context) -> Message:
+        try:
+            return handler(message, context)
+        except Exception as err:  # noqa: BLE001 - every failure becomes a sanitized error reply
+            traceback.print_exc(file=sys.stderr)
+            print(f"medveil site error: {err}", file=sys.stderr, flush=True)
+            from flwr.common.constant import ErrorCode
+
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                 f"{type(err).__name__} at the site (details in the site's log)"),
+                           reply_to=message)
+
+    return wrapped
+
+
+@client_app.query()
+@private_errors
+def site_join(message: Message, context: Context) -> Message:
+    from medveil.federated.client import join_request
+
+    site = codec.read_meta(message.content, "server message")["site"]
+    return Message(codec.encode_join_request(join_request(site_data(context, site))), reply_to=message)
+
+
+@client_app.train()
+@private_errors
+def site_train(message: Message, context: Context) -> Message:
+    from medveil.federated.client import local_fit
+    from medveil.federated.training import TrainRecipe
+
+    ins, extra, data = _checked(message, context)
+    update = local_fit(data, ins, TrainRecipe(**extra["recipe"]), int(extra["seed"]), device=_device(context))
+    return Message(codec.encode_update(update), reply_to=message)
+
+
+@client_app.evaluate()
+@private_errors
+def site_evaluate(message: Message, context: Context) -> Message:
+    from medveil.federated.client import local_evaluate
+
+    ins, _, data = _checked(message, context)
+    return Message(codec.encode_report(local_evaluate(data, ins, device=_device(context))), reply_to=message)

@@ -1,0 +1,101 @@
+"""A whole Flower deployment on one machine (loopback): PKI, a SuperLink with TLS and SuperNode
+authentication, one SuperNode per site, ``flwr run`` of the MedVeil app. For the tests, the
+overhead benchmark and trying the site/coordinator commands locally; real sites run the same
+commands on their own machines (docs/running_across_sites.md).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from medveil.errors import MedVeilError
+from medveil.federated.flower import launch
+from medveil.federated.flower.certs import create_pki, server_files, site_files
+
+
+class LocalPilot:
+    """Start with ``start_link()``, ``register(...)``, ``start_site(...)``; ``run(...)``; always
+    ``close()`` (or use as a context manager): every process tree is killed."""
+
+    def __init__(self, workdir: Path, sites: dict[str, str], threads: int = 1,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.sites = dict(sites)  # name -> dataset (path / sample:NAME)
+        self.threads = threads
+        self.extra_env = dict(extra_env or {})
+        self.pki = self.workdir / "pki"
+        self.link_home = self.workdir / "coordinator"
+        self.procs = launch.Processes()
+        self.port = 0
+
+    # ---- setup ---------------------------------------------------------------------------
+    def create_pki(self, unregistered: list[str] = ()) -> None:
+        create_pki(self.pki, ["127.0.0.1"], [*self.sites, *unregistered])
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start_link(self, timeout: float = 60.0, env: dict[str, str] | None = None) -> None:
+        self.port = launch.free_port()
+        cmd = launch.superlink_command(server_files(self.pki), "127.0.0.1", self.port)
+        proc = self.procs.start("superlink", cmd, self.workdir / "logs" / "superlink.log",
+                                launch.flower_env(self.link_home, {**self.extra_env, **(env or {})}),
+                                cwd=self.workdir)
+        try:
+            launch.wait_port("127.0.0.1", self.port, timeout, proc)
+        except MedVeilError as err:
+            raise MedVeilError(f"{err}\n{self.procs.log_tail('superlink')}") from None
+        launch.write_connection(self.link_home, self.address, server_files(self.pki).ca)
+
+    def register(self, names: list[str] | None = None) -> None:
+        """Register sites' public keys, concurrently (each ``flwr`` call costs ~1 s of start-up)."""
+        names = list(self.sites) if names is None else names
+        env = launch.flower_env(self.link_home)
+        procs = [subprocess.Popen(["flwr", "supernode", "register", str(server_files(self.pki).site_pub(n)),
+                                   launch.CONNECTION], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for n in names]
+        for name, proc in zip(names, procs, strict=True):
+            out, _ = proc.communicate(timeout=60)
+            if proc.returncode != 0:
+                raise MedVeilError(f"registering site {name!r} failed: {out.strip()[-300:]}")
+
+    def start_site(self, name: str, data: str | None = None, max_wait: float | None = None) -> subprocess.Popen:
+        cmd = launch.supernode_command(site_files(self.pki, name), self.address,
+                                       data if data is not None else self.sites[name],
+                                       launch.free_port(), threads=self.threads, max_wait=max_wait)
+        return self.procs.start(f"site:{name}", cmd, self.workdir / "logs" / f"site_{name}.log",
+                                launch.flower_env(self.workdir / f"site_{name}", self.extra_env),
+                                cwd=self.workdir)
+
+    def kill_site(self, name: str) -> None:
+        self.procs.kill(f"site:{name}")
+
+    # ---- runs ----------------------------------------------------------------------------
+    def submit(self, config: Path, out: Path, **run_config: Any) -> int:
+        values = {"config": str(Path(config).resolve()), "out": str(Path(out).resolve()),
+                  "threads": self.threads, **{k.replace("_", "-"): v for k, v in run_config.items()}}
+        app = launch.write_app(self.link_home / "app")
+        rc = launch.write_run_config(self.link_home / "runs" / f"{Path(out).name}.toml", values)
+        return launch.start_run(self.link_home, app, rc)
+
+    def wait(self, run_id: int, out: Path, timeout: float, status_every: float = 5.0) -> str:
+        """Until the run folder is complete or Flower reports the run finished; returns the status."""
+        try:
+            return launch.wait_for_run(self.link_home, run_id, out, timeout, status_every)
+        except MedVeilError as err:
+            raise MedVeilError(f"{err}\n{self.procs.log_tail('superlink', 40)}") from None
+
+    def run(self, config: Path, out: Path, timeout: float = 600.0, **run_config: Any) -> str:
+        return self.wait(self.submit(config, out, **run_config), out, timeout)
+
+    def close(self) -> None:
+        self.procs.stop_all()
+
+    def __enter__(self) -> LocalPilot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,163 @@
+"""MedVeil on Flower's deployment engine with real processes on 127.0.0.1: a SuperLink with TLS
+and SuperNode authentication, three registered SuperNodes (one per site) and one unregistered.
+
+- two stages over Flower give the in-process engine's weights (same seed, one torch thread on
+  both sides; observed bit-identical, asserted to 1e-6);
+- the server never opens a data file: it runs where the data root does not exist and its config
+  names no dataset;
+- a SuperNode killed mid-stage does not stop the run (the stage finishes with the others, the
+  absence is recorded);
+- an unregistered SuperNode is refused.
+Server restart from a checkpoint, a site returning next stage, NaN / wrongly shaped updates and
+unknown sites are checked without processes in test_flower_app.py (same ServerApp / ClientApp
+code, a fake Grid): a SIGKILLed SuperNode can re-activate only once Flower expires its old
+session (2 x 30 s heartbeat), too slow for CI.
+Every process tree is killed in the fixture's teardown; ports are chosen free at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from medveil.federated.config import config_from_dict, dump_toml
+from medveil.federated.engine import run_federation
+
+from fed_helpers import TINY_MODEL, make_npz
+
+flwr = pytest.importorskip("flwr")
+pytestmark = pytest.mark.flower
+
+SITES = {"alpha": (3, 24, False, 1), "beta": (2, 20, True, 2), "gamma": (4, 24, False, 3)}
+RUN_TIMEOUT = 240.0
+
+
+def federation_raw(pool: Path, sites: dict[str, Path] | None, rounds: int = 2) -> dict:
+    """fedavg on a tiny ViT; ``sites=None``: the coordinator's config (site names only)."""
+    names = list(SITES)
+    return {
+        "seed": 3, "model": TINY_MODEL,
+        "data": {"pool_path": str(pool)},
+        "pretrain": {"epochs": 1, "batch_size": 16},
+        "federation": {"strategy": "fedavg", "rounds": rounds},
+        "local": {"epochs": 1, "batch_size": 16, "lr": 1e-3},
+        "curation": {"epochs": 1.0, "batch_size": 16},
+        "clients": [{"name": n, "path": str(sites[n])} if sites else {"name": n} for n in names],
+    }
+
+
+def write_remote_config(path: Path, raw: dict) -> Path:
+    import tomli_w
+
+    path.write_text(tomli_w.dumps(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    from medveil.federated.flower.pilot import LocalPilot
+
+    root = tmp_path_factory.mktemp("flower")
+    data = root / "site-data"
+    data.mkdir()
+    files = {n: make_npz(data / f"{n}.npz", c, m, colour=col, seed=s) for n, (c, m, col, s) in SITES.items()}
+    server_dir = root / "server-only"
+    server_dir.mkdir()
+    pool = make_npz(server_dir / "pool.npz", 2, 16, seed=9)
+    # the coordinator: a data root that does not exist, a config that names no dataset
+    pilot = LocalPilot(root / "pilot", {n: str(p) for n, p in files.items()}, threads=1,
+                       extra_env={"MEDVEIL_DATA_ROOT": str(root / "no-such-data-root")})
+    try:
+        pilot.create_pki(unregistered=["intruder"])
+        pilot.start_link()
+        pilot.register()
+        for name in SITES:
+            pilot.start_site(name)
+        intruder = pilot.start_site("intruder", data=str(files["alpha"]), max_wait=20)
+        yield {"pilot": pilot, "root": root, "files": files, "pool": pool, "intruder": intruder}
+    finally:
+        pilot.close()
+
+
+def load_model(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    diff = [float((a["model"][k] - b["model"][k]).abs().max()) for k in a["model"]]
+    for n, head in a["extra"]["heads"].items():
+        diff += [float((head[k] - b["extra"]["heads"][n][k]).abs().max()) for k in head]
+    return max(diff)
+
+
+def test_tls_auth_two_stages_match_in_process_engine(deployment):
+    pilot, root = deployment["pilot"], deployment["root"]
+    remote = write_remote_config(root / "coordinator.toml", federation_raw(deployment["pool"], None))
+    out = root / "run-flower"
+    status = pilot.run(remote, out, timeout=RUN_TIMEOUT, stage_timeout=120.0, join_timeout=60.0)
+    assert status == "finished:completed", pilot.procs.log_tail("superlink", 40)
+    assert (out / "complete").is_file()
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    for stage in metrics["stages"][1:]:
+        assert stage["participants"] == list(SITES)
+        assert stage["absent"] == [] and stage["rejected"] == []
+        for name in SITES:
+            info = stage["clients"][name]
+            assert info["wire_bytes"]["train_up"] > 10_000 and "acc" in info["test"]
+
+    local_cfg = config_from_dict(federation_raw(deployment["pool"], deployment["files"]), root)
+    (root / "local.toml").write_text(dump_toml(local_cfg))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the sites and the server ran
+    try:
+        run_federation(local_cfg, root / "run-local", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert max_abs_diff(load_model(out / "model.pt"), load_model(root / "run-local" / "model.pt")) <= 1e-6
+
+    # every connection is TLS, verified by the pilot CA
+    ca = ssl.create_default_context(cafile=str(pilot.pki / "ca.crt"))
+    with socket.create_connection(("127.0.0.1", pilot.port), timeout=5) as sock:
+        with ca.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        with socket.create_connection(("127.0.0.1", pilot.port), timeout=5) as sock:
+            ssl.create_default_context().wrap_socket(sock, server_hostname="127.0.0.1")
+
+
+def test_unregistered_supernode_is_refused(deployment):
+    intruder = deployment["intruder"]
+    deadline = time.monotonic() + 30
+    while intruder.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert intruder.poll() not in (None, 0)
+    log = deployment["pilot"].procs.log_tail("site:intruder", 40)
+    assert "Failed to activate SuperNode" in log
+
+
+def test_killed_supernode_does_not_stop_the_run(deployment):
+    pilot, root = deployment["pilot"], deployment["root"]
+    remote = write_remote_config(root / "coordinator-kill.toml",
+                                 federation_raw(deployment["pool"], None, rounds=1))
+    out = root / "run-kill"
+    site_log = pilot.procs.logs["site:gamma"]
+    seen = site_log.read_text(errors="replace").count("Receiving: train message")
+    run_id = pilot.submit(remote, out, stage_timeout=120.0, straggler_timeout=10.0, join_timeout=60.0)
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while site_log.read_text(errors="replace").count("Receiving: train message") == seen:
+        assert time.monotonic() < deadline, "gamma never received its stage-1 training message"
+        time.sleep(0.2)
+    pilot.kill_site("gamma")  # SIGKILL mid-stage, ClientApp and all
+    status = pilot.wait(run_id, out, timeout=max(10.0, deadline - time.monotonic()))
+    assert status == "finished:completed"
+    stage = json.loads((out / "metrics.json").read_text())["stages"][1]
+    assert [a["client"] for a in stage["absent"]] == ["gamma"]
+    assert stage["curation"][0]["clients"] == ["alpha", "beta"]
+    assert {"alpha", "beta"} <= {n for n, info in stage["clients"].items() if "test" in info}
