@@ -90,6 +90,7 @@ def main() -> int:
     from medveil.federated.config import config_from_dict
     from medveil.federated.engine import run_federation
     from medveil.federated.flower.pilot import LocalPilot
+    from medveil.io import write_json_atomic
 
     torch.set_num_threads(1)
     load_before = os.getloadavg()
@@ -160,9 +161,7 @@ def main() -> int:
     result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "settings": vars(args) | {"out": str(args.out)},
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
               "stages": rows, "summary": summary}
-    tmp_out = args.out.with_name(f".{args.out.name}.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_out, args.out)
+    write_json_atomic(args.out, result)
     print(f"written: {args.out}")
     return 0
 

@@ -20,6 +20,8 @@ over (dataset, seed) pairs (medveil.evaluate.stats).
 
     python benchmarks/meduniverse.py --quick      # 9.2 min on the shared 2-core box (6.6 CPU-min)
     python benchmarks/meduniverse.py              # full: ~60 min on 2 idle cores (estimate, ~120 CPU-min)
+Each finished job (a seed of the main comparison, a LODO fold) is stored under
+benchmarks/results/jobs/ with its settings; a killed or interrupted run resumes from there.
 Writes benchmarks/results/meduniverse[_quick].json and prints the tables.
 """
 
@@ -267,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get(
         "MEDVEIL_SHARED_DATA", REPO.parent / "shared" / "data")) / "medmnist")
     parser.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/meduniverse[_quick].json)")
-    parser.add_argument("--work", type=Path, help="finished jobs are kept here; a rerun resumes from them "
-                        "(default runs/bench_meduniverse[_quick])")
+    parser.add_argument("--work", type=Path, help="each finished job's numbers are kept here; a rerun with "
+                        "the same settings resumes from them (default benchmarks/results/jobs/meduniverse[_quick])")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     missing = [d for d in DATASETS if not (args.data_dir / f"{d}.npz").is_file()]
@@ -278,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     setting = QUICK if args.quick else FULL
     seeds = list(range(args.seeds or setting["seeds"]))
     out = args.out or REPO / "benchmarks" / "results" / f"meduniverse{'_quick' if args.quick else ''}.json"
-    cache = args.work or REPO / "runs" / f"bench_meduniverse{'_quick' if args.quick else ''}"
+    cache = args.work or REPO / "benchmarks" / "results" / "jobs" / f"meduniverse{'_quick' if args.quick else ''}"
     t0 = time.time()
     jobs = [("seed", seed, "") for seed in seeds]
     if not args.no_lodo:

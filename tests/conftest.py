@@ -19,6 +19,13 @@ SHARED_DATA = Path(os.environ.get("MEDVEIL_SHARED_DATA", REPO.parent / "shared" 
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test starts with one torch thread, whatever an earlier test (a CLI --threads) set."""
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real data of ``../shared/data``; skips the test when it is not there."""

@@ -13,15 +13,6 @@ from medveil.models.features import ConvFeatureNet, build_feature_net
 from medveil.models.vit import ViTConfig, VisionTransformer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small convs on a shared 2-core machine: one thread avoids OpenMP spin contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _blobs(n: int, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Two visibly different classes: smooth horizontal vs vertical gradients plus noise."""
     g = torch.Generator().manual_seed(seed)

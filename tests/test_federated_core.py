@@ -29,14 +29,6 @@ from medveil.models import ViTConfig
 from fed_helpers import TINY_MODEL, tiny_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is as fast and immune to a busy machine
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A server with a pool and two joined clients, plus one real local update per client."""

@@ -21,14 +21,6 @@ from medveil.federated.sites import build_sites, load_pool
 from fed_helpers import make_npz, tiny_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is as fast and immune to a busy machine
-    yield
-    torch.set_num_threads(n)
-
-
 def model_tensors(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 

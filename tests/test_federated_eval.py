@@ -25,14 +25,6 @@ from medveil.federated.training import TrainRecipe
 from fed_helpers import tiny_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is as fast and immune to a busy machine
-    yield
-    torch.set_num_threads(n)
-
-
 def test_quadratic_kappa_hand_computed():
     # 3 grades, weights w_ij = (i - j)^2 / 4. Observed counts (rows true, cols predicted):
     # O = [[1,1,0],[0,1,0],[0,1,1]] -> sum w*O = 1/4 + 1/4 = 0.5.

@@ -12,36 +12,32 @@ from pathlib import Path
 
 import pytest
 import torch
+from fed_helpers import TINY_MODEL, make_npz
 
 from medveil.cli.main import main
 from medveil.errors import ConfigError
 from medveil.federated.config import config_from_dict
 from medveil.federated.engine import run_federation
 
-from fed_helpers import TINY_MODEL, make_npz
-
 pytest.importorskip("flwr")
-from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+from flwr.app import Context, Error, Message, RecordDict
 
-from medveil.federated.flower import codec  # noqa: E402
-from medveil.federated.flower.app import client_app, server_main  # noqa: E402
+from medveil.federated.flower import codec
+from medveil.federated.flower.app import client_app, server_main
 
 SITES = {"alpha": (3, 24, False, 1), "beta": (2, 20, True, 2), "gamma": (4, 24, False, 3)}
 
 
 @pytest.fixture(autouse=True)
-def one_thread_and_task_identity():
-    """One torch thread (as the sites and server run); the identity a ServerApp process has."""
+def task_identity():
+    """The identity a ServerApp process has (conftest gives every test one torch thread)."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     saved = {k: TaskIdentity.__dict__.get(k) for k in ("_task_id", "_run_id", "_node_id")}
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     yield
     for k, v in saved.items():
         setattr(TaskIdentity, k, v)
-    torch.set_num_threads(n)
 
 
 class FakeGrid:
@@ -74,7 +70,7 @@ class FakeGrid:
                           run_config={})
             try:
                 reply = client_app(msg, ctx)
-            except Exception as err:  # what a SuperNode sends back when its ClientApp raises
+            except Exception as err:  # noqa: BLE001 - what a SuperNode sends back when its ClientApp raises
                 reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
             if node in self.tamper and reply.has_content():
                 reply = Message(self.tamper[node](reply.content, msg.metadata.group_id), reply_to=msg)
@@ -220,7 +216,10 @@ def test_site_errors_and_config_checks(setup, caplog):
 def test_pki_and_commands(tmp_path, capsys):
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+    from cryptography.hazmat.primitives.serialization import (
+        load_ssh_private_key,
+        load_ssh_public_key,
+    )
 
     pki = tmp_path / "pki"
     assert main(["certs", "create", "--out", str(pki), "--server-host", "coordinator.example.org",

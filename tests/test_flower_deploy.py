@@ -25,11 +25,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from fed_helpers import TINY_MODEL, make_npz
 
 from medveil.federated.config import config_from_dict, dump_toml
 from medveil.federated.engine import run_federation
-
-from fed_helpers import TINY_MODEL, make_npz
 
 flwr = pytest.importorskip("flwr")
 pytestmark = pytest.mark.flower
@@ -124,12 +123,12 @@ def test_tls_auth_two_stages_match_in_process_engine(deployment):
 
     # every connection is TLS, verified by the pilot CA
     ca = ssl.create_default_context(cafile=str(pilot.pki / "ca.crt"))
-    with socket.create_connection(("127.0.0.1", pilot.port), timeout=5) as sock:
-        with ca.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
-            assert tls.version() in ("TLSv1.2", "TLSv1.3")
-    with pytest.raises(ssl.SSLCertVerificationError):
-        with socket.create_connection(("127.0.0.1", pilot.port), timeout=5) as sock:
-            ssl.create_default_context().wrap_socket(sock, server_hostname="127.0.0.1")
+    with socket.create_connection(("127.0.0.1", pilot.port), timeout=5) as sock, \
+            ca.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    with pytest.raises(ssl.SSLCertVerificationError), \
+            socket.create_connection(("127.0.0.1", pilot.port), timeout=5) as sock:
+        ssl.create_default_context().wrap_socket(sock, server_hostname="127.0.0.1")
 
 
 def test_unregistered_supernode_is_refused(deployment):

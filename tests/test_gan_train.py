@@ -23,15 +23,6 @@ from medveil.generative.train import GANTrainer, train_gan
 from medveil.models.stylegan2 import GANConfig
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are overhead-bound: one thread is as fast, and far faster on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 def tiny_cfg(**kw) -> TrainConfig:
     gan = GANConfig(resolution=32, z_dim=8, w_dim=8, mapping_layers=2, channel_base=128,
                     channel_max=8)

@@ -19,15 +19,6 @@ from medveil.models.stylegan2 import GANConfig, Generator
 TINY = dict(resolution=32, z_dim=16, w_dim=16, mapping_layers=2, channel_base=256, channel_max=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny convs on a shared 2-core machine: one thread avoids OpenMP spin contention (10x+ faster).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def G() -> Generator:
     torch.manual_seed(0)

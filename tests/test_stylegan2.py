@@ -9,15 +9,6 @@ from medveil.errors import ConfigError
 from medveil.models.stylegan2 import Discriminator, GANConfig, Generator, minibatch_std
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are overhead-bound: one thread is as fast, and far faster on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 def tiny(resolution: int = 32, **kw) -> GANConfig:
     return GANConfig(resolution=resolution, z_dim=16, w_dim=16, mapping_layers=2,
                      channel_base=256, channel_max=16, **kw)

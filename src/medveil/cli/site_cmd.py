@@ -113,7 +113,7 @@ def _show(cmd: list[str], env_keys: dict[str, str]) -> None:
 
 
 def _wait(proc: subprocess.Popen) -> int:
-    def stop(signum, frame):  # noqa: ARG001
+    def stop(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
@@ -126,7 +126,7 @@ def _wait(proc: subprocess.Popen) -> int:
 def _echo_until_exit(proc: subprocess.Popen) -> bool | None:
     """Copy the SuperNode's output to ours until it exits; True if the SuperLink refused to
     activate it, None on Ctrl-C / SIGTERM."""
-    def stop(signum, frame):  # noqa: ARG001
+    def stop(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)

@@ -9,6 +9,8 @@ reconstruction).
 
 Modules: ``messages`` (what crosses), ``sites`` (who holds what), ``training`` (the one
 supervised loop), ``client``, ``server``, ``updates`` (screening), ``curation``, ``config``
-(TOML), ``engine`` (in-process run folder with resume), ``baselines``, ``demo``.
-Client and server logic is transport-free: a Flower app calls the same functions.
+(TOML), ``engine`` (run folder with resume), ``transport`` (how the engine reaches clients:
+in-process by default), ``baselines``, ``demo``; ``flower`` (the same run across machines:
+Flower ServerApp / ClientApp, PKI, process launch; docs/running_across_sites.md).
+Client and server logic is transport-free: the Flower app calls the same functions.
 """

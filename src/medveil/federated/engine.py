@@ -10,7 +10,8 @@ same numbers as an uninterrupted run.
 Run folder (RUN_DIR):
     config.toml            the resolved config (written first)
     checkpoints/stage_NNN.pt   after every stage (atomic); stage_000 (MIM-only) and the latest kept
-    metrics.json           per stage, per client: accuracy etc., bytes, rejected updates (at the end)
+    metrics.json           per stage, per client: accuracy etc., bytes, rejected updates, absent
+                           clients (remote transports) (at the end)
     model.pt               the universal model: backbone + heads + task registry (at the end)
     accuracy_by_stage.png  per-client test accuracy across stages (at the end)
     complete               written last: a run folder without it is unfinished

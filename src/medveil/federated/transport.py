@@ -17,7 +17,12 @@ from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 from medveil.federated.client import join_request, local_evaluate, local_fit
-from medveil.federated.messages import ClientUpdate, EvalReport, FitInstructions, JoinRequest
+from medveil.federated.messages import (
+    ClientUpdate,
+    EvalReport,
+    FitInstructions,
+    JoinRequest,
+)
 from medveil.federated.sites import ClientData
 from medveil.federated.training import TrainRecipe
 from medveil.federated.updates import Rejection

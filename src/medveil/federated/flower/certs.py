@@ -115,7 +115,7 @@ def _certificate(subject: str, public_key, issuer_name, issuer_key, days: int, c
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "MedVeil pilot"),
                       x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     builder = (x509.CertificateBuilder()

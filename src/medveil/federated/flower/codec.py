@@ -21,7 +21,13 @@ import numpy as np
 import torch
 
 from medveil.errors import UpdateRejected
-from medveil.federated.messages import ClientUpdate, EvalReport, FitInstructions, JoinRequest, StateDict
+from medveil.federated.messages import (
+    ClientUpdate,
+    EvalReport,
+    FitInstructions,
+    JoinRequest,
+    StateDict,
+)
 
 META = "meta"
 

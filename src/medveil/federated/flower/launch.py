@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from medveil.errors import ConfigError, MedVeilError
 from medveil.federated.flower.app import RUN_CONFIG_DEFAULTS
@@ -149,7 +150,7 @@ def wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen | Non
 
 def flwr(args: list[str], flwr_home: Path, timeout: float = 60.0) -> subprocess.CompletedProcess:
     """Run the ``flwr`` CLI against the ``medveil`` connection of ``flwr_home``."""
-    proc = subprocess.run(["flwr", *args], env=flower_env(flwr_home), capture_output=True, text=True,
+    proc = subprocess.run(["flwr", *args], check=False, env=flower_env(flwr_home), capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:
         raise MedVeilError(f"flwr {' '.join(args[:2])} failed: {_flwr_error(proc.stdout + proc.stderr)}")
@@ -297,7 +298,7 @@ class Processes:
             return ""
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
-    def __enter__(self) -> Processes:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from medveil.errors import MedVeilError
 from medveil.federated.flower import launch
@@ -94,7 +94,7 @@ class LocalPilot:
     def close(self) -> None:
         self.procs.stop_all()
 
-    def __enter__(self) -> LocalPilot:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

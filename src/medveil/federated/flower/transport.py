@@ -24,7 +24,12 @@ from typing import Any
 from medveil.errors import ConfigError, UpdateRejected
 from medveil.federated.config import FederationConfig
 from medveil.federated.flower import codec
-from medveil.federated.messages import ClientUpdate, EvalReport, FitInstructions, JoinRequest
+from medveil.federated.messages import (
+    ClientUpdate,
+    EvalReport,
+    FitInstructions,
+    JoinRequest,
+)
 from medveil.federated.training import TrainRecipe
 from medveil.federated.transport import Exchange, FitJob
 from medveil.federated.updates import Rejection
