@@ -122,4 +122,4 @@ def test_demo_summarises_every_sample(capsys, tmp_path):
 def test_demo_unknown_step_is_one_line_error(capsys, tmp_path):
     code, _, err = run(capsys, "demo", "--only", "samples,bogus", "--out", str(tmp_path / "demo"))
     assert code == 2 and "unknown step(s) bogus" in err and err.count("\n") == 1
-    assert not (tmp_path / "demo" / "demo.json").exists()
+    assert not (tmp_path / "demo").exists()

@@ -20,7 +20,6 @@ from medveil.errors import ConfigError
 from medveil.io import write_json_atomic
 
 
-
 @dataclass(frozen=True)
 class Step:
     name: str
@@ -102,9 +101,9 @@ def select_steps(only: str | None) -> list[Step]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    steps = select_steps(args.only)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    steps = select_steps(args.only)
     results: dict[str, Any] = {}
     for number, step in enumerate(steps, start=1):
         print(f"== step {number}/{len(steps)}: {step.name} - {step.help}", flush=True)
