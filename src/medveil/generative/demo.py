@@ -6,18 +6,15 @@ of the APTOS benchmark (``benchmarks/gan.py``).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from medveil.data.samples import sample_path
-from medveil.errors import DataError
 from medveil.generative.config import TrainConfig
 from medveil.generative.data import load_gan_images
 from medveil.generative.train import train_gan
 from medveil.models.stylegan2 import GANConfig
 
-SHARED_RETINA = Path(os.environ.get("MEDVEIL_SHARED_DATA", "/work/shared/data")) / "medmnist" / "retinamnist.npz"
 
 
 def tiny_config(steps: int = 300, resolution: int = 32, seed: int = 0) -> TrainConfig:
@@ -39,13 +36,8 @@ def small64_config(steps: int = 600, seed: int = 0) -> TrainConfig:
 
 
 def default_retina_path() -> Path:
-    """The shipped RetinaMNIST sample, else the full file under the shared data folder."""
-    try:
-        return sample_path("retinamnist")
-    except DataError:
-        if SHARED_RETINA.is_file():
-            return SHARED_RETINA
-        raise
+    """The RetinaMNIST sample shipped with MedVeil."""
+    return sample_path("retinamnist")
 
 
 def train_tiny(dataset_path: str | Path | None, out_dir: str | Path, steps: int = 300, *,
