@@ -57,6 +57,11 @@ class CountingNet(torch.nn.Module):
         self.map_rows += len(x)
         return self.net.feature_maps(x)
 
+    def features(self, x):  # maps + embedding in one pass
+        self.embed_rows += len(x)
+        self.map_rows += len(x)
+        return self.net.features(x)
+
     def describe(self):
         return self.net.describe()
 

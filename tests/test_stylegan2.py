@@ -127,5 +127,5 @@ def test_fused_and_unfused_modconv_agree() -> None:
         assert torch.allclose(conv(x, w, fused=True), conv(x, w, fused=False), atol=1e-5)
     G = Generator(tiny())
     z = torch.randn(2, 16)
-    assert torch.allclose(G.train()(z), G.eval()(z), atol=1e-5)  # train: unfused, eval: grouped
+    assert torch.allclose(G.train()(z), G.eval()(z), atol=1e-5)
     assert torch.allclose(G.set_modconv_form(False)(z), G.set_modconv_form(True)(z), atol=1e-5)

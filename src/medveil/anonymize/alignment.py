@@ -198,9 +198,12 @@ def group_losses(G: nn.Module, ws: torch.Tensor, targets: AlignTargets, content_
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """ws (B, num_ws, w_dim) -> per-group (total, content, style) losses (B,) and images (B,C,R,R)."""
     x = (G.synthesis(ws, noise_mode="const") + 1.0) / 2.0  # (B, C, R, R), ~[0, 1]
-    lc = content_loss(content_net.embed(x), targets.content, targets.mask)
-    ls = style_loss(patch_grams(style_net.feature_maps(x), cfg.patches, cfg.gram_scale),
-                    targets.grams, targets.mask)
+    if style_net is content_net:  # one pass for both (the common layers are shared)
+        maps, emb = content_net.features(x)
+    else:
+        maps, emb = style_net.feature_maps(x), content_net.embed(x)
+    lc = content_loss(emb, targets.content, targets.mask)
+    ls = style_loss(patch_grams(maps, cfg.patches, cfg.gram_scale), targets.grams, targets.mask)
     return cfg.lambda_c * lc + cfg.lambda_s * ls, lc, ls, x
 
 

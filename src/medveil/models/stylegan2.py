@@ -12,8 +12,8 @@ e.g. 11 at 32 px, 14 at 64 px. ``mapping`` returns one w; ``forward`` broadcasts
 Simplifications against the official code (documented, no custom CUDA ops):
 - up/down sampling is bilinear interpolation / 2x2 average pooling, not upfirdn2d with a
   [1,3,3,1] FIR filter (slightly more aliasing, fine at <= 256 px);
-- the modulated convolution has the grouped-conv form (one group per sample, used in eval
-  mode) and the equivalent unfused form (used in training mode, faster on CPU);
+- the modulated convolution has the grouped-conv form (one group per sample, used on CUDA)
+  and the equivalent unfused form (used on CPU, where it is faster);
 - no fp16 / conv clamping.
 """
 
@@ -141,7 +141,9 @@ class ModulatedConv2d(nn.Module):
       B groups;
     - unfused: scale the input channels by s, run the shared-weight conv over the batch, scale
       the output channels by the demodulation coefficients. Same maths, 1-4x faster on CPU when
-      channels are wide, so ``fused=None`` uses it in training mode and the grouped form in eval.
+      channels are wide, so ``fused=None`` uses it on CPU (training, sampling, latent
+      optimisation: e.g. 2.3x faster forward+backward for 32 images at 64 px) and the grouped
+      form on CUDA, where it is the usual fast path.
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int, w_dim: int,
@@ -152,7 +154,7 @@ class ModulatedConv2d(nn.Module):
         self.weight_gain = 1.0 / math.sqrt(in_ch * kernel * kernel)
         self.in_ch, self.out_ch, self.kernel = in_ch, out_ch, kernel
         self.demodulate, self.up = demodulate, up
-        self.fused: bool | None = None  # None: grouped form in eval mode, unfused in training
+        self.fused: bool | None = None  # None: grouped form on CUDA, unfused on CPU
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
         # x: (B, in, H, W); w: (B, w_dim) -> (B, out, H or 2H, W or 2W)
@@ -163,7 +165,7 @@ class ModulatedConv2d(nn.Module):
         h, wd = x.shape[2], x.shape[3]
         weight = self.weight * self.weight_gain  # (out, in, k, k)
         fused = self.fused if fused is None else fused
-        if fused if fused is not None else not self.training:
+        if fused if fused is not None else x.is_cuda:
             wb = weight[None] * styles[:, None, :, None, None]  # (B, out, in, k, k)
             if self.demodulate:
                 dcoef = torch.rsqrt(wb.square().sum(dim=(2, 3, 4)) + 1e-8)  # (B, out)
@@ -324,7 +326,7 @@ class Generator(nn.Module):
         return self.synthesis_net(ws, noise_mode)
 
     def set_modconv_form(self, fused: bool | None) -> Generator:
-        """Force the grouped (True) or unfused (False) modulated conv; None: by train/eval mode.
+        """Force the grouped (True) or unfused (False) modulated conv; None: by device.
         Same results either way; unfused is usually faster on CPU (e.g. for latent optimisation)."""
         for m in self.modules():
             if isinstance(m, ModulatedConv2d):
