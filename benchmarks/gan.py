@@ -1,7 +1,7 @@
 """GAN benchmark on APTOS-2019 at 64 px: training speed and fidelity over training.
 
     .venv/bin/python benchmarks/gan.py --quick --threads 1   # smoke run, no inversion
-    .venv/bin/python benchmarks/gan.py --threads 1           # full: 1000 steps + encoder + inversion
+    .venv/bin/python benchmarks/gan.py --threads 2           # full: 2000 steps + encoder + inversion (~45 min)
     .venv/bin/python benchmarks/gan.py --steps 3000          # longer (resumes from the run folder)
 
 APTOS is cut once (seed 0; duplicate photographs kept on one side; stratified by grade) into a
@@ -87,9 +87,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="120 steps, evaluations every 40 on 300 images, no inversion (< 10 min)")
-    parser.add_argument("--steps", type=int, default=1000,
-                        help="generator steps of batch 16 (default 1000: ~60 min at 1 thread, ~4.4 img/s)")
-    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--steps", type=int, default=2000,
+                        help="generator steps of batch 16 (default 2000: ~25 min at 2 threads, ~21 img/s)")
+    parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-images", type=int, default=500)
     parser.add_argument("--feature-net", default="random-conv:seed=0")
     parser.add_argument("--data-root", type=Path, default=Path(os.environ.get(
