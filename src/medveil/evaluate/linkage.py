@@ -39,6 +39,23 @@ def image_features(images: np.ndarray, net: FeatureNet, size: int) -> tuple[np.n
     return emb, thumb
 
 
+class FeatureCache:
+    """:func:`image_features` of each image array, computed once per array (keyed by identity;
+    the cache holds a reference so the key stays valid): the private reals are shared by
+    every candidate release, so their embeddings are computed once, not once per use."""
+
+    def __init__(self, net: FeatureNet, size: int) -> None:
+        self.net, self.size = net, size
+        self._memo: dict[int, tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]] = {}
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        key = id(images)
+        if key not in self._memo:
+            with torch.no_grad():
+                self._memo[key] = (images, image_features(images, self.net, self.size))
+        return self._memo[key][1]
+
+
 class LinkageAttack:
     """Pair classifier over standardised image features."""
 
@@ -98,14 +115,13 @@ def linkage_privacy(
     net: FeatureNet, size: int, k: int,
     train_real: np.ndarray, train_syn: np.ndarray, train_groups: Sequence[np.ndarray],
     test_real: np.ndarray, test_syn: np.ndarray, test_groups: Sequence[np.ndarray],
-    seed: int = 0,
+    seed: int = 0, features: FeatureCache | None = None,
 ) -> dict[str, Any]:
-    """Train the attack on (private reals, their release), test on (held-out reals, theirs)."""
-    feats = {}
-    with torch.no_grad():
-        for name, imgs in (("tr", train_real), ("ts", train_syn), ("er", test_real),
-                           ("es", test_syn)):
-            feats[name] = image_features(imgs, net, size)
+    """Train the attack on (private reals, their release), test on (held-out reals, theirs).
+    ``features``: a cache shared across calls (its net and size must be ``net``, ``size``)."""
+    cache = features or FeatureCache(net, size)
+    feats = {name: cache(imgs) for name, imgs in (("tr", train_real), ("ts", train_syn),
+                                                  ("er", test_real), ("es", test_syn))}
     attack = LinkageAttack(seed=seed).fit(np.hstack(feats["tr"]), np.hstack(feats["ts"]),
                                           train_groups)
     scores = attack.scores(np.hstack(feats["er"]), np.hstack(feats["es"]))

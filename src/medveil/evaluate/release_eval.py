@@ -5,7 +5,8 @@ G(w_bar), k-Same-Pixel, GAN reconstructions of N/k real images, N/k real images)
 
 - utility: :func:`medveil.evaluate.utility.utility_scores` (same small CNN, real test images);
 - fidelity: FID, KID and nearest-real distance vs the private images
-  (:func:`medveil.evaluate.fidelity.fidelity_metrics`, with the documented feature net);
+  (:mod:`medveil.evaluate.fidelity`, with the documented feature net; every image set is
+  embedded once and the embeddings are shared by fidelity and privacy);
 - privacy: linkage attack top-k precision and nearest-neighbour re-identification
   (:mod:`medveil.evaluate.linkage`), trained on the private set's version of the set and
   tested on the held-out set's version; plus ``nn_reid_private``: how often an image's
@@ -28,10 +29,9 @@ import torch
 from PIL import Image
 
 from medveil.anonymize.baselines import group_representatives, k_same_pixel
-from medveil.data.tensors import to_tensor
 from medveil.errors import DataError
-from medveil.evaluate.fidelity import embed_images, fidelity_metrics
-from medveil.evaluate.linkage import linkage_privacy, nn_reid
+from medveil.evaluate.fidelity import metrics_from_embeddings
+from medveil.evaluate.linkage import FeatureCache, linkage_privacy, nn_reid
 from medveil.evaluate.utility import UtilityConfig, utility_scores
 from medveil.models.features import FeatureNet
 
@@ -86,23 +86,22 @@ def evaluate_sets(
     util = utility_scores({n: (s.images, s.labels) for n, s in private_sets.items()},
                           test_reals, test_labels, num_classes, utility, progress)
     out: dict[str, dict[str, Any]] = {}
+    caches: dict[int, FeatureCache] = {}  # per image size: reals embedded once for all sets
     for name, s in private_sets.items():
-        size, channels = s.images.shape[1], s.images.shape[3]
-        real_x = to_tensor(private_reals, size=size, channels=channels)
-        syn_x = to_tensor(s.images, channels=channels)
-        with torch.no_grad():
-            fid = fidelity_metrics(real_x, syn_x, net)
-            own = nn_reid(embed_images(net, real_x).numpy(), embed_images(net, syn_x).numpy(),
-                          s.groups)
+        size = s.images.shape[1]
+        cache = caches.setdefault(size, FeatureCache(net, size))
+        real_emb, syn_emb = cache(private_reals)[0], cache(s.images)[0]
+        fid = {**metrics_from_embeddings(torch.from_numpy(real_emb), torch.from_numpy(syn_emb)),
+               "feature_net": net.name}
+        own = nn_reid(real_emb, syn_emb, s.groups)
         if not per_image:
             fid.pop("nn_real_distance")
-        fid.pop("feature_net_info")
         row: dict[str, Any] = {"n_images": len(s.images), "utility": util[name], "fidelity": fid,
                                "nn_reid_private": own}
         if heldout_sets is not None and name in heldout_sets:
             h = heldout_sets[name]
             row["privacy"] = linkage_privacy(net, size, k, private_reals, s.images, s.groups,
-                                             test_reals, h.images, h.groups)
+                                             test_reals, h.images, h.groups, features=cache)
         out[name] = row
     return out
 
