@@ -99,7 +99,7 @@ def subsample(data: PrivateSet, n: int | None, seed: int) -> PrivateSet:
                       data.class_names, data.patient_ids[idx], f"{data.source} (random {n})")
 
 
-def speed_comparison(result, models, feature_spec: str, cfg: AlignConfig, n_groups: int
+def speed_comparison(result, models, net, feature_spec: str, cfg: AlignConfig, n_groups: int
                      ) -> dict[str, Any]:
     """Batched alignment vs the per-group reference loop on the same groups and steps."""
     G = models.G
@@ -108,7 +108,6 @@ def speed_comparison(result, models, feature_spec: str, cfg: AlignConfig, n_grou
     recons = to_tensor(result.recons, channels=G.img_channels)
     ws = torch.from_numpy(result.ws)
     w0 = torch.stack([ws[torch.as_tensor(g)].mean(0) for g in groups])
-    net = build_feature_net(feature_spec)
     batched = align_groups(G, w0, x, recons, groups, net, cfg=cfg, batch_size=n_groups,
                            progress=False)
     reference = align_per_group_reference(G, w0, x, recons, groups, feature_spec, cfg=cfg,
@@ -196,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                               heldout_sets=sets_t, utility=utility, progress=False)
         print(format_table(table, f"\nk={k}: {len(P.groups)} private groups, "
                                   f"{len(T.groups)} test groups"), flush=True)
-        speed = speed_comparison(P, models, args.feature_net, align,
+        speed = speed_comparison(P, models, net, args.feature_net, align,
                                  n_groups=min(8 if q else 16, len(P.groups)))
         print(f"alignment speed k={k} ({speed['groups']} groups, {steps} steps): batched "
               f"{speed['batched_groups_per_s']:.3f} groups/s, per-group reference "

@@ -51,8 +51,6 @@ class _Precomputed(nn.Module):
 def _check(images: torch.Tensor, what: str) -> torch.Tensor:
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise DataError(f"{what} images must be (N, 1|3, H, W), got {tuple(images.shape)}")
-    if images.shape[0] < 2:
-        raise DataError(f"{what} set has {images.shape[0]} image(s); FID/KID need at least 2")
     if images.dtype == torch.uint8:
         return images.float() / 255.0
     return images.float()
@@ -77,6 +75,9 @@ def metrics_from_embeddings(real_emb: torch.Tensor, fake_emb: torch.Tensor, *,
                             kid_subset_size: int | None = None, kid_subsets: int = 100,
                             seed: int = 0) -> dict[str, Any]:
     """FID, KID and nearest-real distances from embeddings (N, D) and (M, D)."""
+    for what, emb in (("real", real_emb), ("fake", fake_emb)):
+        if emb.shape[0] < 2:
+            raise DataError(f"{what} set has {emb.shape[0]} image(s); FID/KID need at least 2")
     real_emb, fake_emb = real_emb.double().cpu(), fake_emb.double().cpu()
     dim = real_emb.shape[1]
     subset = min(kid_subset_size or 1000, real_emb.shape[0], fake_emb.shape[0])

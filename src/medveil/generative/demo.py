@@ -16,7 +16,6 @@ from medveil.generative.train import train_gan
 from medveil.models.stylegan2 import GANConfig
 
 
-
 def tiny_config(steps: int = 300, resolution: int = 32, seed: int = 0) -> TrainConfig:
     """Small CPU config: channels 64 at 4-16 px (32 at 32 px), batch 16, light R1, ADA fast."""
     gan = GANConfig(resolution=resolution, z_dim=64, w_dim=64, mapping_layers=2,
