@@ -14,7 +14,14 @@ the one-time join round (sites tell their class counts).
 
     .venv/bin/python benchmarks/flower_overhead.py            # ~5-10 min on the shared 2-core box
     .venv/bin/python benchmarks/flower_overhead.py --rounds 1 --local-epochs 1   # quicker
+    .venv/bin/python benchmarks/flower_overhead.py --data-dir ../shared/data/medmnist --max-train 3000 \
+        --out benchmarks/results/flower_overhead_3000.json   # the same sites with 10x the data
 Writes benchmarks/results/flower_overhead.json.
+
+Over Flower 1.41 every message starts a fresh ``flwr-clientapp`` process (~3 s of imports:
+flwr, torch) after the SuperNode's poll (up to 3 s), and a stage is two messages per site (train,
+evaluate), so the overhead is mostly a fixed cost per stage: ``--data-dir``/``--max-train``
+measure how it amortises over a larger stage.
 """
 
 from __future__ import annotations
@@ -37,17 +44,30 @@ SITES = {"blood": "bloodmnist", "organ-ct": "organamnist", "breast-us": "breastm
 POOL_SAMPLE = "retinamnist"
 
 
+def site_data(args: argparse.Namespace) -> dict[str, str]:
+    """Site name -> dataset (the shipped samples, or the full files of ``--data-dir``)."""
+    if args.data_dir is None:
+        return {n: f"sample:{s}" for n, s in SITES.items()}
+    return {n: str((args.data_dir / f"{s}.npz").resolve()) for n, s in SITES.items()}
+
+
 def federation(args: argparse.Namespace, sites: dict[str, str] | None, pool: Path) -> dict:
     model = {"img_size": 28, "patch_size": 7, "in_chans": 3, "embed_dim": 96, "depth": 4, "num_heads": 3,
              "decoder_embed_dim": 64, "decoder_depth": 1, "decoder_num_heads": 4}
     return {
-        "seed": 0, "model": model, "data": {"pool_path": str(pool)},
+        "seed": 0, "model": model,
+        "data": {"pool_path": str(pool), "max_train": args.max_train, "max_test": args.max_test},
         "pretrain": {"epochs": args.pretrain_epochs, "batch_size": 64, "lr": 1e-3, "warmup_epochs": 1},
         "federation": {"strategy": args.strategy, "rounds": args.rounds},
         "local": {"epochs": args.local_epochs, "batch_size": 32, "lr": 5e-4, "class_weighting": "balanced"},
         "curation": {"epochs": args.curation_epochs, "lr": 1e-3},
-        "clients": [{"name": n, "sample": s} if sites else {"name": n} for n, s in SITES.items()],
+        "clients": [_client(n, d) if sites else {"name": n} for n, d in (sites or SITES).items()],
     }
+
+
+def _client(name: str, data: str) -> dict[str, str]:
+    return {"name": name, "sample": data.removeprefix("sample:")} if data.startswith("sample:") \
+        else {"name": name, "path": data}
 
 
 def cpu_seconds(who: int) -> float:
@@ -81,6 +101,10 @@ def main() -> int:
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--pretrain-epochs", type=int, default=2)
     parser.add_argument("--curation-epochs", type=float, default=5.0)
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="folder with the sites' full MedMNIST .npz files (default: shipped samples)")
+    parser.add_argument("--max-train", type=int, default=0, help="train images per site (0 = all)")
+    parser.add_argument("--max-test", type=int, default=0, help="test images per site (0 = all)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "flower_overhead.json")
     args = parser.parse_args()
 
@@ -97,7 +121,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="medveil-flower-bench-") as tmp:
         work = Path(tmp)
         pool = sample_path(POOL_SAMPLE)
-        cfg = config_from_dict(federation(args, SITES, pool), work)
+        sites = site_data(args)
+        cfg = config_from_dict(federation(args, sites, pool), work)
 
         print("in-process engine ...", flush=True)
         t0, c0 = time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF)
@@ -109,7 +134,7 @@ def main() -> int:
         coordinator.write_text(tomli_w.dumps(federation(args, None, pool)))
         c0 = cpu_seconds(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
-        with LocalPilot(work / "pilot", {n: f"sample:{s}" for n, s in SITES.items()}, threads=1) as pilot:
+        with LocalPilot(work / "pilot", sites, threads=1) as pilot:
             pilot.create_pki()
             pilot.start_link()
             pilot.register()
@@ -130,13 +155,15 @@ def main() -> int:
     for a, b in zip(per_stage(local), per_stage(flower), strict=True):
         rows.append({"stage": a["stage"], "inprocess_s": a["seconds"], "flower_s": b["seconds"],
                      "overhead_pct": 100.0 * (b["seconds"] / a["seconds"] - 1.0),
+                     "extra_s": b["seconds"] - a["seconds"],
                      "engine_bytes": a["engine_bytes"], "engine_bytes_flower": b["engine_bytes"],
                      "flower_record_bytes": b["flower_record_bytes"], "absent": b["absent"]})
     print()
-    print(f"{'stage':>5} {'in-process s':>13} {'Flower s':>9} {'overhead':>9} {'MB (engine)':>12} "
+    print(f"{'stage':>5} {'in-process s':>13} {'Flower s':>9} {'extra s':>8} {'overhead':>9} {'MB (engine)':>12} "
           f"{'MB (Flower records)':>20}")
     for r in rows:
-        print(f"{r['stage']:>5} {r['inprocess_s']:>13.1f} {r['flower_s']:>9.1f} {r['overhead_pct']:>8.0f}% "
+        print(f"{r['stage']:>5} {r['inprocess_s']:>13.1f} {r['flower_s']:>9.1f} {r['extra_s']:>8.1f} "
+              f"{r['overhead_pct']:>8.0f}% "
               f"{r['engine_bytes'] / 1e6:>12.2f} {r['flower_record_bytes'] / 1e6:>20.2f}")
     later = [r for r in rows if r["stage"] > 1]
     mean = (lambda key, rs: sum(r[key] for r in rs) / len(rs)) if rows else None

@@ -3,6 +3,7 @@ their baselines, plus the speed of batched vs per-group style alignment.
 
     python benchmarks/ksalsa.py --quick                     # < 10 min, tiny GAN trained here
     python benchmarks/ksalsa.py --gan RUN_DIR [--encoder ENC_DIR]   # full protocol, < 90 min
+    python benchmarks/ksalsa.py --gan RUN_DIR [--encoder ENC_DIR] --speed-only   # alignment speed only
 
 Protocol (spec ksalsa.md): APTOS train (3662) is cut once (seed 0, stratified by grade,
 identical / re-encoded duplicate photographs kept on one side: medveil.data.duplicates) into
@@ -32,6 +33,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -99,24 +101,61 @@ def subsample(data: PrivateSet, n: int | None, seed: int) -> PrivateSet:
                       data.class_names, data.patient_ids[idx], f"{data.source} (random {n})")
 
 
-def speed_comparison(result, models, net, feature_spec: str, cfg: AlignConfig, n_groups: int
-                     ) -> dict[str, Any]:
-    """Batched alignment vs the per-group reference loop on the same groups and steps."""
+def speed_comparison(result, models, net, feature_spec: str, cfg: AlignConfig, n_batch: int,
+                     n_ref: int) -> dict[str, Any]:
+    """Batched alignment (one batch of ``n_batch`` groups, as the pipeline runs it) vs the
+    per-group reference loop (first ``n_ref`` of those groups: its groups/s does not depend on
+    how many it does), same steps; latents compared on the common groups."""
     G = models.G
-    groups = result.groups[:n_groups]
+    groups = result.groups[:n_batch]
     x = to_tensor(result.reals, channels=G.img_channels)
     recons = to_tensor(result.recons, channels=G.img_channels)
     ws = torch.from_numpy(result.ws)
     w0 = torch.stack([ws[torch.as_tensor(g)].mean(0) for g in groups])
-    batched = align_groups(G, w0, x, recons, groups, net, cfg=cfg, batch_size=n_groups,
+    batched = align_groups(G, w0, x, recons, groups, net, cfg=cfg, batch_size=len(groups),
                            progress=False)
-    reference = align_per_group_reference(G, w0, x, recons, groups, feature_spec, cfg=cfg,
-                                          progress=False)
-    b, r = len(groups) / batched.seconds, len(groups) / reference.seconds
-    return {"groups": len(groups), "steps": cfg.steps, "batched_groups_per_s": b,
-            "reference_groups_per_s": r, "speedup": b / r,
-            "max_abs_latent_diff": float((batched.ws - reference.ws).abs().max()),
+    n_ref = min(n_ref, len(groups))
+    reference = align_per_group_reference(G, w0[:n_ref], x, recons, groups[:n_ref], feature_spec,
+                                          cfg=cfg, progress=False)
+    b, r = len(groups) / batched.seconds, n_ref / reference.seconds
+    return {"groups": len(groups), "reference_groups": n_ref, "steps": cfg.steps,
+            "batched_groups_per_s": b, "reference_groups_per_s": r, "speedup": b / r,
+            "batched_layout": "channels_last, one batch of all groups",
+            "max_abs_latent_diff": float((batched.ws[:n_ref] - reference.ws).abs().max()),
             "batched_s": batched.seconds, "reference_s": reference.seconds}
+
+
+def timed_speed(P, models, net, args: argparse.Namespace, align: AlignConfig, k: int) -> dict[str, Any]:
+    speed = speed_comparison(P, models, net, args.feature_net, align,
+                             n_batch=16 if args.quick else 64, n_ref=8 if args.quick else 16)
+    print(f"alignment speed k={k} ({speed['groups']} / {speed['reference_groups']} groups, "
+          f"{align.steps} steps): batched {speed['batched_groups_per_s']:.3f} groups/s, per-group "
+          f"reference {speed['reference_groups_per_s']:.3f} groups/s, ratio {speed['speedup']:.1f}x "
+          f"(max |latent diff| {speed['max_abs_latent_diff']:.1e})", flush=True)
+    return speed
+
+
+def speed_only(args: argparse.Namespace, private, models, net, align: AlignConfig,
+               invert_steps: int, work: Path, t_start: float) -> int:
+    """Groups, reconstructions and centroids from a release with 0 alignment steps, then the
+    timing of both alignment paths at the configured steps."""
+    results = {}
+    for k in [int(v) for v in args.ks.split(",")]:
+        cfg = AnonymizeConfig(k=k, feature_net=args.feature_net, align=replace(align, steps=0),
+                              invert_steps=invert_steps)
+        P = anonymize(private, models, work / f"k{k}" / "speed", cfg, overwrite=True,
+                      progress=False, inversion_dir=work / "inversion-private")
+        results[f"k={k}"] = {"speed": timed_speed(P, models, net, args, align, k)}
+    payload = {"benchmark": "ksalsa-speed", "quick": args.quick, "command": " ".join(sys.argv),
+               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                           "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+               "n_private": len(private.ids), "align": align.to_dict(), "models": models.info,
+               "feature_net": net.describe(), "results": results,
+               "wall_s": time.perf_counter() - t_start}
+    out = args.out or REPO / "benchmarks" / "results" / f"ksalsa{'_quick' if args.quick else ''}_speed.json"
+    write_json_atomic(out, payload)
+    print(f"\nwrote {out} ({payload['wall_s'] / 60:.1f} min)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--invert-steps", type=int, default=None)
     p.add_argument("--gan-steps", type=int, default=60, help="quick GAN steps without --gan")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--speed-only", action="store_true",
+                   help="only the batched vs per-group alignment timing (groups from an unaligned "
+                        "release); writes ksalsa[_quick]_speed.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -176,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     n_cls = len(private.class_names)
     results: dict[str, Any] = {}
     first = None
+    if args.speed_only:
+        return speed_only(args, private, models, net, align, invert_steps, work, t_start)
     for k in [int(v) for v in args.ks.split(",")]:
         cfg = AnonymizeConfig(k=k, feature_net=args.feature_net, align=align,
                               invert_steps=invert_steps)
@@ -195,12 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                               heldout_sets=sets_t, utility=utility, progress=False)
         print(format_table(table, f"\nk={k}: {len(P.groups)} private groups, "
                                   f"{len(T.groups)} test groups"), flush=True)
-        speed = speed_comparison(P, models, net, args.feature_net, align,
-                                 n_groups=min(8 if q else 16, len(P.groups)))
-        print(f"alignment speed k={k} ({speed['groups']} groups, {steps} steps): batched "
-              f"{speed['batched_groups_per_s']:.3f} groups/s, per-group reference "
-              f"{speed['reference_groups_per_s']:.3f} groups/s, ratio {speed['speedup']:.1f}x "
-              f"(max |latent diff| {speed['max_abs_latent_diff']:.1e})", flush=True)
+        speed = timed_speed(P, models, net, args, align, k)
         results[f"k={k}"] = {"sets": table, "anonymize_s": t_anon, "speed": speed,
                              "evaluate_s": time.perf_counter() - t0,
                              "private_report_timings": P.report["timings"],

@@ -124,6 +124,18 @@ def test_batched_equals_per_group_reference(setup):
     torch.testing.assert_close(batched.ws, pairs.ws, atol=2e-4, rtol=1e-4)
 
 
+def test_channels_last_same_result_and_layout_restored(setup):
+    G, images, recons, groups, w0 = setup
+    cfg, net = AlignConfig(steps=3), build_feature_net(SPEC)
+    fast = align_groups(G, w0, images, recons, groups, net, cfg=cfg, progress=False)
+    plain = align_groups(G, w0, images, recons, groups, net, cfg=cfg, progress=False,
+                         memory_channels_last=False)
+    torch.testing.assert_close(fast.ws, plain.ws, atol=2e-4, rtol=1e-4)
+    assert fast.images.is_contiguous()
+    four_d = [p for m in (G, net) for p in m.parameters() if p.dim() == 4]
+    assert four_d and all(p.is_contiguous() for p in four_d)  # caller's modules untouched
+
+
 def test_member_features_computed_once(setup):
     G, images, recons, groups, w0 = setup
     steps, n_members = 5, sum(len(g) for g in groups)

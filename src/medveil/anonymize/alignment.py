@@ -38,6 +38,10 @@ the loss of a batch is the *sum* of the per-group losses, so each group's latent
 the gradient it would get alone, and Adam is per-parameter: batching changes the cost, not the
 result (up to float rounding). Member targets (embeddings of reconstructions, patch Grams of
 real images) are computed once per batch, before the loop, with feature nets built once.
+Convolutions run in channels-last memory layout (generator and feature nets are switched for
+the call and restored after): on CPU (2 threads), 64 groups of k = 5 at 64 px, 25 steps, this is
+1.23x the groups/s of the default layout (1.79 -> 2.20 groups/s); 64 rather than 16 groups per
+batch adds ~5% (CPU convolutions are already efficient at 16 images).
 :func:`align_per_group_reference` is the slow per-group loop of the reference (rebuild the
 nets per group, recompute member targets every step), kept only for the speed comparison.
 """
@@ -45,7 +49,8 @@ nets per group, recompute member targets every step), kept only for the speed co
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -162,6 +167,19 @@ def lr_at(step: int, cfg: AlignConfig) -> float:
 # ----------------------------------------------------------------------------- batched
 
 
+@contextmanager
+def channels_last(*modules: nn.Module) -> Iterator[None]:
+    """4-D parameters and buffers in channels-last layout inside; the default layout after."""
+    for m in modules:
+        m.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.to(memory_format=torch.contiguous_format)
+
+
+
 def pad_groups(groups: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """Index groups -> (B, M) member indices (padding repeats the first member) and (B, M) mask."""
     m = max(len(g) for g in groups)
@@ -235,12 +253,13 @@ def align_batch(G: nn.Module, w0: torch.Tensor, targets: AlignTargets, content_n
 def align_groups(
     G: nn.Module, w_start: torch.Tensor, images: torch.Tensor, recons: torch.Tensor,
     groups: Sequence[np.ndarray], content_net: FeatureNet, style_net: FeatureNet | None = None,
-    cfg: AlignConfig = AlignConfig(), *, batch_size: int = 32,
+    cfg: AlignConfig = AlignConfig(), *, batch_size: int = 64,
     which: Sequence[int] | None = None,
     on_batch: Callable[[list[int], dict[str, torch.Tensor]], None] | None = None,
-    progress: bool | None = None,
+    progress: bool | None = None, memory_channels_last: bool = True,
 ) -> AlignResult:
-    """Align many groups, ``batch_size`` groups per optimisation batch.
+    """Align many groups, ``batch_size`` groups per optimisation batch (channels-last layout
+    unless ``memory_channels_last`` is False).
 
     w_start: (n_groups, num_ws, w_dim) start latents (the W+ centroids). images/recons:
     (N, C, R, R) in [0, 1] at G's resolution. which: group indices to do (default all), e.g.
@@ -254,16 +273,18 @@ def align_groups(
     outs: list[dict[str, torch.Tensor]] = []
     bar = tqdm(total=len(which), desc="align", unit="group",
                disable=(not progress) if progress is not None else None)
-    for start in range(0, len(which), batch_size):
-        idx = which[start: start + batch_size]
-        targets = member_targets(images, recons, [groups[g] for g in idx], content_net,
-                                 style_net, cfg, device)
-        out = align_batch(G, w_start[idx].to(device), targets, content_net, style_net, cfg)
-        out = {k: v.detach().cpu() for k, v in out.items()}
-        if on_batch is not None:
-            on_batch(idx, out)
-        outs.append(out)
-        bar.update(len(idx))
+    layout = channels_last(G, content_net, style_net) if memory_channels_last else nullcontext()
+    with layout:
+        for start in range(0, len(which), batch_size):
+            idx = which[start: start + batch_size]
+            targets = member_targets(images, recons, [groups[g] for g in idx], content_net,
+                                     style_net, cfg, device)
+            out = align_batch(G, w_start[idx].to(device), targets, content_net, style_net, cfg)
+            out = {k: v.detach().contiguous().cpu() for k, v in out.items()}
+            if on_batch is not None:
+                on_batch(idx, out)
+            outs.append(out)
+            bar.update(len(idx))
     bar.close()
     return _collect(outs, time.perf_counter() - t0, w_start)
 

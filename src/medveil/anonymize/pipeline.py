@@ -85,7 +85,7 @@ class AnonymizeConfig:
     style_net: str | None = None  # style feature maps; None = feature_net
     align: AlignConfig = field(default_factory=AlignConfig)
     invert_steps: int = 100  # projector steps after the encoder (0: encoder only)
-    batch_groups: int = 32  # groups optimised together
+    batch_groups: int = 64  # groups optimised together
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:

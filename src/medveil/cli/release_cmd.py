@@ -82,8 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gram-scale", choices=("mean", "sum"), default="mean",
                    help="Gram per patch divided by its positions (mean) or not (sum)")
     p.add_argument("--patches", type=int, default=4, help="P: P x P patch grid (4)")
-    p.add_argument("--batch-groups", type=int, default=32,
-                   help="groups optimised together in one batch (32)")
+    p.add_argument("--batch-groups", type=int, default=64,
+                   help="groups optimised together in one batch (64)")
     p.add_argument("--seed", type=int, default=0, help="seed (grouping ties, quick models)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a complete release already in OUT")
