@@ -11,6 +11,7 @@ import os
 import shlex
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -125,19 +126,31 @@ def _wait(proc: subprocess.Popen) -> int:
 
 def _echo_until_exit(proc: subprocess.Popen) -> bool | None:
     """Copy the SuperNode's output to ours until it exits; True if the SuperLink refused to
-    activate it, None on Ctrl-C / SIGTERM."""
+    activate it, None on Ctrl-C / SIGTERM.
+
+    The SuperNode is reaped as soon as it exits (not when its output ends): its SuperExec child
+    shares our pipe and only stops once the SuperNode's pid is gone, so waiting for the end of
+    the output would wait forever after a refused activation."""
     def stop(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    refused = False
-    try:
+    refused = threading.Event()
+
+    def pump() -> None:
         for line in proc.stdout:
             print(line, end="", flush=True)
-            refused = refused or ACTIVATION_REFUSED in line
+            if ACTIVATION_REFUSED in line:
+                refused.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        proc.wait()
     except KeyboardInterrupt:
         return None
-    return refused
+    reader.join(timeout=5.0)  # the rest of its output (the orphaned SuperExec exits in ~0.2 s)
+    return refused.is_set()
 
 
 def _flower_env_keys(home: Path) -> dict[str, str]:

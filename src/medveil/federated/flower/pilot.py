@@ -70,6 +70,17 @@ class LocalPilot:
                                 launch.flower_env(self.workdir / f"site_{name}", self.extra_env),
                                 cwd=self.workdir)
 
+    def start_site_command(self, name: str, retry_for: float = 180.0) -> subprocess.Popen:
+        """The site operator's way, ``medveil site start``: it retries while the SuperLink refuses
+        the site (e.g. until the session of a crashed SuperNode with this key has expired)."""
+        cmd = [str(launch.bin_dir() / "medveil"), "site", "start", "--name", name,
+               "--data", self.sites[name], "--server", self.address,
+               "--certs", str(site_files(self.pki, name).folder), "--runtime-port", str(launch.free_port()),
+               "--threads", str(self.threads), "--retry-for", str(retry_for),
+               "--state", str(self.workdir / f"site_{name}")]
+        return self.procs.start(f"site:{name}", cmd, self.workdir / "logs" / f"site_{name}.log",
+                                launch.flower_env(None, self.extra_env), cwd=self.workdir)
+
     def kill_site(self, name: str) -> None:
         self.procs.kill(f"site:{name}")
 
