@@ -1,7 +1,7 @@
 """What Flower costs: the same small federation in-process vs over Flower on loopback.
 
-Federation: the demo's tiny ViT (28 px, patch 7, dim 96, depth 4), five sites = five shipped
-MedMNIST samples (blood, organ CT, breast US, chest X-ray, skin; 300 train images each), the
+Federation: the demo's tiny ViT (28 px, patch 7, dim 96, depth 4), five sites (``--sites N``:
+the first N) = five shipped MedMNIST samples (blood, organ CT, breast US, chest X-ray, skin; 300 train images each), the
 server's unlabelled pool = the retinamnist sample (560 images, labels ignored; no site holds it),
 strategy distill (--strategy), 2 stages of 2 local epochs, one torch thread per process on
 both engines (same seed: the final weights must agree).
@@ -9,7 +9,8 @@ Flower: a SuperLink with TLS + SuperNode authentication and one SuperNode per si
 127.0.0.1 (medveil.federated.flower.pilot.LocalPilot). Per stage it prints wall time (the
 engine's own per-stage clock, same code on both sides), the bytes the engine accounts
 (torch.save size of every message, identical on both engines) and the bytes in Flower's records
-(Flower's ``count_bytes``), and the CPU seconds of all processes. Stage 1 over Flower includes
+(Flower's ``count_bytes``), and the CPU seconds of all processes (of those that were reaped:
+ClientApp processes whose SuperExec is killed at the end are missed, so this undercounts). Stage 1 over Flower includes
 the one-time join round (sites tell their class counts).
 
     .venv/bin/python benchmarks/flower_overhead.py            # ~5-10 min on the shared 2-core box
@@ -45,13 +46,15 @@ POOL_SAMPLE = "retinamnist"
 
 
 def site_data(args: argparse.Namespace) -> dict[str, str]:
-    """Site name -> dataset (the shipped samples, or the full files of ``--data-dir``)."""
+    """Site name -> dataset (the shipped samples, or the full files of ``--data-dir``) of the
+    first ``--sites`` sites."""
+    chosen = list(SITES.items())[: args.sites]
     if args.data_dir is None:
-        return {n: f"sample:{s}" for n, s in SITES.items()}
-    return {n: str((args.data_dir / f"{s}.npz").resolve()) for n, s in SITES.items()}
+        return {n: f"sample:{s}" for n, s in chosen}
+    return {n: str((args.data_dir / f"{s}.npz").resolve()) for n, s in chosen}
 
 
-def federation(args: argparse.Namespace, sites: dict[str, str] | None, pool: Path) -> dict:
+def federation(args: argparse.Namespace, sites: dict[str, str], pool: Path, with_data: bool = True) -> dict:
     model = {"img_size": 28, "patch_size": 7, "in_chans": 3, "embed_dim": 96, "depth": 4, "num_heads": 3,
              "decoder_embed_dim": 64, "decoder_depth": 1, "decoder_num_heads": 4}
     return {
@@ -61,7 +64,7 @@ def federation(args: argparse.Namespace, sites: dict[str, str] | None, pool: Pat
         "federation": {"strategy": args.strategy, "rounds": args.rounds},
         "local": {"epochs": args.local_epochs, "batch_size": 32, "lr": 5e-4, "class_weighting": "balanced"},
         "curation": {"epochs": args.curation_epochs, "lr": 1e-3},
-        "clients": [_client(n, d) if sites else {"name": n} for n, d in (sites or SITES).items()],
+        "clients": [_client(n, d) if with_data else {"name": n} for n, d in sites.items()],
     }
 
 
@@ -104,6 +107,8 @@ def main() -> int:
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="folder with the sites' full MedMNIST .npz files (default: shipped samples)")
     parser.add_argument("--max-train", type=int, default=0, help="train images per site (0 = all)")
+    parser.add_argument("--sites", type=int, default=len(SITES), choices=range(1, len(SITES) + 1),
+                        help="the first N of the five sites (1: no site competes for the CPU)")
     parser.add_argument("--max-test", type=int, default=0, help="test images per site (0 = all)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "flower_overhead.json")
     args = parser.parse_args()
@@ -129,16 +134,16 @@ def main() -> int:
         local = run_federation(cfg, work / "local", progress=False)
         local_wall, local_cpu = time.perf_counter() - t0, cpu_seconds(resource.RUSAGE_SELF) - c0
 
-        print("Flower (SuperLink + 5 SuperNodes, TLS + auth, loopback) ...", flush=True)
+        print(f"Flower (SuperLink + {len(sites)} SuperNodes, TLS + auth, loopback) ...", flush=True)
         coordinator = work / "coordinator.toml"
-        coordinator.write_text(tomli_w.dumps(federation(args, None, pool)))
+        coordinator.write_text(tomli_w.dumps(federation(args, sites, pool, with_data=False)))
         c0 = cpu_seconds(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         with LocalPilot(work / "pilot", sites, threads=1) as pilot:
             pilot.create_pki()
             pilot.start_link()
             pilot.register()
-            for name in SITES:
+            for name in sites:
                 pilot.start_site(name)
             t_ready = time.perf_counter()
             status = pilot.run(coordinator, work / "flower", timeout=3600, stage_timeout=1800.0,

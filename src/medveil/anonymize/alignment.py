@@ -179,7 +179,6 @@ def channels_last(*modules: nn.Module) -> Iterator[None]:
             m.to(memory_format=torch.contiguous_format)
 
 
-
 def pad_groups(groups: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """Index groups -> (B, M) member indices (padding repeats the first member) and (B, M) mask."""
     m = max(len(g) for g in groups)
