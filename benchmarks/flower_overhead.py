@@ -1,22 +1,24 @@
 """What Flower costs: the same small federation in-process vs over Flower on loopback.
 
 Federation: the demo's tiny ViT (28 px, patch 7, dim 96, depth 4), five sites (``--sites N``:
-the first N) = five shipped MedMNIST samples (blood, organ CT, breast US, chest X-ray, skin; 300 train images each), the
-server's unlabelled pool = the retinamnist sample (560 images, labels ignored; no site holds it),
-strategy distill (--strategy), 2 stages of 2 local epochs, one torch thread per process on
-both engines (same seed: the final weights must agree).
+the first N) = five shipped MedMNIST samples (blood, organ CT, breast US, chest X-ray, skin; 300
+train images each), the server's unlabelled pool = the retinamnist sample (560 images, labels
+ignored; no site holds it), strategy distill (--strategy), 2 stages of 2 local epochs, one torch
+thread per process on both engines (same seed: the final weights must agree).
 Flower: a SuperLink with TLS + SuperNode authentication and one SuperNode per site, all on
 127.0.0.1 (medveil.federated.flower.pilot.LocalPilot). Per stage it prints wall time (the
 engine's own per-stage clock, same code on both sides), the bytes the engine accounts
 (torch.save size of every message, identical on both engines) and the bytes in Flower's records
 (Flower's ``count_bytes``), and the CPU seconds of all processes (of those that were reaped:
-ClientApp processes whose SuperExec is killed at the end are missed, so this undercounts). Stage 1 over Flower includes
-the one-time join round (sites tell their class counts).
+ClientApp processes whose SuperExec is killed at the end are missed, so this undercounts).
+Stage 1 over Flower includes the one-time join round (sites tell their class counts).
 
     .venv/bin/python benchmarks/flower_overhead.py            # ~5-10 min on the shared 2-core box
     .venv/bin/python benchmarks/flower_overhead.py --rounds 1 --local-epochs 1   # quicker
-    .venv/bin/python benchmarks/flower_overhead.py --data-dir ../shared/data/medmnist --max-train 3000 \
-        --out benchmarks/results/flower_overhead_3000.json   # the same sites with 10x the data
+    .venv/bin/python benchmarks/flower_overhead.py --data-dir ../shared/data/medmnist \
+        --max-train 5000 --max-test 1000 --out benchmarks/results/flower_overhead_5000.json
+    .venv/bin/python benchmarks/flower_overhead.py --sites 1 \
+        --out benchmarks/results/flower_overhead_1site.json   # no other site competes for the CPU
 Writes benchmarks/results/flower_overhead.json.
 
 Over Flower 1.41 every message starts a fresh ``flwr-clientapp`` process (~3 s of imports:
@@ -107,9 +109,9 @@ def main() -> int:
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="folder with the sites' full MedMNIST .npz files (default: shipped samples)")
     parser.add_argument("--max-train", type=int, default=0, help="train images per site (0 = all)")
+    parser.add_argument("--max-test", type=int, default=0, help="test images per site (0 = all)")
     parser.add_argument("--sites", type=int, default=len(SITES), choices=range(1, len(SITES) + 1),
                         help="the first N of the five sites (1: no site competes for the CPU)")
-    parser.add_argument("--max-test", type=int, default=0, help="test images per site (0 = all)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "flower_overhead.json")
     args = parser.parse_args()
 

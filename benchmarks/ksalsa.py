@@ -125,6 +125,11 @@ def speed_comparison(result, models, net, feature_spec: str, cfg: AlignConfig, n
             "batched_s": batched.seconds, "reference_s": reference.seconds}
 
 
+def machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
 def timed_speed(P, models, net, args: argparse.Namespace, align: AlignConfig, k: int) -> dict[str, Any]:
     speed = speed_comparison(P, models, net, args.feature_net, align,
                              n_batch=16 if args.quick else 64, n_ref=8 if args.quick else 16)
@@ -147,9 +152,7 @@ def speed_only(args: argparse.Namespace, private, models, net, align: AlignConfi
                       progress=False, inversion_dir=work / "inversion-private")
         results[f"k={k}"] = {"speed": timed_speed(P, models, net, args, align, k)}
     payload = {"benchmark": "ksalsa-speed", "quick": args.quick, "command": " ".join(sys.argv),
-               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                           "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
-               "n_private": len(private.ids), "align": align.to_dict(), "models": models.info,
+               "machine": machine(), "n_private": len(private.ids), "align": align.to_dict(), "models": models.info,
                "feature_net": net.describe(), "results": results,
                "wall_s": time.perf_counter() - t_start}
     out = args.out or REPO / "benchmarks" / "results" / f"ksalsa{'_quick' if args.quick else ''}_speed.json"
@@ -251,8 +254,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{reference['all real (N)']['acc_mean']:.3f}, qwk {reference['all real (N)']['qwk_mean']:.3f}")
     payload = {
         "benchmark": "ksalsa", "quick": q, "command": " ".join(sys.argv),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": machine(),
         "data": {"dataset": "APTOS-2019 train", "n_private": len(private.ids),
                  "n_test": len(test.ids), "resolution": resolution, "split_seed": 0,
                  "duplicates": "identical/near-identical photographs kept on one side of the "

@@ -7,7 +7,7 @@ release never used (another random seed).
     python benchmarks/ksalsa_linkage.py [--work runs/bench_ksalsa/full] [--ks 2,5,10]
 
 The first row repeats the benchmark's attack; it differs from ksalsa.json by a few hundredths
-because the attack's random negatives follow the order of the groups (here: by file name).
+because the attack's random negatives follow the order of the groups (here: labels.csv's).
 Needs the full benchmark's work folder (APTOS cache + k*/private, k*/test releases with their
 audits). Prints a table and writes benchmarks/results/ksalsa_linkage.json.
 """
@@ -15,15 +15,14 @@ audits). Prints a table and writes benchmarks/results/ksalsa_linkage.json.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from medveil.evaluate.linkage import LinkageAttack, image_features, topk_precision
+from medveil.evaluate.release_eval import index_groups, read_release
 from medveil.io import write_json_atomic
 from medveil.models.features import build_feature_net
 
@@ -33,15 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 def load_release(cache: dict[str, np.ndarray], folder: Path, part: str
                  ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """(real images, released images, member rows of each released image) of one release."""
-    pos = {s: i for i, s in enumerate(cache[f"{part}_ids"].tolist())}
-    members: dict[str, list[int]] = {}
-    with open(folder / "audit" / "groups.csv", newline="") as fh:
-        for row in csv.DictReader(fh):
-            members.setdefault(row["file"], []).append(pos[row["member_id"]])
-    files = sorted(members)
-    syn = np.stack([np.asarray(Image.open(folder / "release" / "images" / f).convert("RGB"))
-                    for f in files])
-    return cache[f"{part}_images"], syn, [np.asarray(members[f]) for f in files]
+    release = read_release(folder)
+    return (cache[f"{part}_images"], release.images,
+            index_groups(release, cache[f"{part}_ids"].tolist(), str(folder)))
 
 
 def main(argv: list[str] | None = None) -> int:

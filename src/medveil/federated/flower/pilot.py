@@ -66,7 +66,7 @@ class LocalPilot:
         cmd = launch.supernode_command(site_files(self.pki, name), self.address,
                                        data if data is not None else self.sites[name],
                                        launch.free_port(), threads=self.threads, max_wait=max_wait)
-        return self.procs.start(f"site:{name}", cmd, self.workdir / "logs" / f"site_{name}.log",
+        return self.procs.start(f"site:{name}", cmd, self._site_log(name),
                                 launch.flower_env(self.workdir / f"site_{name}", self.extra_env),
                                 cwd=self.workdir)
 
@@ -75,11 +75,15 @@ class LocalPilot:
         the site (e.g. until the session of a crashed SuperNode with this key has expired)."""
         cmd = [str(launch.bin_dir() / "medveil"), "site", "start", "--name", name,
                "--data", self.sites[name], "--server", self.address,
-               "--certs", str(site_files(self.pki, name).folder), "--runtime-port", str(launch.free_port()),
-               "--threads", str(self.threads), "--retry-for", str(retry_for),
+               "--certs", str(site_files(self.pki, name).folder),
+               "--runtime-port", str(launch.free_port()), "--threads", str(self.threads),
+               "--retry-for", str(retry_for),
                "--state", str(self.workdir / f"site_{name}")]
-        return self.procs.start(f"site:{name}", cmd, self.workdir / "logs" / f"site_{name}.log",
+        return self.procs.start(f"site:{name}", cmd, self._site_log(name),
                                 launch.flower_env(None, self.extra_env), cwd=self.workdir)
+
+    def _site_log(self, name: str) -> Path:
+        return self.workdir / "logs" / f"site_{name}.log"
 
     def kill_site(self, name: str) -> None:
         self.procs.kill(f"site:{name}")
