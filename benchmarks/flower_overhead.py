@@ -13,7 +13,7 @@ engine's own per-stage clock, same code on both sides), the bytes the engine acc
 ClientApp processes whose SuperExec is killed at the end are missed, so this undercounts).
 Stage 1 over Flower includes the one-time join round (sites tell their class counts).
 
-    .venv/bin/python benchmarks/flower_overhead.py            # ~5-10 min on the shared 2-core box
+    .venv/bin/python benchmarks/flower_overhead.py            # ~2 min on the shared 2-core box
     .venv/bin/python benchmarks/flower_overhead.py --rounds 1 --local-epochs 1   # quicker
     .venv/bin/python benchmarks/flower_overhead.py --data-dir ../shared/data/medmnist \
         --max-train 5000 --max-test 1000 --out benchmarks/results/flower_overhead_5000.json
@@ -21,10 +21,14 @@ Stage 1 over Flower includes the one-time join round (sites tell their class cou
         --out benchmarks/results/flower_overhead_1site.json   # no other site competes for the CPU
 Writes benchmarks/results/flower_overhead.json.
 
-Over Flower 1.41 every message starts a fresh ``flwr-clientapp`` process (~3 s of imports:
-flwr, torch) after the SuperNode's poll (up to 3 s), and a stage is two messages per site (train,
-evaluate), so the overhead is mostly a fixed cost per stage: ``--data-dir``/``--max-train``
-measure how it amortises over a larger stage.
+Sites run MedVeil's warm ClientApp runtime (``medveil.federated.flower.site_node``: ClientApps
+forked from a preloaded process); ``--app-runtime flower`` measures Flower's own (a fresh
+``flwr-clientapp`` process per message, ~4 s of imports, 3 s SuperNode poll):
+
+    .venv/bin/python benchmarks/flower_overhead.py --app-runtime flower \
+        --out benchmarks/results/flower_overhead_plain.json
+
+Each stage also reports its wall time per phase (fit / curate / evaluate) on both engines.
 """
 
 from __future__ import annotations
@@ -85,7 +89,8 @@ def per_stage(metrics: dict) -> list[dict]:
     for stage in metrics["stages"][1:]:
         engine_bytes = sum(sum(info.get("bytes", {}).values()) for info in stage["clients"].values())
         wire = sum(sum(info.get("wire_bytes", {}).values()) for info in stage["clients"].values())
-        rows.append({"stage": stage["stage"], "seconds": stage["seconds"], "engine_bytes": engine_bytes,
+        rows.append({"stage": stage["stage"], "seconds": stage["seconds"],
+                     "phases": stage.get("phase_seconds", {}), "engine_bytes": engine_bytes,
                      "flower_record_bytes": wire or None, "absent": len(stage.get("absent", [])),
                      "rejected": len(stage["rejected"])})
     return rows
@@ -112,6 +117,9 @@ def main() -> int:
     parser.add_argument("--max-test", type=int, default=0, help="test images per site (0 = all)")
     parser.add_argument("--sites", type=int, default=len(SITES), choices=range(1, len(SITES) + 1),
                         help="the first N of the five sites (1: no site competes for the CPU)")
+    parser.add_argument("--app-runtime", choices=("warm", "flower"), default="warm",
+                        help="sites' ClientApp runtime: warm (forked from a preloaded process, "
+                             "MedVeil's default) or flower (a fresh process per message)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "flower_overhead.json")
     args = parser.parse_args()
 
@@ -141,7 +149,7 @@ def main() -> int:
         coordinator.write_text(tomli_w.dumps(federation(args, sites, pool, with_data=False)))
         c0 = cpu_seconds(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
-        with LocalPilot(work / "pilot", sites, threads=1) as pilot:
+        with LocalPilot(work / "pilot", sites, threads=1, app_runtime=args.app_runtime) as pilot:
             pilot.create_pki()
             pilot.start_link()
             pilot.register()
@@ -163,6 +171,7 @@ def main() -> int:
         rows.append({"stage": a["stage"], "inprocess_s": a["seconds"], "flower_s": b["seconds"],
                      "overhead_pct": 100.0 * (b["seconds"] / a["seconds"] - 1.0),
                      "extra_s": b["seconds"] - a["seconds"],
+                     "phases_inprocess_s": a["phases"], "phases_flower_s": b["phases"],
                      "engine_bytes": a["engine_bytes"], "engine_bytes_flower": b["engine_bytes"],
                      "flower_record_bytes": b["flower_record_bytes"], "absent": b["absent"]})
     print()
@@ -172,6 +181,10 @@ def main() -> int:
         print(f"{r['stage']:>5} {r['inprocess_s']:>13.1f} {r['flower_s']:>9.1f} {r['extra_s']:>8.1f} "
               f"{r['overhead_pct']:>8.0f}% "
               f"{r['engine_bytes'] / 1e6:>12.2f} {r['flower_record_bytes'] / 1e6:>20.2f}")
+    print("\nwall seconds per phase (in-process / Flower): "
+          + "; ".join(f"stage {r['stage']}: " + ", ".join(
+              f"{k} {r['phases_inprocess_s'].get(k, 0):.1f} / {v:.1f}" for k, v in r["phases_flower_s"].items())
+              for r in rows))
     later = [r for r in rows if r["stage"] > 1]
     mean = (lambda key, rs: sum(r[key] for r in rs) / len(rs)) if rows else None
     summary = {

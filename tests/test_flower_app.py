@@ -243,10 +243,15 @@ def test_pki_and_commands(tmp_path, capsys):
     assert main(["site", "start", "--name", "alpha", "--data", "sample:bloodmnist", "--server",
                  "coordinator.example.org:9092", "--certs", str(pki / "sites" / "alpha"), "--print"]) == 0
     site_cmd = capsys.readouterr().out
-    for flag in ("flower-supernode", "--root-certificates", "--auth-supernode-private-key",
+    for flag in ("medveil.federated.flower.site_node", "--root-certificates", "--auth-supernode-private-key",
                  'name="alpha"', "coordinator.example.org:9092"):
         assert flag in site_cmd
     assert "--insecure" not in site_cmd
+    assert main(["site", "start", "--name", "alpha", "--data", "sample:bloodmnist", "--server",
+                 "coordinator.example.org:9092", "--certs", str(pki / "sites" / "alpha"),
+                 "--app-runtime", "flower", "--print"]) == 0
+    plain = capsys.readouterr().out
+    assert "flower-supernode" in plain and "site_node" not in plain
     assert main(["server", "start", "--certs", str(pki / "server"), "--state", str(tmp_path / "state"),
                  "--print"]) == 0
     link_cmd = capsys.readouterr().out
@@ -255,6 +260,59 @@ def test_pki_and_commands(tmp_path, capsys):
         assert flag in link_cmd
     assert main(["site", "start", "--name", "alpha", "--data", "x.npz", "--server", "nohost",
                  "--certs", str(pki / "sites" / "alpha"), "--print"]) == 2
+
+
+def test_warm_site_runtime_parts(monkeypatch):
+    """The pieces of the warm ClientApp runtime that need no processes (the deployment tests run
+    it for real): argument parsing, the SuperExec's wake-up wait, Flower's pull back-off."""
+    import signal
+    import threading
+    import time
+
+    from flwr.supercore.inflatable import inflatable_utils
+
+    from medveil.federated.flower import latency, site_node
+
+    argv = ["--superlink", "h:1", "--port", "9094", "--ssl-ca-certfile=/ca.crt"]
+    assert site_node._value(argv, "--port") == "9094"
+    assert site_node._value(argv, "--ssl-ca-certfile") == "/ca.crt"
+    assert site_node._value(argv, "--host") is None
+    with pytest.raises(SystemExit, match="isolation"):
+        site_node.main([*argv, "--isolation", "subprocess"])
+
+    executor = site_node.ForkExecutor()
+    monkeypatch.setattr(site_node, "IDLE_SECONDS", 0.3)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {site_node.WAKE})
+    try:
+        t0 = time.monotonic()
+        executor.wait(0.0)  # nothing pending: sleeps IDLE_SECONDS
+        assert 0.25 <= time.monotonic() - t0 < 2.0
+        signal.pthread_kill(threading.get_ident(), site_node.WAKE)  # the SuperNode stored a message
+        t0 = time.monotonic()
+        executor.wait(0.0)
+        assert time.monotonic() - t0 < 0.2
+        executor.launched = True  # right after a launch: no wait at all
+        t0 = time.monotonic()
+        executor.wait(0.0)
+        assert time.monotonic() - t0 < 0.05 and not executor.launched
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+    for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        monkeypatch.setattr(fn, "__kwdefaults__", {**fn.__kwdefaults__, "initial_backoff": 1})  # restored after
+    assert latency.fast_object_pulls()
+    for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        assert fn.__kwdefaults__["initial_backoff"] == latency.PULL_BACKOFF[0]
+        assert fn.__kwdefaults__["max_tries_per_object"] is None and fn.__kwdefaults__["max_time"] == 7200
+
+    from medveil.federated.flower.certs import SiteFiles
+    from medveil.federated.flower.launch import supernode_command
+
+    site = SiteFiles("alpha", Path("/certs"))
+    assert supernode_command(site, "h:1", "x.npz", 9094)[1:3] == ["-m", "medveil.federated.flower.site_node"]
+    assert supernode_command(site, "h:1", "x.npz", 9094, app_runtime="flower")[0] == "flower-supernode"
+    with pytest.raises(ConfigError, match="app runtime"):
+        supernode_command(site, "h:1", "x.npz", 9094, app_runtime="docker")
 
 
 def test_robust_fedavg_aggregation_bounds_an_outlier():

@@ -90,6 +90,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="local port of the SuperNode's runtime API (default: %(default)s)")
     sstart.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     sstart.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    sstart.add_argument("--app-runtime", choices=("warm", "flower"), default="warm",
+                        help="warm: each message's ClientApp is forked from a process that has "
+                             "imported torch/medveil once; flower: Flower's fresh process per "
+                             "message (~4 s of imports each) (default: %(default)s)")
     sstart.add_argument("--retry-for", type=float, default=180.0, metavar="SECONDS",
                         help="keep retrying when the coordinator refuses activation, e.g. after a "
                              "crash (Flower expires the old session ~60 s later) (default: %(default)s)")
@@ -269,7 +273,8 @@ def run_site_start(args: argparse.Namespace) -> int:
     site = SiteFiles(args.name, args.certs)
     home = args.state / "flwr"
     cmd = launch.supernode_command(site, args.server, args.data, args.runtime_port, threads=args.threads,
-                                   device=args.device, data_root=args.data_root)
+                                   device=args.device, data_root=args.data_root,
+                                   app_runtime=args.app_runtime)
     if args.print:
         _show(cmd, _flower_env_keys(home))
         return 0

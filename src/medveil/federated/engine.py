@@ -158,6 +158,7 @@ def run_stage(fed: Federation, stage: int, progress: bool = True) -> dict[str, A
     curation: list[dict[str, Any]] = []
     bar = tqdm(total=len(names), desc=f"stage {stage}: clients", leave=False,
                disable=None if progress else True)
+    phase = {"fit": 0.0, "curate": 0.0, "evaluate": 0.0}  # wall seconds: where a stage's time goes
     for gi, group in enumerate(groups):
         jobs = []
         for name in group:
@@ -171,7 +172,9 @@ def run_stage(fed: Federation, stage: int, progress: bool = True) -> dict[str, A
                 continue
             info["bytes"]["fit_down"] = message_nbytes(ins)
             jobs.append(FitJob(ins, derive_seed(seed, stage, name, "fit")))
+        t_fit = time.time()
         result = transport.fit(jobs, fed.cfg.local, stage)
+        phase["fit"] += time.time() - t_fit
         updates = [result.replies[j.instructions.client_name] for j in jobs
                    if j.instructions.client_name in result.replies]
         for update in updates:
@@ -184,13 +187,17 @@ def run_stage(fed: Federation, stage: int, progress: bool = True) -> dict[str, A
         bar.update(len(group))
         accepted, rejections = screen_updates(updates, server.backbone_spec(), server.head_specs())
         rejected += [r.to_dict() for r in rejections]
+        t_cur = time.time()
         result_c = fed.curator.curate(server, accepted, derive_seed(seed, stage, gi, "curate"), progress)
+        phase["curate"] += time.time() - t_cur
         curation.append({"clients": [u.client_name for u in accepted], **result_c})
     bar.close()
     # every joined client that is here evaluates the new universal model
     evaluated = [n for n in fed.client_names if n in server.registry and n in present and n not in absent]
     eval_ins = [server.instructions(n, stage) for n in evaluated]
+    t_eval = time.time()
     reports = transport.evaluate(eval_ins, stage)
+    phase["evaluate"] = time.time() - t_eval
     for ins in eval_ins:
         info = per_client.setdefault(ins.client_name, {"bytes": {}})
         info["bytes"]["eval_down"] = message_nbytes(ins)
@@ -205,7 +212,7 @@ def run_stage(fed: Federation, stage: int, progress: bool = True) -> dict[str, A
     return {"stage": stage, "kind": "federated", "strategy": fed.curator.name,
             "schedule": fed.schedule, "participants": names, "clients": per_client,
             "rejected": rejected, "absent": [{"client": n, "reason": r} for n, r in absent.items()],
-            "curation": curation, "seconds": time.time() - t0}
+            "curation": curation, "seconds": time.time() - t0, "phase_seconds": phase}
 
 
 def _merge_wire(per_client: dict[str, dict[str, Any]], wire: dict[str, dict[str, int]]) -> None:

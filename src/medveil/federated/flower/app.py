@@ -82,9 +82,11 @@ def _log_to_stderr() -> None:
 def server_main(grid: Grid, context: Context) -> None:
     from medveil.federated.config import load_config
     from medveil.federated.engine import run_federation
+    from medveil.federated.flower.latency import fast_object_pulls
     from medveil.federated.flower.transport import FlowerTransport
 
     _log_to_stderr()
+    fast_object_pulls()  # replies: no 1-10 s back-off when a reply's payload is still arriving
     rc = {**RUN_CONFIG_DEFAULTS, **dict(context.run_config)}
     if not rc["config"] or not rc["out"]:
         raise ConfigError("run config needs 'config' and 'out' (absolute paths on the coordinator)")

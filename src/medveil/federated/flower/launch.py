@@ -114,13 +114,23 @@ def superlink_command(server: ServerFiles, host: str, port: int, database: Path 
     return cmd
 
 
+APP_RUNTIMES = ("warm", "flower")  # site_node's preloaded forks, or flwr's process per message
+
+
 def supernode_command(site: SiteFiles, superlink: str, data: str, runtime_port: int,
                       threads: int = 0, device: str = "cpu", data_root: str = "",
-                      max_wait: float | None = None) -> list[str]:
+                      max_wait: float | None = None, app_runtime: str = "warm") -> list[str]:
+    """The SuperNode of a site. ``app_runtime="warm"`` (default): Flower's SuperNode through
+    :mod:`medveil.federated.flower.site_node` (ClientApps forked from a preloaded process, 0.5 s
+    polling); ``"flower"``: plain ``flower-supernode`` (a fresh ``flwr-clientapp`` per message)."""
+    if app_runtime not in APP_RUNTIMES:
+        raise ConfigError(f"app runtime must be one of {', '.join(APP_RUNTIMES)}, got {app_runtime!r}")
     node = [f'name="{site.name}"', f'data="{data}"', f'device="{device}"', f"threads={int(threads)}"]
     if data_root:
         node.append(f'data-root="{data_root}"')
-    cmd = ["flower-supernode", "--superlink", superlink, "--root-certificates", str(site.ca),
+    start = (["flower-supernode"] if app_runtime == "flower"
+             else [sys.executable, "-m", "medveil.federated.flower.site_node"])
+    cmd = [*start, "--superlink", superlink, "--root-certificates", str(site.ca),
            "--auth-supernode-private-key", str(site.auth_key), "--node-config", " ".join(node),
            "--host", "127.0.0.1", "--port", str(runtime_port),
            "--ssl-certfile", str(site.cert), "--ssl-keyfile", str(site.key), "--ssl-ca-certfile", str(site.ca)]
@@ -194,10 +204,11 @@ def run_status(flwr_home: Path, run_id: int) -> str:
 
 
 def wait_for_run(flwr_home: Path, run_id: int, out: Path, timeout: float | None = None,
-                 status_every: float = 5.0, on_stage=None) -> str:
+                 status_every: float = 15.0, on_stage=None) -> str:
     """Until the run folder is complete or Flower reports the run finished; returns Flower's
     status ('finished:completed' when the folder is complete). ``on_stage(n)`` is called as each
-    stage checkpoint appears."""
+    stage checkpoint appears. The folder is checked 4 times a second; Flower's status (a failed
+    run) every ``status_every`` s, as each check is a ``flwr ls`` process (~2 CPU-s)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     next_status = time.monotonic() + status_every
     seen: set[str] = set()

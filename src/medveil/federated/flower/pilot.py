@@ -20,10 +20,11 @@ class LocalPilot:
     ``close()`` (or use as a context manager): every process tree is killed."""
 
     def __init__(self, workdir: Path, sites: dict[str, str], threads: int = 1,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, app_runtime: str = "warm") -> None:
         self.workdir = Path(workdir)
         self.sites = dict(sites)  # name -> dataset (path / sample:NAME)
         self.threads = threads
+        self.app_runtime = app_runtime  # launch.APP_RUNTIMES
         self.extra_env = dict(extra_env or {})
         self.pki = self.workdir / "pki"
         self.link_home = self.workdir / "coordinator"
@@ -65,7 +66,8 @@ class LocalPilot:
     def start_site(self, name: str, data: str | None = None, max_wait: float | None = None) -> subprocess.Popen:
         cmd = launch.supernode_command(site_files(self.pki, name), self.address,
                                        data if data is not None else self.sites[name],
-                                       launch.free_port(), threads=self.threads, max_wait=max_wait)
+                                       launch.free_port(), threads=self.threads, max_wait=max_wait,
+                                       app_runtime=self.app_runtime)
         return self.procs.start(f"site:{name}", cmd, self._site_log(name),
                                 launch.flower_env(self.workdir / f"site_{name}", self.extra_env),
                                 cwd=self.workdir)
@@ -77,6 +79,7 @@ class LocalPilot:
                "--data", self.sites[name], "--server", self.address,
                "--certs", str(site_files(self.pki, name).folder),
                "--runtime-port", str(launch.free_port()), "--threads", str(self.threads),
+               "--app-runtime", self.app_runtime,
                "--retry-for", str(retry_for),
                "--state", str(self.workdir / f"site_{name}")]
         return self.procs.start(f"site:{name}", cmd, self._site_log(name),
@@ -96,7 +99,7 @@ class LocalPilot:
         rc = launch.write_run_config(self.link_home / "runs" / f"{Path(out).name}.toml", values)
         return launch.start_run(self.link_home, app, rc)
 
-    def wait(self, run_id: int, out: Path, timeout: float, status_every: float = 5.0) -> str:
+    def wait(self, run_id: int, out: Path, timeout: float, status_every: float = 15.0) -> str:
         """Until the run folder is complete or Flower reports the run finished; returns the status."""
         try:
             return launch.wait_for_run(self.link_home, run_id, out, timeout, status_every)
