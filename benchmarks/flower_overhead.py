@@ -11,10 +11,13 @@ engine's own per-stage clock, same code on both sides), the bytes the engine acc
 (torch.save size of every message, identical on both engines) and the bytes in Flower's records
 (Flower's ``count_bytes``), and the CPU seconds of all processes (of those that were reaped:
 ClientApp processes whose SuperExec is killed at the end are missed, so this undercounts).
-Stage 1 over Flower includes the one-time join round (sites tell their class counts).
+Stage 1 over Flower includes the one-time join round (sites tell their class counts). The
+machine is shared and a stage lasts ~10 s, so one pair is noisy (+15% .. +45% seen for the same
+code): the pair runs ``--repeat`` times (default 3) and the summary is the median and range of
+the overhead of the summed stage times.
 
-    .venv/bin/python benchmarks/flower_overhead.py            # ~2 min on the shared 2-core box
-    .venv/bin/python benchmarks/flower_overhead.py --rounds 1 --local-epochs 1   # quicker
+    .venv/bin/python benchmarks/flower_overhead.py            # 3 repeats, ~7 min on the shared 2-core box
+    .venv/bin/python benchmarks/flower_overhead.py --repeat 1 --rounds 1 --local-epochs 1   # quicker
     .venv/bin/python benchmarks/flower_overhead.py --data-dir ../shared/data/medmnist \
         --max-train 5000 --max-test 1000 --out benchmarks/results/flower_overhead_5000.json
     .venv/bin/python benchmarks/flower_overhead.py --sites 1 \
@@ -38,6 +41,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -104,6 +108,95 @@ def max_abs_diff(a: Path, b: Path) -> float:
     return max(diff)
 
 
+def one_pair(args: argparse.Namespace, work: Path) -> dict:
+    """The federation in-process, then over Flower on loopback; per-stage rows and totals."""
+    import tomli_w
+
+    from medveil.data.samples import sample_path
+    from medveil.federated.config import config_from_dict
+    from medveil.federated.engine import run_federation
+    from medveil.federated.flower.pilot import LocalPilot
+
+    pool = sample_path(POOL_SAMPLE)
+    sites = site_data(args)
+    cfg = config_from_dict(federation(args, sites, pool), work)
+
+    print("in-process engine ...", flush=True)
+    t0, c0 = time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF)
+    local = run_federation(cfg, work / "local", progress=False)
+    local_wall, local_cpu = time.perf_counter() - t0, cpu_seconds(resource.RUSAGE_SELF) - c0
+
+    print(f"Flower (SuperLink + {len(sites)} SuperNodes, TLS + auth, loopback, {args.app_runtime} "
+          f"ClientApp runtime) ...", flush=True)
+    coordinator = work / "coordinator.toml"
+    coordinator.write_text(tomli_w.dumps(federation(args, sites, pool, with_data=False)))
+    c0 = cpu_seconds(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    with LocalPilot(work / "pilot", sites, threads=1, app_runtime=args.app_runtime) as pilot:
+        pilot.create_pki()
+        pilot.start_link()
+        pilot.register()
+        for name in sites:
+            pilot.start_site(name)
+        t_ready = time.perf_counter()
+        status = pilot.run(coordinator, work / "flower", timeout=3600, stage_timeout=1800.0,
+                           join_timeout=120.0)
+        t_done = time.perf_counter()
+    flower_cpu = cpu_seconds(resource.RUSAGE_CHILDREN) - c0
+    if status != "finished:completed":
+        raise SystemExit(f"Flower run ended with {status}")
+    flower = json.loads((work / "flower" / "metrics.json").read_text())
+    rows = []
+    for a, b in zip(per_stage(local), per_stage(flower), strict=True):
+        rows.append({"stage": a["stage"], "inprocess_s": a["seconds"], "flower_s": b["seconds"],
+                     "overhead_pct": 100.0 * (b["seconds"] / a["seconds"] - 1.0),
+                     "extra_s": b["seconds"] - a["seconds"],
+                     "phases_inprocess_s": a["phases"], "phases_flower_s": b["phases"],
+                     "engine_bytes": a["engine_bytes"], "engine_bytes_flower": b["engine_bytes"],
+                     "flower_record_bytes": b["flower_record_bytes"], "absent": b["absent"]})
+    return {"stages": rows, "max_abs_weight_diff": max_abs_diff(work / "local" / "model.pt",
+                                                                 work / "flower" / "model.pt"),
+            "inprocess_total_s": local_wall, "inprocess_cpu_s": local_cpu,
+            "flower_startup_s": t_ready - t0, "flower_run_s": t_done - t_ready,
+            "flower_cpu_s_all_processes": flower_cpu}
+
+
+def print_pair(pair: dict) -> None:
+    rows = pair["stages"]
+    print(f"\n{'stage':>5} {'in-process s':>13} {'Flower s':>9} {'extra s':>8} {'overhead':>9} "
+          f"{'MB (engine)':>12} {'MB (Flower records)':>20}")
+    for r in rows:
+        print(f"{r['stage']:>5} {r['inprocess_s']:>13.1f} {r['flower_s']:>9.1f} {r['extra_s']:>8.1f} "
+              f"{r['overhead_pct']:>8.0f}% "
+              f"{r['engine_bytes'] / 1e6:>12.2f} {r['flower_record_bytes'] / 1e6:>20.2f}")
+    print("wall seconds per phase (in-process / Flower): "
+          + "; ".join(f"stage {r['stage']}: " + ", ".join(
+              f"{k} {r['phases_inprocess_s'].get(k, 0):.1f} / {v:.1f}" for k, v in r["phases_flower_s"].items())
+              for r in rows))
+    print(f"whole run: in-process {pair['inprocess_total_s']:.0f} s ({pair['inprocess_cpu_s']:.0f} CPU-s); "
+          f"Flower {pair['flower_run_s']:.0f} s after {pair['flower_startup_s']:.0f} s start-up "
+          f"({pair['flower_cpu_s_all_processes']:.0f} CPU-s in the Flower processes that were reaped); "
+          f"final weights: max |in-process - Flower| = {pair['max_abs_weight_diff']:.2e}")
+
+
+def summarise(pairs: list[dict]) -> dict:
+    """Overhead of the summed stage times, per repeat; median / min / max over the repeats."""
+    def pct(rows: list[dict]) -> float | None:
+        if not rows:
+            return None
+        return 100.0 * (sum(r["flower_s"] for r in rows) / sum(r["inprocess_s"] for r in rows) - 1.0)
+
+    all_pct = [pct(p["stages"]) for p in pairs]
+    later = [pct([r for r in p["stages"] if r["stage"] > 1]) for p in pairs]
+    later = [x for x in later if x is not None]
+    stat = (lambda xs: {"median": statistics.median(xs), "min": min(xs), "max": max(xs)} if xs else None)
+    return {"overhead_pct_all_stages": stat(all_pct), "overhead_pct_after_join": stat(later),
+            "per_repeat_after_join": later,
+            "extra_s_per_stage_after_join": stat([r["extra_s"] for p in pairs for r in p["stages"]
+                                                  if r["stage"] > 1]),
+            "max_abs_weight_diff": max(p["max_abs_weight_diff"] for p in pairs)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--strategy", default="distill", choices=("distill", "fedavg", "relay"))
@@ -120,94 +213,37 @@ def main() -> int:
     parser.add_argument("--app-runtime", choices=("warm", "flower"), default="warm",
                         help="sites' ClientApp runtime: warm (forked from a preloaded process, "
                              "MedVeil's default) or flower (a fresh process per message)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="run the in-process / Flower pair this many times (the machine is shared: "
+                             "the summary gives the median and range over the repeats)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "flower_overhead.json")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
 
-    import tomli_w
-
-    from medveil.data.samples import sample_path
-    from medveil.federated.config import config_from_dict
-    from medveil.federated.engine import run_federation
-    from medveil.federated.flower.pilot import LocalPilot
     from medveil.io import write_json_atomic
 
     torch.set_num_threads(1)
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="medveil-flower-bench-") as tmp:
-        work = Path(tmp)
-        pool = sample_path(POOL_SAMPLE)
-        sites = site_data(args)
-        cfg = config_from_dict(federation(args, sites, pool), work)
-
-        print("in-process engine ...", flush=True)
-        t0, c0 = time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF)
-        local = run_federation(cfg, work / "local", progress=False)
-        local_wall, local_cpu = time.perf_counter() - t0, cpu_seconds(resource.RUSAGE_SELF) - c0
-
-        print(f"Flower (SuperLink + {len(sites)} SuperNodes, TLS + auth, loopback) ...", flush=True)
-        coordinator = work / "coordinator.toml"
-        coordinator.write_text(tomli_w.dumps(federation(args, sites, pool, with_data=False)))
-        c0 = cpu_seconds(resource.RUSAGE_CHILDREN)
-        t0 = time.perf_counter()
-        with LocalPilot(work / "pilot", sites, threads=1, app_runtime=args.app_runtime) as pilot:
-            pilot.create_pki()
-            pilot.start_link()
-            pilot.register()
-            for name in sites:
-                pilot.start_site(name)
-            t_ready = time.perf_counter()
-            status = pilot.run(coordinator, work / "flower", timeout=3600, stage_timeout=1800.0,
-                               join_timeout=120.0)
-            t_done = time.perf_counter()
-        flower_cpu = cpu_seconds(resource.RUSAGE_CHILDREN) - c0
-        if status != "finished:completed":
-            print(f"Flower run ended with {status}", file=sys.stderr)
-            return 1
-        flower = json.loads((work / "flower" / "metrics.json").read_text())
-        diff = max_abs_diff(work / "local" / "model.pt", work / "flower" / "model.pt")
-
-    rows = []
-    for a, b in zip(per_stage(local), per_stage(flower), strict=True):
-        rows.append({"stage": a["stage"], "inprocess_s": a["seconds"], "flower_s": b["seconds"],
-                     "overhead_pct": 100.0 * (b["seconds"] / a["seconds"] - 1.0),
-                     "extra_s": b["seconds"] - a["seconds"],
-                     "phases_inprocess_s": a["phases"], "phases_flower_s": b["phases"],
-                     "engine_bytes": a["engine_bytes"], "engine_bytes_flower": b["engine_bytes"],
-                     "flower_record_bytes": b["flower_record_bytes"], "absent": b["absent"]})
-    print()
-    print(f"{'stage':>5} {'in-process s':>13} {'Flower s':>9} {'extra s':>8} {'overhead':>9} {'MB (engine)':>12} "
-          f"{'MB (Flower records)':>20}")
-    for r in rows:
-        print(f"{r['stage']:>5} {r['inprocess_s']:>13.1f} {r['flower_s']:>9.1f} {r['extra_s']:>8.1f} "
-              f"{r['overhead_pct']:>8.0f}% "
-              f"{r['engine_bytes'] / 1e6:>12.2f} {r['flower_record_bytes'] / 1e6:>20.2f}")
-    print("\nwall seconds per phase (in-process / Flower): "
-          + "; ".join(f"stage {r['stage']}: " + ", ".join(
-              f"{k} {r['phases_inprocess_s'].get(k, 0):.1f} / {v:.1f}" for k, v in r["phases_flower_s"].items())
-              for r in rows))
-    later = [r for r in rows if r["stage"] > 1]
-    mean = (lambda key, rs: sum(r[key] for r in rs) / len(rs)) if rows else None
-    summary = {
-        "overhead_pct_all_stages": 100.0 * (mean("flower_s", rows) / mean("inprocess_s", rows) - 1.0),
-        "overhead_pct_after_join": (100.0 * (mean("flower_s", later) / mean("inprocess_s", later) - 1.0)
-                                    if later else None),
-        "max_abs_weight_diff": diff,
-        "inprocess_total_s": local_wall, "inprocess_cpu_s": local_cpu,
-        "flower_startup_s": t_ready - t0, "flower_run_s": t_done - t_ready,
-        "flower_cpu_s_all_processes": flower_cpu,
-        "load_average_before": load_before, "load_average_after": os.getloadavg(),
-    }
-    print(f"\nmean overhead per stage: {summary['overhead_pct_all_stages']:.0f}% (all stages), "
-          + (f"{summary['overhead_pct_after_join']:.0f}% (stages after the join round)" if later else ""))
-    print(f"whole run: in-process {local_wall:.0f} s ({local_cpu:.0f} CPU-s); Flower {t_done - t_ready:.0f} s "
-          f"after {t_ready - t0:.0f} s start-up ({flower_cpu:.0f} CPU-s in all Flower processes)")
-    print(f"final weights: max |in-process - Flower| = {diff:.2e}")
+    pairs = []
+    for rep in range(args.repeat):
+        if args.repeat > 1:
+            print(f"== repeat {rep + 1}/{args.repeat}", flush=True)
+        with tempfile.TemporaryDirectory(prefix="medveil-flower-bench-") as tmp:
+            pairs.append(one_pair(args, Path(tmp)))
+        print_pair(pairs[-1])
+    summary = summarise(pairs) | {"load_average_before": load_before, "load_average_after": os.getloadavg()}
+    after = summary["overhead_pct_after_join"]
+    print(f"\noverhead of the stage times over {args.repeat} repeat(s): "
+          f"{summary['overhead_pct_all_stages']['median']:.0f}% all stages (median)"
+          + (f", {after['median']:.0f}% after the join round (median; range {after['min']:.0f}% .. "
+             f"{after['max']:.0f}%)" if after else ""))
     print(f"load average before/after: {load_before[0]:.1f} / {summary['load_average_after'][0]:.1f} "
           f"on {os.cpu_count()} cores")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "settings": vars(args) | {"out": str(args.out)},
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-              "stages": rows, "summary": summary}
+              "repeats": pairs, "stages": pairs[-1]["stages"], "summary": summary}
     write_json_atomic(args.out, result)
     print(f"written: {args.out}")
     return 0

@@ -7,7 +7,7 @@
   the SuperLink, the ServerApp for replies) may find a message whose objects are still on their
   way (the task exists before its payload arrives) and then backs off 1 s, 2 s, 4 s ... up to 10 s
   (``inflatable_utils``). Once a ClientApp starts in a fraction of a second instead of ~4 s, it
-  always lands in that gap. :func:`fast_object_pulls` retries after 0.05 s, doubling up to 0.5 s,
+  always lands in that gap. :func:`fast_object_pulls` retries after 0.05 s, doubling up to 0.2 s,
   still giving up only after Flower's own 2 h limit.
 
 Both change module-level defaults of the pinned flwr version (``flwr==1.41.0``) in the calling
@@ -16,12 +16,9 @@ process only; if flwr's internals move, they do nothing (the waits stay Flower's
 
 from __future__ import annotations
 
-import logging
 import time
 
-log = logging.getLogger("medveil.federated")
-
-POLL_SECONDS = 0.5                 # SuperNode idle poll of the SuperLink (flwr: 3 s)
+POLL_SECONDS = 0.25                # SuperNode idle poll of the SuperLink (flwr: 3 s)
 REPLY_POLL_SECONDS = 0.05          # SuperNode waiting for its ClientApp's reply, a local check (0.5 s)
 PULL_BACKOFF = (0.05, 0.2)         # first retry, cap (flwr: 1 s, 10 s)
 

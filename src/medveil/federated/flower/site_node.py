@@ -174,18 +174,19 @@ def run_supernode(argv: list[str], superexec_pid: int) -> None:
 
     fast_supernode_poll()
     fast_object_pulls()
-    pull_and_store = node_loop._pull_and_store_message
+    pull_and_store = getattr(node_loop, "_pull_and_store_message", None)
+    if pull_and_store is not None:  # else the SuperExec finds tasks by its IDLE_SECONDS poll
 
-    def pull_store_and_wake(*args, **kwargs):
-        run_id = pull_and_store(*args, **kwargs)
-        if run_id is not None:
-            try:
-                os.kill(superexec_pid, WAKE)
-            except ProcessLookupError:
-                pass
-        return run_id
+        def pull_store_and_wake(*args, **kwargs):
+            run_id = pull_and_store(*args, **kwargs)
+            if run_id is not None:
+                try:
+                    os.kill(superexec_pid, WAKE)
+                except ProcessLookupError:
+                    pass
+            return run_id
 
-    node_loop._pull_and_store_message = pull_store_and_wake
+        node_loop._pull_and_store_message = pull_store_and_wake
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()
 

@@ -36,7 +36,7 @@ from medveil.federated.updates import Rejection
 
 log = logging.getLogger("medveil.federated")
 
-POLL_SECONDS = 0.25  # Grid.send_and_receive sleeps 3 s between pulls; we poll faster
+POLL_SECONDS = 0.1  # Grid.send_and_receive sleeps 3 s between pulls; we poll faster
 
 
 def site_options(cfg: FederationConfig) -> dict[str, Any]:
