@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from medveil.errors import ConfigError, MedVeilError
+from medveil.federated.flower.site_node import APP_RUNTIMES
 
 DEFAULT_PORT = 9092
 ACTIVATION_REFUSED = "Failed to activate SuperNode"  # flower-supernode's message (exit code 1)
@@ -90,7 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="local port of the SuperNode's runtime API (default: %(default)s)")
     sstart.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     sstart.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    sstart.add_argument("--app-runtime", choices=("warm", "flower"), default="warm",
+    sstart.add_argument("--app-runtime", choices=APP_RUNTIMES, default="warm",
                         help="warm: each message's ClientApp is forked from a process that has "
                              "imported torch/medveil once; flower: Flower's fresh process per "
                              "message (~4 s of imports each) (default: %(default)s)")

@@ -22,6 +22,7 @@ from typing import Self
 from medveil.errors import ConfigError, MedVeilError
 from medveil.federated.flower.app import RUN_CONFIG_DEFAULTS
 from medveil.federated.flower.certs import ServerFiles, SiteFiles
+from medveil.federated.flower.site_node import APP_RUNTIMES
 
 CONNECTION = "medveil"  # the SuperLink connection name in FLWR_HOME/config.toml
 APP_PYPROJECT = """\
@@ -114,15 +115,12 @@ def superlink_command(server: ServerFiles, host: str, port: int, database: Path 
     return cmd
 
 
-APP_RUNTIMES = ("warm", "flower")  # site_node's preloaded forks, or flwr's process per message
-
-
 def supernode_command(site: SiteFiles, superlink: str, data: str, runtime_port: int,
                       threads: int = 0, device: str = "cpu", data_root: str = "",
                       max_wait: float | None = None, app_runtime: str = "warm") -> list[str]:
     """The SuperNode of a site. ``app_runtime="warm"`` (default): Flower's SuperNode through
-    :mod:`medveil.federated.flower.site_node` (ClientApps forked from a preloaded process, 0.5 s
-    polling); ``"flower"``: plain ``flower-supernode`` (a fresh ``flwr-clientapp`` per message)."""
+    :mod:`medveil.federated.flower.site_node` (ClientApps forked from a preloaded process, shorter
+    waits); ``"flower"``: plain ``flower-supernode`` (a fresh ``flwr-clientapp`` per message)."""
     if app_runtime not in APP_RUNTIMES:
         raise ConfigError(f"app runtime must be one of {', '.join(APP_RUNTIMES)}, got {app_runtime!r}")
     node = [f'name="{site.name}"', f'data="{data}"', f'device="{device}"', f"threads={int(threads)}"]

@@ -24,7 +24,7 @@ class LocalPilot:
         self.workdir = Path(workdir)
         self.sites = dict(sites)  # name -> dataset (path / sample:NAME)
         self.threads = threads
-        self.app_runtime = app_runtime  # launch.APP_RUNTIMES
+        self.app_runtime = app_runtime  # site_node.APP_RUNTIMES
         self.extra_env = dict(extra_env or {})
         self.pki = self.workdir / "pki"
         self.link_home = self.workdir / "coordinator"

@@ -25,6 +25,7 @@ import sys
 import time
 import traceback
 
+APP_RUNTIMES = ("warm", "flower")  # this launcher, or Flower's own fresh process per message
 RUNTIME_WAIT_SECONDS = 60.0  # the SuperExec waits this long for the SuperNode's Runtime API
 IDLE_SECONDS = 2.0  # the SuperExec asks for a task at least this often (and when woken)
 WAKE = signal.SIGUSR1  # SuperNode -> SuperExec: a message (with its payload) has been stored
