@@ -11,7 +11,8 @@ Run folder (RUN_DIR):
     config.toml            the resolved config (written first)
     checkpoints/stage_NNN.pt   after every stage (atomic); stage_000 (MIM-only) and the latest kept
     metrics.json           per stage, per client: accuracy etc., bytes, rejected updates, absent
-                           clients (remote transports) (at the end)
+                           clients (remote transports); per stage: wall seconds in all and per
+                           phase (fit / curate / evaluate) (at the end)
     model.pt               the universal model: backbone + heads + task registry (at the end)
     accuracy_by_stage.png  per-client test accuracy across stages (at the end)
     complete               written last: a run folder without it is unfinished
