@@ -24,7 +24,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,16 @@ def _instructions(fed: Federation, name: str, stage: int, info: dict[str, Any]):
     return server.join(request, stage, derive_seed(fed.cfg.seed, stage, name, "head"))
 
 
+@contextmanager
+def _timed(phase: dict[str, float], key: str) -> Iterator[None]:
+    """Add the wall seconds of the block to ``phase[key]``."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        phase[key] += time.perf_counter() - t0
+
+
 def run_stage(fed: Federation, stage: int, progress: bool = True) -> dict[str, Any]:
     """One federated stage; returns its metrics (see the module docstring).
 
@@ -173,9 +184,8 @@ def run_stage(fed: Federation, stage: int, progress: bool = True) -> dict[str, A
                 continue
             info["bytes"]["fit_down"] = message_nbytes(ins)
             jobs.append(FitJob(ins, derive_seed(seed, stage, name, "fit")))
-        t_fit = time.time()
-        result = transport.fit(jobs, fed.cfg.local, stage)
-        phase["fit"] += time.time() - t_fit
+        with _timed(phase, "fit"):
+            result = transport.fit(jobs, fed.cfg.local, stage)
         updates = [result.replies[j.instructions.client_name] for j in jobs
                    if j.instructions.client_name in result.replies]
         for update in updates:
@@ -188,17 +198,15 @@ def run_stage(fed: Federation, stage: int, progress: bool = True) -> dict[str, A
         bar.update(len(group))
         accepted, rejections = screen_updates(updates, server.backbone_spec(), server.head_specs())
         rejected += [r.to_dict() for r in rejections]
-        t_cur = time.time()
-        result_c = fed.curator.curate(server, accepted, derive_seed(seed, stage, gi, "curate"), progress)
-        phase["curate"] += time.time() - t_cur
+        with _timed(phase, "curate"):
+            result_c = fed.curator.curate(server, accepted, derive_seed(seed, stage, gi, "curate"), progress)
         curation.append({"clients": [u.client_name for u in accepted], **result_c})
     bar.close()
     # every joined client that is here evaluates the new universal model
     evaluated = [n for n in fed.client_names if n in server.registry and n in present and n not in absent]
     eval_ins = [server.instructions(n, stage) for n in evaluated]
-    t_eval = time.time()
-    reports = transport.evaluate(eval_ins, stage)
-    phase["evaluate"] = time.time() - t_eval
+    with _timed(phase, "evaluate"):
+        reports = transport.evaluate(eval_ins, stage)
     for ins in eval_ins:
         info = per_client.setdefault(ins.client_name, {"bytes": {}})
         info["bytes"]["eval_down"] = message_nbytes(ins)

@@ -17,6 +17,7 @@ process only; if flwr's internals move, they do nothing (the waits stay Flower's
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 POLL_SECONDS = 0.25                # SuperNode idle poll of the SuperLink (flwr: 3 s)
 REPLY_POLL_SECONDS = 0.05          # SuperNode waiting for its ClientApp's reply, a local check (0.5 s)
@@ -39,6 +40,20 @@ def fast_object_pulls() -> bool:
     return changed
 
 
+class Clock:
+    """``time`` as one Flower module sees it (``module.time = Clock(sleep)``), ``sleep`` replaced."""
+
+    def __init__(self, sleep: Callable[[float], None]) -> None:
+        self.sleep = sleep
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+def _supernode_sleep(seconds: float) -> None:
+    time.sleep(POLL_SECONDS if seconds >= 1.0 else min(seconds, REPLY_POLL_SECONDS))
+
+
 def fast_supernode_poll() -> bool:
     """The SuperNode loop's waits in this process: its 3 s idle poll -> POLL_SECONDS, its 0.5 s
     local checks -> REPLY_POLL_SECONDS."""
@@ -48,16 +63,5 @@ def fast_supernode_poll() -> bool:
         return False
     if getattr(node_loop, "time", None) is not time:
         return False
-
-    class _Clock:
-        """``time`` as the SuperNode loop sees it, with its sleeps capped."""
-
-        def __getattr__(self, name: str):
-            return getattr(time, name)
-
-        @staticmethod
-        def sleep(seconds: float) -> None:
-            time.sleep(POLL_SECONDS if seconds >= 1.0 else min(seconds, REPLY_POLL_SECONDS))
-
-    node_loop.time = _Clock()
+    node_loop.time = Clock(_supernode_sleep)
     return True

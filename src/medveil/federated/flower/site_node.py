@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 import traceback
 
 APP_RUNTIMES = ("warm", "flower")  # this launcher, or Flower's own fresh process per message
@@ -54,23 +53,14 @@ def preload() -> None:
     import medveil.federated.training  # noqa: F401
 
 
-def _run_clientapp_child(spec) -> None:
-    """In the forked child: Flower's ``flwr-clientapp`` body for one task; never returns."""
+def _exit_with(body, *args) -> None:
+    """In a forked child: run ``body(*args)`` and leave with its exit code; never returns (the
+    parent's stack must not run on in the child)."""
     code = 1
     try:
-        from flwr.supercore.exit import exit_handler
-        from flwr.supercore.tls import validate_and_resolve_root_certificates
-        from flwr.supernode.runtime.run_clientapp import run_clientapp
-
-        exit_handler.registered_exit_handlers.clear()  # the SuperExec's own (its client, executor)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {WAKE})
-        run_clientapp(runtime_api_address=spec.runtime_api_address, token=spec.token,
-                      insecure=spec.insecure,
-                      certificates=validate_and_resolve_root_certificates(spec.root_certificates_path,
-                                                                           spec.insecure),
-                      parent_pid=spec.parent_pid, runtime_dependency_install=spec.runtime_dependency_install)
+        body(*args)
         code = 0
-    except SystemExit as done:  # run_clientapp ends in flwr_exit -> sys.exit
+    except SystemExit as done:  # Flower's loops end in flwr_exit -> sys.exit
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except BaseException:  # noqa: BLE001 - report, then leave with a failure code
         traceback.print_exc()
@@ -78,6 +68,20 @@ def _run_clientapp_child(spec) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _run_clientapp(spec) -> None:
+    """Flower's ``flwr-clientapp`` body for one task, in a fork of the SuperExec."""
+    from flwr.supercore.exit import exit_handler
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    exit_handler.registered_exit_handlers.clear()  # the SuperExec's own (its client, executor)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {WAKE})
+    run_clientapp(runtime_api_address=spec.runtime_api_address, token=spec.token, insecure=spec.insecure,
+                  certificates=validate_and_resolve_root_certificates(spec.root_certificates_path,
+                                                                       spec.insecure),
+                  parent_pid=spec.parent_pid, runtime_dependency_install=spec.runtime_dependency_install)
 
 
 class ForkExecutor:
@@ -109,7 +113,7 @@ class ForkExecutor:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            _run_clientapp_child(spec)
+            _exit_with(_run_clientapp, spec)
         self.children.add(pid)
         self.launched = True
         return LaunchResult.accepted()
@@ -136,21 +140,11 @@ class ForkExecutor:
         signal.sigtimedwait({WAKE}, IDLE_SECONDS)
 
 
-class _Clock:
-    """``time`` as seen by one Flower module, with ``sleep`` replaced."""
-
-    def __init__(self, sleep) -> None:
-        self.sleep = sleep
-
-    def __getattr__(self, name: str):
-        return getattr(time, name)
-
-
 def run_superexec(runtime_api_address: str, root_certificates: str | None, parent_pid: int) -> None:
     """Flower's SuperExec loop with :class:`ForkExecutor`, after :func:`preload`."""
     from flwr.supercore.superexec import run_superexec as flower_loop
 
-    from medveil.federated.flower.latency import fast_object_pulls
+    from medveil.federated.flower.latency import Clock, fast_object_pulls
     from medveil.federated.flower.launch import wait_port
 
     preload()
@@ -159,7 +153,7 @@ def run_superexec(runtime_api_address: str, root_certificates: str | None, paren
     wait_port(host.strip("[]"), int(port), RUNTIME_WAIT_SECONDS)
     executor = ForkExecutor()
     flower_loop.get_executor = lambda *args, **kwargs: executor
-    flower_loop.time = _Clock(executor.wait)
+    flower_loop.time = Clock(executor.wait)
     flower_loop.run_superexec(runtime_api_address=runtime_api_address, insecure=root_certificates is None,
                               root_certificates_path=root_certificates, parent_pid=parent_pid,
                               runtime_dependency_install=False)
@@ -195,9 +189,8 @@ def run_supernode(argv: list[str], superexec_pid: int) -> None:
 def main(argv: list[str]) -> None:
     if _value(argv, "--isolation") not in (None, "process"):
         raise SystemExit("site_node runs its own SuperExec: do not pass --isolation")
-    argv = [a for a in argv if a != "--isolation=process"]
-    if "--isolation" not in argv:
-        argv += ["--isolation", "process"]
+    if _value(argv, "--isolation") is None:
+        argv = [*argv, "--isolation", "process"]
     host, port = _value(argv, "--host") or "127.0.0.1", _value(argv, "--port")
     if port is None:
         raise SystemExit("site_node needs --port (the SuperNode's Runtime API port)")
@@ -207,14 +200,7 @@ def main(argv: list[str]) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {WAKE})  # queued for sigtimedwait, never delivered
     superexec_pid = os.fork()
     if superexec_pid == 0:  # the SuperExec; nothing of Flower's or torch's is imported yet
-        try:
-            run_superexec(address, _value(argv, "--ssl-ca-certfile"), node_pid)
-        except SystemExit as done:
-            os._exit(done.code if isinstance(done.code, int) else 0)
-        except BaseException:  # noqa: BLE001
-            traceback.print_exc()
-            os._exit(1)
-        os._exit(0)
+        _exit_with(run_superexec, address, _value(argv, "--ssl-ca-certfile"), node_pid)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {WAKE})
     run_supernode(argv, superexec_pid)
 
