@@ -315,6 +315,50 @@ def test_warm_site_runtime_parts(monkeypatch):
         supernode_command(site, "h:1", "x.npz", 9094, app_runtime="docker")
 
 
+def test_superexec_watch_restarts_a_dead_runtime_then_gives_up(tmp_path, monkeypatch):
+    """A SuperExec that fails is started again (MAX_RESTARTS times), each time with WAKE blocked
+    from its first instruction (a wake never kills it); then the SuperNode is stopped (code 1).
+    One that stops cleanly stops the SuperNode (code 0)."""
+    import signal
+    import sys
+    import threading
+
+    from medveil.federated.flower import site_node
+
+    monkeypatch.setattr(site_node, "MAX_RESTARTS", 2)
+    monkeypatch.setattr(site_node, "RESTART_DELAY_SECONDS", 0.0)
+    log = tmp_path / "starts.txt"
+    child = ("import signal, sys; blocked = signal.SIGUSR1 in signal.pthread_sigmask(signal.SIG_BLOCK, set()); "
+             f"open({str(log)!r}, 'a').write(f'{{blocked}}\\n'); sys.exit(3)")
+    stops: list[int] = []
+    watch = site_node.SuperExecWatch([sys.executable, "-c", child], stop_node=stops.append)
+    assert signal.SIGUSR1 not in signal.pthread_sigmask(signal.SIG_BLOCK, set())  # this thread: unchanged
+    thread = threading.Thread(target=watch.watch, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert stops == [1] and watch.restarts == 2
+    assert log.read_text().split() == ["True"] * 3  # first start + 2 restarts, all with WAKE blocked
+    watch.wake()  # the last one is gone: no error
+
+    monkeypatch.setattr(site_node, "STOP_GRACE_SECONDS", 0.0)
+    clean = site_node.SuperExecWatch([sys.executable, "-c", "pass"], stop_node=stops.append)
+    clean.watch()  # stopped cleanly (Ctrl-C): not restarted, the SuperNode stops with code 0
+    assert stops == [1, 0] and clean.restarts == 0
+
+
+def test_site_node_refuses_a_busy_runtime_port():
+    import socket
+
+    from medveil.federated.flower import site_node
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"port 127.0.0.1:{port} is not free"):
+            site_node.main(["--superlink", "h:1", "--port", str(port)])
+
+
 def test_robust_fedavg_aggregation_bounds_an_outlier():
     from medveil.federated.curation import CurationParams, make_curator, robust_average
 

@@ -78,6 +78,7 @@ def deployment(tmp_path_factory):
         pilot.register()
         for name in SITES:
             pilot.start_site(name)
+        pilot.wait_ready(list(SITES))  # connected, ClientApp runtime loaded: timeouts below start now
         intruder = pilot.start_site("intruder", data=str(files["alpha"]), max_wait=20)
         yield {"pilot": pilot, "root": root, "files": files, "pool": pool, "intruder": intruder}
     finally:
@@ -105,6 +106,8 @@ def test_tls_auth_two_stages_match_in_process_engine(deployment):
 
     metrics = json.loads((out / "metrics.json").read_text())
     for stage in metrics["stages"][1:]:
+        missing = [n for n in SITES if n not in stage["participants"]]
+        assert not missing, (stage["absent"], *(pilot.procs.log_tail(f"site:{n}", 30) for n in missing))
         assert stage["participants"] == list(SITES)
         assert stage["absent"] == [] and stage["rejected"] == []
         for name in SITES:
@@ -141,6 +144,30 @@ def test_unregistered_supernode_is_refused(deployment):
     assert "Failed to activate SuperNode" in log
 
 
+def test_dead_clientapp_runtime_is_started_again(deployment):
+    """SIGKILL alpha's SuperExec (the warm ClientApp runtime): its SuperNode reports it and starts
+    a new one, which loads and serves (alpha trains in the next test's run)."""
+    import os
+    import signal
+
+    from medveil.federated.flower.launch import descendants
+    from medveil.federated.flower.site_node import READY
+
+    pilot = deployment["pilot"]
+    node = pilot.procs.procs["site:alpha"]
+    runtime = [pid for pid in descendants(node.pid)
+               if b"superexec" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    assert len(runtime) == 1, runtime
+    log = pilot.procs.logs["site:alpha"]
+    ready = _count(log, READY)
+    os.kill(runtime[0], signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while _count(log, READY) == ready:
+        assert time.monotonic() < deadline and node.poll() is None, pilot.procs.log_tail("site:alpha", 40)
+        time.sleep(0.2)
+    assert "exited with code -9; starting it again (1/3)" in log.read_text(errors="replace")
+
+
 def _count(log: Path, text: str) -> int:
     return log.read_text(errors="replace").count(text) if log.is_file() else 0
 
@@ -160,7 +187,8 @@ def test_killed_site_is_absent_then_rejoins_after_server_restart(deployment):
                           max_stages=2)
     deadline = time.monotonic() + RUN_TIMEOUT
     while _count(site_log, "Receiving: train message") == seen:
-        assert time.monotonic() < deadline, "gamma never received its stage-1 training message"
+        assert time.monotonic() < deadline, \
+            f"gamma never received its stage-1 training message\n{pilot.procs.log_tail('site:gamma', 40)}"
         time.sleep(0.2)
     pilot.kill_site("gamma")  # SIGKILL mid-stage, ClientApp and all
     assert pilot.wait(run_id, out, timeout=max(10.0, deadline - time.monotonic())) == "finished:completed"

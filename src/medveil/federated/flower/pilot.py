@@ -7,16 +7,19 @@ commands on their own machines (docs/running_across_sites.md).
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Self
 
 from medveil.errors import MedVeilError
 from medveil.federated.flower import launch
 from medveil.federated.flower.certs import create_pki, server_files, site_files
+from medveil.federated.flower.site_node import READY
 
 
 class LocalPilot:
-    """Start with ``start_link()``, ``register(...)``, ``start_site(...)``; ``run(...)``; always
+    """Start with ``start_link()``, ``register(...)``, ``start_site(...)`` (``wait_ready(...)``);
+    ``run(...)``; always
     ``close()`` (or use as a context manager): every process tree is killed."""
 
     def __init__(self, workdir: Path, sites: dict[str, str], threads: int = 1,
@@ -30,6 +33,7 @@ class LocalPilot:
         self.link_home = self.workdir / "coordinator"
         self.procs = launch.Processes()
         self.port = 0
+        self._log_offset: dict[str, int] = {}  # site -> size of its log when it was last started
 
     # ---- setup ---------------------------------------------------------------------------
     def create_pki(self, unregistered: list[str] = ()) -> None:
@@ -64,6 +68,7 @@ class LocalPilot:
                 raise MedVeilError(f"registering site {name!r} failed: {out.strip()[-300:]}")
 
     def start_site(self, name: str, data: str | None = None, max_wait: float | None = None) -> subprocess.Popen:
+        self._mark_log(name)
         cmd = launch.supernode_command(site_files(self.pki, name), self.address,
                                        data if data is not None else self.sites[name],
                                        launch.free_port(), threads=self.threads, max_wait=max_wait,
@@ -82,11 +87,35 @@ class LocalPilot:
                "--app-runtime", self.app_runtime,
                "--retry-for", str(retry_for),
                "--state", str(self.workdir / f"site_{name}")]
+        self._mark_log(name)
         return self.procs.start(f"site:{name}", cmd, self._site_log(name),
                                 launch.flower_env(None, self.extra_env), cwd=self.workdir)
 
     def _site_log(self, name: str) -> Path:
         return self.workdir / "logs" / f"site_{name}.log"
+
+    def _mark_log(self, name: str) -> None:
+        log = self._site_log(name)
+        self._log_offset[name] = log.stat().st_size if log.is_file() else 0
+
+    def wait_ready(self, names: list[str] | None = None, timeout: float = 180.0) -> None:
+        """Until every site started last is activated by the SuperLink and (warm runtime) has its
+        ClientApp runtime loaded; a site that exits first, or takes longer, raises with its log."""
+        names = list(self.sites) if names is None else names
+        markers = ["SuperNode ID", *([READY] if self.app_runtime == "warm" else [])]
+        deadline = time.monotonic() + timeout
+        for name in names:
+            log, proc = self._site_log(name), self.procs.procs.get(f"site:{name}")
+            while True:
+                text = log.read_bytes()[self._log_offset.get(name, 0):].decode(errors="replace") \
+                    if log.is_file() else ""
+                if all(m in text for m in markers):
+                    break
+                if proc is None or proc.poll() is not None or time.monotonic() > deadline:
+                    why = "is not running" if proc is None or proc.poll() is not None else \
+                        f"is not ready after {timeout:.0f} s"
+                    raise MedVeilError(f"site {name!r} {why}\n{self.procs.log_tail(f'site:{name}', 40)}")
+                time.sleep(0.2)
 
     def kill_site(self, name: str) -> None:
         self.procs.kill(f"site:{name}")
