@@ -41,6 +41,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -217,6 +218,9 @@ def main() -> int:
                         help="run the in-process / Flower pair this many times (the machine is shared: "
                              "the summary gives the median and range over the repeats)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "flower_overhead.json")
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                        help="keep each repeat's run folders and Flower logs under DIR/repeat_N "
+                             "(FLWR_LOG_LEVEL=DEBUG adds timestamps to the logs)")
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error("--repeat must be >= 1")
@@ -229,8 +233,14 @@ def main() -> int:
     for rep in range(args.repeat):
         if args.repeat > 1:
             print(f"== repeat {rep + 1}/{args.repeat}", flush=True)
-        with tempfile.TemporaryDirectory(prefix="medveil-flower-bench-") as tmp:
-            pairs.append(one_pair(args, Path(tmp)))
+        if args.keep is not None:
+            work = args.keep / f"repeat_{rep + 1}"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            pairs.append(one_pair(args, work))
+        else:
+            with tempfile.TemporaryDirectory(prefix="medveil-flower-bench-") as tmp:
+                pairs.append(one_pair(args, Path(tmp)))
         print_pair(pairs[-1])
     summary = summarise(pairs) | {"load_average_before": load_before, "load_average_after": os.getloadavg()}
     after = summary["overhead_pct_after_join"]
@@ -241,7 +251,7 @@ def main() -> int:
     print(f"load average before/after: {load_before[0]:.1f} / {summary['load_average_after'][0]:.1f} "
           f"on {os.cpu_count()} cores")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "settings": vars(args) | {"out": str(args.out)},
+    result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "settings": vars(args) | {"out": str(args.out), "keep": args.keep and str(args.keep)},
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
               "repeats": pairs, "stages": pairs[-1]["stages"], "summary": summary}
     write_json_atomic(args.out, result)

@@ -346,6 +346,27 @@ def test_superexec_watch_restarts_a_dead_runtime_then_gives_up(tmp_path, monkeyp
     assert stops == [1, 0] and clean.restarts == 0
 
 
+def test_fork_executor_falls_back_to_flower_subprocess_when_fork_fails(monkeypatch):
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import subprocess_executor
+    from flwr.supercore.superexec.executor.types import LaunchResult
+
+    from medveil.federated.flower import site_node
+
+    launched = []
+
+    def no_fork():
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(site_node.os, "fork", no_fork)
+    monkeypatch.setattr(subprocess_executor.SubprocessExecutor, "launch",
+                        lambda self, spec: launched.append(spec) or LaunchResult.accepted())
+    spec = type("Spec", (), {"task_type": TaskType.CLIENT_APP})()
+    executor = site_node.ForkExecutor()
+    assert executor.launch(spec) == LaunchResult.accepted()
+    assert launched == [spec] and not executor.children
+
+
 def test_site_node_refuses_a_busy_runtime_port():
     import socket
 

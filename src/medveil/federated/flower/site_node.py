@@ -121,7 +121,12 @@ class ForkExecutor:
             return SubprocessExecutor().launch(spec)
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as err:  # e.g. no memory for a copy of this process: Flower's own way
+            print(f"site_node: cannot fork a ClientApp ({err.strerror}); this message runs in a "
+                  f"fresh flwr-clientapp process", flush=True)
+            return SubprocessExecutor().launch(spec)
         if pid == 0:
             _exit_with(_run_clientapp, spec)
         self.children.add(pid)
