@@ -70,6 +70,23 @@ def test_run_folder_and_resume_identical_to_uninterrupted(tmp_path):
     assert dump_toml(load_config(run / "config.toml")) == dump_toml(cfg)
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "relay"])
+def test_stage_evaluated_in_next_training_round_equals_its_own_round(tmp_path, strategy):
+    """Stage 1 of a 2-stage run is evaluated inside stage 2's training messages (relay: alpha
+    there, beta, who trains later, in an evaluation-only round); a 1-stage run evaluates the
+    same stage-1 model in a round of its own: the same test metrics."""
+    two = run_federation(tiny_config(tmp_path, strategy, rounds=2), tmp_path / "two", progress=False)
+    one = run_federation(tiny_config(tmp_path, strategy, rounds=1), tmp_path / "one", progress=False)
+    fused, alone = two["stages"][1], one["stages"][1]
+    assert fused["evaluation"] == "next stage" and "evaluate_next" not in fused
+    assert alone["evaluation"] == two["stages"][2]["evaluation"] == "own round"
+    for name in ("alpha", "beta"):
+        assert fused["clients"][name]["test"] == alone["clients"][name]["test"]
+        assert fused["clients"][name]["bytes"]["eval_up"] == alone["clients"][name]["bytes"]["eval_up"]
+    assert "eval_down" not in fused["clients"]["alpha"]["bytes"]  # the model came with training
+    assert ("eval_down" in fused["clients"]["beta"]["bytes"]) == (strategy == "relay")
+
+
 def test_poisoned_update_is_rejected_logged_and_not_aggregated(tmp_path):
     cfg = tiny_config(tmp_path, strategy="fedavg", rounds=1)
     seen = {}

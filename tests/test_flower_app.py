@@ -135,23 +135,23 @@ def test_flower_app_equals_in_process_engine_and_resumes(setup):
     assert flower["final"] == inproc["final"]
     assert flower["bytes_total"] == inproc["bytes_total"]  # same accounting of what crosses
     # what crossed the wire: the join query carries no path or dataset name
-    assert {g for _, g in grid.sent} == {"join-1", "train-1", "evaluate-1"}
+    assert {g for _, g in grid.sent} == {"join-1", "train-1"}  # stage 1 is evaluated in stage 2's round
 
 
 def _poison(content, group):
     if group != "train-1":
         return content
-    update = codec.decode_update(content, "test")
+    update, report = codec.decode_update(content, "test")
     update.backbone["blocks.0.norm1.weight"][0] = float("nan")
-    return codec.encode_update(update)
+    return codec.encode_update(update, report)
 
 
 def _wrong_shape(content, group):
     if group != "train-2":
         return content
-    update = codec.decode_update(content, "test")
+    update, report = codec.decode_update(content, "test")
     update.head["weight"] = torch.zeros(7, TINY_MODEL["embed_dim"])
-    return codec.encode_update(update)
+    return codec.encode_update(update, report)
 
 
 def test_faulty_absent_and_unknown_sites(setup, caplog):

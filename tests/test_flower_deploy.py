@@ -196,7 +196,7 @@ def test_killed_site_is_absent_then_rejoins_after_server_restart(deployment):
     stage = load_model(out / "checkpoints" / "stage_001.pt")["extra"]["metrics"][1]
     assert [a["client"] for a in stage["absent"]] == ["gamma"]
     assert stage["curation"][0]["clients"] == ["alpha", "beta"]
-    assert {"alpha", "beta"} <= {n for n, info in stage["clients"].items() if "test" in info}
+    assert stage["evaluation"] == "pending" and stage["evaluate_next"] == ["alpha", "beta"]  # in stage 2
 
     activated = _count(site_log, "SuperNode ID")
     pilot.start_site_command("gamma", retry_for=150.0)  # `medveil site start`: retries every 15 s
@@ -208,6 +208,8 @@ def test_killed_site_is_absent_then_rejoins_after_server_restart(deployment):
     assert pilot.wait(run_id, out, timeout=RUN_TIMEOUT) == "finished:completed"
     stages = json.loads((out / "metrics.json").read_text())["stages"]
     assert [a["client"] for a in stages[1]["absent"]] == ["gamma"]  # stage 1 kept as it was
+    assert stages[1]["evaluation"] == "next stage"  # by the resumed server, in stage 2's training
+    assert {n for n, info in stages[1]["clients"].items() if "test" in info} == {"alpha", "beta"}
     assert stages[2]["absent"] == [] and stages[2]["rejected"] == []
     assert sorted(stages[2]["curation"][0]["clients"]) == ["alpha", "beta", "gamma"]
     assert "test" in stages[2]["clients"]["gamma"]

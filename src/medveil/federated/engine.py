@@ -1,5 +1,7 @@
 """In-process federation: stage 0 (server MIM pretraining), then ``rounds`` stages of
-join -> local fine-tuning -> screening -> curation -> evaluation, on one machine.
+join -> local fine-tuning -> screening -> curation -> evaluation, on one machine. A stage's
+evaluation happens in the next stage's training round (the clients evaluate the model they
+receive before training on it; :mod:`.stage_evaluation`), the last stage's in a round of its own.
 
 Clients and server only exchange the messages of :mod:`medveil.federated.messages`, through
 a :class:`~medveil.federated.transport.Transport`: in-process calls by default, Flower messages
@@ -35,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medveil.errors import ConfigError, MedVeilError
+from medveil.federated import stage_evaluation
 from medveil.federated.client import local_fit
 from medveil.federated.config import FederationConfig, dump_toml, load_config
 from medveil.federated.curation import Curator, make_curator
@@ -42,7 +45,7 @@ from medveil.federated.messages import ClientUpdate, message_nbytes
 from medveil.federated.server import Server, TaskEntry
 from medveil.federated.sites import ClientData, build_sites, load_pool
 from medveil.federated.training import derive_seed
-from medveil.federated.transport import FitJob, LocalTransport, Transport
+from medveil.federated.transport import Exchange, FitJob, LocalTransport, Transport
 from medveil.federated.updates import screen_updates
 from medveil.io import jsonable, write_json_atomic, write_text_atomic
 from medveil.models.checkpoint import save_checkpoint
@@ -153,11 +156,15 @@ def _timed(phase: dict[str, float], key: str) -> Iterator[None]:
         phase[key] += time.perf_counter() - t0
 
 
-def run_stage(fed: Federation, stage: int, progress: bool = True) -> dict[str, Any]:
+def run_stage(fed: Federation, stage: int, progress: bool = True, previous: dict[str, Any] | None = None,
+              last: bool = True) -> dict[str, Any]:
     """One federated stage; returns its metrics (see the module docstring).
 
     Clients that do not answer (``absent``: disconnected, timed out) miss this stage only;
     malformed, non-finite or wrongly shaped updates are ``rejected``; neither is aggregated.
+    ``previous``: the record of the stage before, whose evaluation is still owed: done in this
+    stage's first training round (:mod:`.stage_evaluation`). ``last``: the run's final stage,
+    evaluated in a round of its own; any other stage leaves its evaluation to the next one.
     """
     t0 = time.time()
     server, seed, transport = fed.server, fed.cfg.seed, fed.transport
@@ -168,9 +175,19 @@ def run_stage(fed: Federation, stage: int, progress: bool = True) -> dict[str, A
     rejected: list[dict[str, Any]] = []
     absent: dict[str, str] = {n: "not connected" for n in fed.client_names if n not in present}
     curation: list[dict[str, Any]] = []
+    phase = {"fit": 0.0, "curate": 0.0, "evaluate": 0.0}  # wall seconds: where a stage's time goes
+    owed = stage_evaluation.due(previous) if previous is not None else []
+    fused = set(owed) & set(groups[0] if groups else [])
+    if previous is not None and owed:  # owed but not training first here: an evaluation-only round
+        alone = [server.instructions(n, previous["stage"]) for n in owed if n not in fused and n in present]
+        with _timed(phase, "evaluate"):
+            reports = transport.evaluate(alone, previous["stage"]) if alone else Exchange()
+        _merge_wire(previous["clients"], reports.wire_bytes)
+        stage_evaluation.record_reports(previous, alone, reports.replies,
+                                        {**{n: "not connected" for n in owed if n not in present},
+                                         **reports.absent})
     bar = tqdm(total=len(names), desc=f"stage {stage}: clients", leave=False,
                disable=None if progress else True)
-    phase = {"fit": 0.0, "curate": 0.0, "evaluate": 0.0}  # wall seconds: where a stage's time goes
     for gi, group in enumerate(groups):
         jobs = []
         for name in group:
@@ -183,9 +200,15 @@ def run_stage(fed: Federation, stage: int, progress: bool = True) -> dict[str, A
                 rejected.append({"client": name, "stage": stage, "reason": str(err)})
                 continue
             info["bytes"]["fit_down"] = message_nbytes(ins)
-            jobs.append(FitJob(ins, derive_seed(seed, stage, name, "fit")))
+            jobs.append(FitJob(ins, derive_seed(seed, stage, name, "fit"), evaluate=gi == 0 and name in fused))
         with _timed(phase, "fit"):
             result = transport.fit(jobs, fed.cfg.local, stage)
+        if gi == 0 and previous is not None and fused:
+            asked = [j.instructions for j in jobs if j.evaluate]
+            stage_evaluation.record_reports(
+                previous, asked, result.evaluations,
+                {i.client_name: result.absent.get(i.client_name, "no evaluation in its reply")
+                 for i in asked if i.client_name not in result.evaluations}, fused=True)
         updates = [result.replies[j.instructions.client_name] for j in jobs
                    if j.instructions.client_name in result.replies]
         for update in updates:
@@ -202,26 +225,26 @@ def run_stage(fed: Federation, stage: int, progress: bool = True) -> dict[str, A
             result_c = fed.curator.curate(server, accepted, derive_seed(seed, stage, gi, "curate"), progress)
         curation.append({"clients": [u.client_name for u in accepted], **result_c})
     bar.close()
-    # every joined client that is here evaluates the new universal model
-    evaluated = [n for n in fed.client_names if n in server.registry and n in present and n not in absent]
-    eval_ins = [server.instructions(n, stage) for n in evaluated]
-    with _timed(phase, "evaluate"):
-        reports = transport.evaluate(eval_ins, stage)
-    for ins in eval_ins:
-        info = per_client.setdefault(ins.client_name, {"bytes": {}})
-        info["bytes"]["eval_down"] = message_nbytes(ins)
-        report = reports.replies.get(ins.client_name)
-        if report is not None:
-            info["bytes"]["eval_up"] = message_nbytes(report)
-            info["test"] = report.metrics
-    _merge_wire(per_client, reports.wire_bytes)
-    absent.update(reports.absent)
+    if previous is not None and previous.get("evaluation") == stage_evaluation.PENDING:
+        stage_evaluation.finish(previous, stage_evaluation.NEXT_STAGE)
     for name, reason in absent.items():
         log.warning("client %r absent from stage %d: %s", name, stage, reason)
-    return {"stage": stage, "kind": "federated", "strategy": fed.curator.name,
-            "schedule": fed.schedule, "participants": names, "clients": per_client,
-            "rejected": rejected, "absent": [{"client": n, "reason": r} for n, r in absent.items()],
-            "curation": curation, "seconds": time.time() - t0, "phase_seconds": phase}
+    record = {"stage": stage, "kind": "federated", "strategy": fed.curator.name,
+              "schedule": fed.schedule, "participants": names, "clients": per_client,
+              "rejected": rejected, "absent": [{"client": n, "reason": r} for n, r in absent.items()],
+              "curation": curation}
+    # every joined client that is here evaluates the new universal model: now, or next stage
+    evaluated = [n for n in fed.client_names if n in server.registry and n in present and n not in absent]
+    if last:
+        eval_ins = [server.instructions(n, stage) for n in evaluated]
+        with _timed(phase, "evaluate"):
+            reports = transport.evaluate(eval_ins, stage)
+        _merge_wire(per_client, reports.wire_bytes)
+        stage_evaluation.record_reports(record, eval_ins, reports.replies, reports.absent)
+        stage_evaluation.finish(record, stage_evaluation.OWN_ROUND)
+    else:
+        stage_evaluation.mark_pending(record, evaluated)
+    return {**record, "seconds": time.time() - t0, "phase_seconds": phase}
 
 
 def _merge_wire(per_client: dict[str, dict[str, Any]], wire: dict[str, dict[str, int]]) -> None:
@@ -237,7 +260,11 @@ def run_stages(fed: Federation, start: int, end: int, progress: bool = True,
     total = fed.cfg.federation.rounds + 1
     for stage in tqdm(range(start, end), desc="federate", initial=start, total=total,
                       disable=None if progress else True):
-        stages.append(run_pretraining(fed, progress) if stage == 0 else run_stage(fed, stage, progress))
+        if stage == 0:
+            stages.append(run_pretraining(fed, progress))
+        else:
+            owed = stages[-1] if stages and stages[-1].get("evaluation") == stage_evaluation.PENDING else None
+            stages.append(run_stage(fed, stage, progress, previous=owed, last=stage == total - 1))
         if after_stage is not None:
             after_stage(stage)
     return stages

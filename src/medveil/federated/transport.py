@@ -9,6 +9,10 @@ join, screening, curation, evaluation, checkpoints) and the wire.
 A round returns an :class:`Exchange`: the replies that came back, the clients that did not reply
 (``absent``: disconnected, killed, timed out, or their ClientApp failed: they miss this stage and
 may come back next stage) and malformed replies (``rejected``, never aggregated).
+
+A training job may ask the client to evaluate the model it received before training on it
+(``FitJob.evaluate``: the previous stage's universal model, see :mod:`.stage_evaluation`); its
+report comes back in ``Exchange.evaluations``, in the same round.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class FitJob:
 
     instructions: FitInstructions
     seed: int
+    evaluate: bool = False  # first report the received model's test metrics (same message)
 
 
 @dataclass
@@ -44,6 +49,7 @@ class Exchange(Generic[T]):
     absent: dict[str, str] = field(default_factory=dict)          # client -> why no reply
     rejected: list[Rejection] = field(default_factory=list)       # malformed replies
     wire_bytes: dict[str, dict[str, int]] = field(default_factory=dict)  # transport's own count
+    evaluations: dict[str, EvalReport] = field(default_factory=dict)    # FitJob.evaluate reports
 
 
 class Transport(Protocol):
@@ -54,7 +60,8 @@ class Transport(Protocol):
         """The client's join request (name, class count, task, class names)."""
 
     def fit(self, jobs: list[FitJob], recipe: TrainRecipe, stage: int) -> Exchange[ClientUpdate]:
-        """Local fine-tuning on every job's client (concurrently where the transport can)."""
+        """Local fine-tuning on every job's client (concurrently where the transport can), after
+        evaluating the received model where the job asks for it."""
 
     def evaluate(self, instructions: list[FitInstructions], stage: int) -> Exchange[EvalReport]:
         """Each client's metrics of the universal model on its own test split."""
@@ -78,6 +85,8 @@ class LocalTransport:
         out: Exchange[ClientUpdate] = Exchange()
         for job in jobs:
             name = job.instructions.client_name
+            if job.evaluate:
+                out.evaluations[name] = local_evaluate(self.by_name[name], job.instructions, device=self.device)
             out.replies[name] = self.client_fit(self.by_name[name], job.instructions, recipe, job.seed,
                                                 device=self.device)
         return out

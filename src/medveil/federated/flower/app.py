@@ -171,12 +171,14 @@ def site_join(message: Message, context: Context) -> Message:
 @client_app.train()
 @private_errors
 def site_train(message: Message, context: Context) -> Message:
-    from medveil.federated.client import local_fit
+    from medveil.federated.client import local_evaluate, local_fit
     from medveil.federated.training import TrainRecipe
 
     ins, extra, data = _checked(message, context)
+    # the previous stage's model, received in this message: evaluated before training on it
+    report = local_evaluate(data, ins, device=_device(context)) if extra.get("evaluate") else None
     update = local_fit(data, ins, TrainRecipe(**extra["recipe"]), int(extra["seed"]), device=_device(context))
-    return Message(codec.encode_update(update), reply_to=message)
+    return Message(codec.encode_update(update, report), reply_to=message)
 
 
 @client_app.evaluate()

@@ -147,21 +147,28 @@ def decode_join_request(content, where: str) -> JoinRequest:
         raise UpdateRejected(f"{where}: malformed join request") from None
 
 
-def encode_update(update: ClientUpdate):
+def encode_update(update: ClientUpdate, evaluation: EvalReport | None = None):
+    """The fine-tuned weights; with ``evaluation``, the report on the received model too."""
     meta = {"client_name": update.client_name, "stage": update.stage, "n_samples": update.n_samples,
             "metrics": update.metrics}
+    if evaluation is not None:
+        meta["evaluation"] = {"n_samples": evaluation.n_samples, "metrics": evaluation.metrics}
     return _content(meta, backbone=update.backbone, head=update.head)
 
 
-def decode_update(content, where: str) -> ClientUpdate:
+def decode_update(content, where: str) -> tuple[ClientUpdate, EvalReport | None]:
     meta = read_meta(content, where)
     try:
-        return ClientUpdate(client_name=str(meta["client_name"]), stage=int(meta["stage"]),
-                            backbone=_arrays(content, "backbone", where),
-                            head=_arrays(content, "head", where),
-                            n_samples=meta["n_samples"], metrics=dict(meta.get("metrics") or {}))
+        update = ClientUpdate(client_name=str(meta["client_name"]), stage=int(meta["stage"]),
+                              backbone=_arrays(content, "backbone", where),
+                              head=_arrays(content, "head", where),
+                              n_samples=meta["n_samples"], metrics=dict(meta.get("metrics") or {}))
+        ev = meta.get("evaluation")
+        report = None if ev is None else EvalReport(update.client_name, update.stage, int(ev["n_samples"]),
+                                                    dict(ev.get("metrics") or {}))
     except (KeyError, TypeError, ValueError):
         raise UpdateRejected(f"{where}: malformed update") from None
+    return update, report
 
 
 def encode_report(report: EvalReport):

@@ -185,8 +185,9 @@ class FlowerTransport:
             where = f"client {name!r} stage {stage}"
             try:
                 reply = decode(content, where)
-                if reply.client_name != name or reply.stage != stage:
-                    raise UpdateRejected(f"{where}: reply is for {reply.client_name!r} stage {reply.stage}")
+                first = reply[0] if isinstance(reply, tuple) else reply  # (update, report) for train
+                if first.client_name != name or first.stage != stage:
+                    raise UpdateRejected(f"{where}: reply is for {first.client_name!r} stage {first.stage}")
             except UpdateRejected as err2:
                 log.warning("update rejected: %s", err2)
                 result.rejected.append(Rejection(name, stage, str(err2)))
@@ -197,8 +198,13 @@ class FlowerTransport:
     def fit(self, jobs: list[FitJob], recipe: TrainRecipe, stage: int) -> Exchange[ClientUpdate]:
         recipe_d = dataclasses.asdict(recipe)
         items = {j.instructions.client_name: codec.encode_instructions(
-            j.instructions, seed=j.seed, recipe=recipe_d, site=self.site) for j in jobs}
-        return self._round(items, "train", stage, codec.decode_update)
+            j.instructions, seed=j.seed, recipe=recipe_d, site=self.site, evaluate=j.evaluate) for j in jobs}
+        result = self._round(items, "train", stage, codec.decode_update)
+        for name, (update, report) in list(result.replies.items()):
+            result.replies[name] = update
+            if report is not None:
+                result.evaluations[name] = report
+        return result
 
     def evaluate(self, instructions: list[FitInstructions], stage: int) -> Exchange[EvalReport]:
         items = {ins.client_name: codec.encode_instructions(ins, site=self.site) for ins in instructions}
