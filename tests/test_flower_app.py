@@ -182,6 +182,10 @@ def test_faulty_absent_and_unknown_sites(setup, caplog):
     assert [r["client"] for r in s1["rejected"]] == ["beta"] and "NaN or Inf" in s1["rejected"][0]["reason"]
     assert s1["curation"][0]["clients"] == ["alpha"]
     assert "test" not in s1["clients"]["gamma"]  # absent: not evaluated either
+    # stage 1 is evaluated in stage 2's training messages: alpha's report counts although its
+    # stage-2 update is rejected, beta's although its stage-1 update was
+    assert {n for n, info in s1["clients"].items() if "test" in info} == {"alpha", "beta"}
+    assert s1["evaluation"] == "next stage" and s2["evaluation"] == "own round"
     assert s2["absent"] == [] and "gamma" in s2["curation"][0]["clients"]  # came back
     assert [r["client"] for r in s2["rejected"]] == ["alpha"] and "shape" in s2["rejected"][0]["reason"]
     assert "mallory" not in json.dumps(m["stages"])

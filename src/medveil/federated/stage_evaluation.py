@@ -17,10 +17,12 @@ miss it. Due clients that are gone by the next stage are recorded absent in the 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from medveil.federated.messages import EvalReport, FitInstructions, message_nbytes
 
+log = logging.getLogger("medveil.federated")
 PENDING, NEXT_STAGE, OWN_ROUND = "pending", "next stage", "own round"
 
 
@@ -49,6 +51,7 @@ def record_reports(record: dict[str, Any], sent: list[FitInstructions], reports:
             info["bytes"]["eval_up"] = message_nbytes(report)
             info["test"] = report.metrics
     for name, reason in missing.items():
+        log.warning("client %r did not evaluate stage %d: %s", name, record["stage"], reason)
         if name not in {a["client"] for a in absent}:
             absent.append({"client": name, "reason": f"{reason} (evaluation)"})
 
