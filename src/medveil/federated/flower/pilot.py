@@ -19,8 +19,7 @@ from medveil.federated.flower.site_node import READY
 
 class LocalPilot:
     """Start with ``start_link()``, ``register(...)``, ``start_site(...)`` (``wait_ready(...)``);
-    ``run(...)``; always
-    ``close()`` (or use as a context manager): every process tree is killed."""
+    ``run(...)``; always ``close()`` (or use as a context manager): every process tree is killed."""
 
     def __init__(self, workdir: Path, sites: dict[str, str], threads: int = 1,
                  extra_env: dict[str, str] | None = None, app_runtime: str = "warm") -> None:
