@@ -104,3 +104,45 @@ def test_baselines_and_evaluate_command(tmp_path, capsys):
     state = {k: v for k, v in stage0["model"].items() if not k.startswith(("decoder_", "mask_token"))}
     pooled = centralised(cfg.model, state, clients, recipe, seed=0)
     assert set(pooled) == {"alpha", "beta"} and all(0 <= m["acc"] <= 1 for m in pooled.values())
+
+
+@pytest.mark.parametrize("weighting", ["none", "balanced"])
+def test_centralised_uses_the_clients_recipe(tmp_path, monkeypatch, weighting):
+    """The pooled upper bound trains like the clients do: each sample's loss weighted by its own
+    client's inverse-frequency class weights when the recipe says "balanced", heads at
+    head_lr_scale x the backbone's learning rate."""
+    import medveil.federated.baselines as baselines
+    from medveil.federated.training import balanced_weights, task_loss
+    from medveil.models import VisionTransformer
+
+    cfg = tiny_config(tmp_path, strategy="fedavg", rounds=1)
+    clients, _ = build_sites(cfg.clients, cfg.data, 16, 3, cfg.seed)
+    clients[0].y_train[: len(clients[0].y_train) * 3 // 4] = 0  # make one client imbalanced
+    used: list[torch.Tensor | None] = []
+
+    def spy(logits, y, task, weight=None):
+        used.append(weight)
+        return task_loss(logits, y, task, weight)
+
+    lrs: list[list[float]] = []
+    real_adamw = torch.optim.AdamW
+
+    def adamw(groups, **kw):
+        opt = real_adamw(groups, **kw)
+        lrs.append([g["lr"] for g in opt.param_groups])
+        return opt
+
+    monkeypatch.setattr(baselines, "task_loss", spy)
+    monkeypatch.setattr(baselines.torch.optim, "AdamW", adamw)
+    recipe = TrainRecipe(epochs=1, batch_size=16, lr=1e-3, class_weighting=weighting)
+    state = VisionTransformer(cfg.model, num_classes=0).state_dict()
+    baselines.centralised(cfg.model, state, clients, recipe, seed=0)
+    if weighting == "none":
+        assert used and all(w is None for w in used)
+    else:
+        expected = [balanced_weights(d.y_train, d.num_classes, d.task) for d in clients]
+        assert expected[0].max() > 1.5  # the imbalanced client's rare classes weigh more
+        for w in expected:
+            assert any(u is not None and torch.equal(u, w) for u in used)
+        assert all(u is not None for u in used)
+    assert lrs == [[1e-3, 1e-3 * recipe.head_lr_scale]]

@@ -6,7 +6,9 @@ train split; the baselines below get the same R*E epochs (``recipe.epochs``), sa
 - ``local_only``: each client alone, a ViT from random init (no pretraining, no collaboration).
 - ``centralised``: the non-private upper bound: every client's labelled data pooled on one
   machine, one backbone (from the same stage-0 MIM backbone as the federation) with one head
-  per client, each sample's loss on its own head.
+  per client, each sample's loss on its own head, with the clients' recipe: heads at
+  ``head_lr_scale`` x the backbone's learning rate and, for ``class_weighting = "balanced"``,
+  each client's own inverse-frequency class weights (as its local training uses).
 - MIM-only (the paper's baseline) is the stage-0 backbone itself, evaluated with the recipes of
   :mod:`medveil.evaluate.probe`; FedAvg / FedProx are federations with ``strategy = "fedavg"``
   (``[local] fedprox_mu > 0`` for FedProx).
@@ -22,6 +24,7 @@ from medveil.federated.messages import StateDict
 from medveil.federated.sites import ClientData
 from medveil.federated.training import (
     TrainRecipe,
+    balanced_weights,
     batch_indices,
     derive_seed,
     new_head,
@@ -57,9 +60,11 @@ def centralised(cfg: ViTConfig, backbone_state: StateDict, clients: list[ClientD
                           for d in clients)
     owner = torch.cat([torch.full((len(d.x_train),), i) for i, d in enumerate(clients)])
     offsets = torch.tensor([0] + [len(d.x_train) for d in clients]).cumsum(0)
-    params = list(backbone.parameters()) + list(heads.parameters())
-    params = [p for p in params if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    groups = [{"params": [p for p in backbone.parameters() if p.requires_grad]},
+              {"params": list(heads.parameters()), "lr": recipe.lr * recipe.head_lr_scale}]
+    opt = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    weights = [balanced_weights(d.y_train, d.num_classes, d.task) if recipe.class_weighting == "balanced"
+               else None for d in clients]
     gen = torch.Generator().manual_seed(derive_seed(seed, "central-order"))
     backbone.train()
     with seeded(derive_seed(seed, "central-fit")):
@@ -73,7 +78,7 @@ def centralised(cfg: ViTConfig, backbone_state: StateDict, clients: list[ClientD
                     f = feats[start:start + len(loc)]
                     start += len(loc)
                     d = clients[i]
-                    loss = loss + task_loss(heads[i](f), d.y_train[loc], d.task) * len(loc) / len(idx)
+                    loss = loss + task_loss(heads[i](f), d.y_train[loc], d.task, weights[i]) * len(loc) / len(idx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
