@@ -21,7 +21,7 @@ over (dataset, seed) pairs (medveil.evaluate.stats).
     python benchmarks/meduniverse.py --quick      # 9.2 min on the shared 2-core box (6.6 CPU-min)
     python benchmarks/meduniverse.py              # full: ~60 min on 2 idle cores (estimate, ~120 CPU-min)
     python benchmarks/meduniverse.py --seeds 5 --lodo-seeds 3 --out benchmarks/results/meduniverse_5seeds.json
-Each finished job (a seed of the main comparison, a LODO fold) is stored under
+Each finished job (a seed of the main comparison, its centralised baseline, a LODO fold) is stored under
 benchmarks/results/jobs/ with its settings; a killed or interrupted run resumes from there.
 Writes benchmarks/results/meduniverse[_quick].json and prints the tables.
 """
