@@ -41,10 +41,11 @@ from medveil.models.stylegan2 import Generator
 REPO = Path(__file__).resolve().parents[1]
 
 
-def counted(fn) -> float:
+def counted(fn) -> tuple[float, Any]:
+    """(FLOPs of calling fn, its result)."""
     with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
+        out = fn()
+    return float(counter.get_total_flops()), out
 
 
 def flops_per_group_step(G: torch.nn.Module, net, images: torch.Tensor, groups: list[np.ndarray],
@@ -58,13 +59,12 @@ def flops_per_group_step(G: torch.nn.Module, net, images: torch.Tensor, groups: 
 
     with frozen(G, net):
         w = w0.clone().requires_grad_(True)
-        targets_all = counted(lambda: member_targets(images, images, groups, net, net, cfg))
-        t = member_targets(images, images, groups, net, net, cfg)
-        steps_all = counted(lambda: step(t, w))
+        targets_all, t = counted(lambda: member_targets(images, images, groups, net, net, cfg))
+        steps_all, _ = counted(lambda: step(t, w))
         batched = (targets_all / cfg.steps + steps_all) / len(groups)
-        t1 = member_targets(images, images, groups[:1], net, net, cfg)
-        w1 = w0[:1].clone().requires_grad_(True)
-        loop = counted(lambda: member_targets(images, images, groups[:1], net, net, cfg)) + counted(lambda: step(t1, w1))
+        targets_one, t1 = counted(lambda: member_targets(images, images, groups[:1], net, net, cfg))
+        step_one, _ = counted(lambda: step(t1, w0[:1].clone().requires_grad_(True)))
+        loop = targets_one + step_one
     return {"batched": batched, "loop": loop, "ratio": loop / batched}
 
 
