@@ -11,6 +11,9 @@ R*E epochs):
   local_only   each client alone, ViT from random init, R*E epochs
   centralised  all labelled data pooled, one backbone + per-client heads, R*E epochs (upper bound)
   mim_only     the stage-0 backbone (the paper's baseline), evaluated by (ii) only
+  +cal         meduniverse / fedavg with head calibration ([federation] calibrate_heads: after the
+               last stage the clients refit their heads on the final backbone); same backbone,
+               so (ii) is that of the method without it
 Evaluations: (i) the model with the client's own head on its test split; (ii) the backbone
 fine-tuned (same recipe for all) and linearly probed (logistic regression on frozen features).
 LODO: for each held-out dataset, pretrain on a pool of the five others, federate them, then
@@ -18,11 +21,12 @@ probe / fine-tune on the held-out dataset; compared with that stage-0 MIM backbo
 Statistics: mean +/- std over seeds; paired two-sided Wilcoxon signed-rank and paired t-test
 over (dataset, seed) pairs (medveil.evaluate.stats).
 
-    python benchmarks/meduniverse.py --quick      # 9.2 min on the shared 2-core box (6.6 CPU-min)
-    python benchmarks/meduniverse.py              # full: ~60 min on 2 idle cores (estimate, ~120 CPU-min)
+    python benchmarks/meduniverse.py --quick      # ~4.5 min on 2 cores (8.1 job-min over 2 workers)
+    python benchmarks/meduniverse.py              # full: ~85 min on 2 cores (167 job-min over 2 workers)
     python benchmarks/meduniverse.py --seeds 5 --lodo-seeds 3 --out benchmarks/results/meduniverse_5seeds.json
-Each finished job (a seed of the main comparison, its centralised baseline, a LODO fold) is stored under
-benchmarks/results/jobs/ with its settings; a killed or interrupted run resumes from there.
+Each finished job (a seed of the main comparison, its centralised baseline, its calibrated runs, a LODO
+fold) is stored under benchmarks/results/jobs/ with its settings; a killed or interrupted run resumes
+from there.
 Writes benchmarks/results/meduniverse[_quick].json and prints the tables.
 """
 
@@ -67,6 +71,11 @@ FINETUNED = ("mim_only", "meduniverse", "fedavg")  # backbones also fine-tuned i
 # methods). Version 2: pooled training with the clients' recipe (class weights, head lr scale);
 # version 1 (inside the seed jobs, whose cached "centralised" entries are ignored) used neither.
 CENTRAL_VERSION = 2
+# Head calibration ([federation] calibrate_heads, the shipped configs' setting): a job of its own
+# ("calibrated") that runs the federation again with it, for MedUniverse and FedAvg. It leaves
+# the backbone unchanged, so the probe / fine-tune numbers of the seed job hold for it too.
+CALIBRATED = {"meduniverse+cal": "meduniverse", "fedavg+cal": "fedavg"}
+CALIBRATED_VERSION = 1
 
 QUICK: dict[str, Any] = {  # patch 7 at 28 px (4x4 tokens): fast enough for 3 seeds + LODO on 2 cores
     "seeds": 3,
@@ -169,6 +178,27 @@ def run_central(setting: dict[str, Any], data_dir: Path, seed: int, log: list[st
     return result
 
 
+def run_calibrated(setting: dict[str, Any], data_dir: Path, seed: int, log: list[str]) -> dict[str, Any]:
+    """MedUniverse and FedAvg with head calibration, from the seed's stage-0 backbone (pretrained
+    again, deterministically): the universal model's metrics with the refitted heads, and those
+    of the model the clients received (before calibration: the seed job's universal numbers)."""
+    t0 = time.time()
+    cfg = make_config(setting, data_dir, seed, DATASETS)
+    base = prepare(cfg)
+    run_stages(base, 0, 1, progress=False)
+    stage0 = base.server.state_dict()
+    result: dict[str, Any] = {}
+    for method, plain in CALIBRATED.items():
+        overrides = copy.deepcopy(FEDERATED[plain])
+        overrides.setdefault("federation", {})["calibrate_heads"] = True
+        mcfg = make_config(setting, data_dir, seed, DATASETS, overrides)
+        last = run_stages(fork(base, mcfg, stage0), 1, mcfg.federation.rounds + 1, progress=False)[-1]["clients"]
+        result[method] = {n: {"universal": c["test"], "before_calibration": c["test_before_calibration"]}
+                          for n, c in last.items()}
+    log.append(f"seed {seed} calibrated: {time.time() - t0:.0f}s")
+    return result
+
+
 def run_lodo(setting: dict[str, Any], data_dir: Path, seed: int, held: str) -> dict[str, Any]:
     """Federate (distill) on the five other datasets; probe / fine-tune the held-out one."""
     others = tuple(n for n in DATASETS if n != held)
@@ -194,7 +224,8 @@ def run_job(job: tuple[str, int, str], setting: dict[str, Any], data_dir: Path,
     same setting, so a killed benchmark resumes job by job."""
     kind, seed, held = job
     key = jsonable({"job": list(job), "setting": setting, "data_dir": str(data_dir),
-                    **({"version": CENTRAL_VERSION} if kind == "central" else {})})
+                    **({"version": CENTRAL_VERSION} if kind == "central" else {}),
+                    **({"version": CALIBRATED_VERSION} if kind == "calibrated" else {})})
     path = cache / f"{kind}-{seed}{'-' + held if held else ''}.json" if cache else None
     if path is not None and path.is_file():
         stored = json.loads(path.read_text())
@@ -206,6 +237,8 @@ def run_job(job: tuple[str, int, str], setting: dict[str, Any], data_dir: Path,
         result = run_seed(setting, data_dir, seed, log)
     elif kind == "central":
         result = run_central(setting, data_dir, seed, log)
+    elif kind == "calibrated":
+        result = run_calibrated(setting, data_dir, seed, log)
     else:
         result = run_lodo(setting, data_dir, seed, held)
         log = [f"LODO seed {seed} held-out {held}: {time.time() - t:.0f}s"]
@@ -226,7 +259,8 @@ def cell(results: list[dict[str, Any]], method: str, dataset: str, kind: str, me
 def tables(results: list[dict[str, Any]], lodo: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     lines: list[str] = []
     summary: dict[str, Any] = {"per_dataset": {}, "tests": {}, "lodo": {}}
-    rows = [("meduniverse", "universal"), ("fedavg", "universal"), ("fedprox", "universal"),
+    rows = [("meduniverse+cal", "universal"), ("fedavg+cal", "universal"),
+            ("meduniverse", "universal"), ("fedavg", "universal"), ("fedprox", "universal"),
             ("relay", "universal"), ("local_only", "universal"), ("centralised", "universal"),
             ("mim_only", "probe"), ("meduniverse", "probe"), ("fedavg", "probe"), ("fedprox", "probe"),
             ("relay", "probe"),
@@ -234,7 +268,7 @@ def tables(results: list[dict[str, Any]], lodo: list[dict[str, Any]]) -> tuple[s
     for metric in ("acc", "bacc"):
         lines.append(f"\n{metric} (%), mean ± std over {len(results)} seeds; (i) universal = model + own "
                      f"head, (ii) probe / finetune of the backbone")
-        header = f"{'method':<14}{'eval':<11}" + "".join(f"{d[:12]:>15}" for d in DATASETS) + f"{'mean':>9}"
+        header = f"{'method':<16}{'eval':<11}" + "".join(f"{d[:12]:>15}" for d in DATASETS) + f"{'mean':>9}"
         lines += [header, "-" * len(header)]
         for method, kind in rows:
             cells = [cell(results, method, d, kind, metric) for d in DATASETS]
@@ -242,11 +276,13 @@ def tables(results: list[dict[str, Any]], lodo: list[dict[str, Any]]) -> tuple[s
             overall = sum(means) / len(means)
             summary["per_dataset"].setdefault(metric, {})[f"{method}/{kind}"] = {
                 d: dict(zip(("mean", "std"), mean_std(c), strict=True)) for d, c in zip(DATASETS, cells, strict=True)}
-            lines.append(f"{method:<14}{kind:<11}" + "".join(f"{format_mean_std(c):>15}" for c in cells)
+            lines.append(f"{method:<16}{kind:<11}" + "".join(f"{format_mean_std(c):>15}" for c in cells)
                          + f"{overall * 100:>9.1f}")
     lines.append("\nPaired tests over (dataset, seed) pairs, two-sided (Wilcoxon signed-rank; paired t-test)")
     comparisons = [(("meduniverse", "universal"), (b, "universal")) for b in
                    ("fedavg", "fedprox", "relay", "local_only", "centralised")]
+    comparisons += [(("meduniverse+cal", "universal"), (b, "universal")) for b in
+                    ("centralised", "fedavg+cal", "local_only", "meduniverse")]
     comparisons += [(("meduniverse", k), ("mim_only", k)) for k in ("probe", "finetune")]
     for metric in ("acc", "bacc"):
         for (ma, ka), (mb, kb) in comparisons:
@@ -255,8 +291,15 @@ def tables(results: list[dict[str, Any]], lodo: list[dict[str, Any]]) -> tuple[s
             t = paired_tests(a, b)
             key = f"{metric}: {ma}/{ka} vs {mb}/{kb}"
             summary["tests"][key] = t
-            lines.append(f"{key:<52} n={t['n']:>2} diff {t['mean_diff'] * 100:+6.2f} pts  "
+            lines.append(f"{key:<58} n={t['n']:>2} diff {t['mean_diff'] * 100:+6.2f} pts  "
                          f"W/L {t['wins']}/{t['losses']}  Wilcoxon p={t['wilcoxon_p']:.4f}  t-test p={t['t_p']:.4f}")
+    for cal, plain in CALIBRATED.items():  # the model the clients received = the seed job's universal model
+        pairs = [(r[cal][d]["before_calibration"]["acc"], r[plain][d]["universal"]["acc"])
+                 for r in results if cal in r for d in DATASETS]
+        same = sum(abs(a - b) < 1e-9 for a, b in pairs)
+        summary["tests"][f"{cal}: received model == {plain} universal"] = {"same": same, "n": len(pairs)}
+        lines.append(f"{cal}: the received (uncalibrated) model's accuracy equals {plain}'s universal one "
+                     f"on {same}/{len(pairs)} (dataset, seed) pairs")
     if lodo:
         lines.append("\nLeave-one-dataset-out: backbone federated on the other five, evaluated on the held-out "
                      "dataset (acc %, mean ± std over seeds)")
@@ -265,7 +308,7 @@ def tables(results: list[dict[str, Any]], lodo: list[dict[str, Any]]) -> tuple[s
             for method in ("mim_only", "meduniverse"):
                 vals = {h: [r[method][kind]["acc"] for r in lodo if r["held"] == h] for h in held}
                 summary["lodo"][f"{method}/{kind}"] = {h: mean_std(v) for h, v in vals.items()}
-                lines.append(f"{method:<14}{kind:<11}" + "".join(f"{h[:12]:>14} {format_mean_std(v):>13}"
+                lines.append(f"{method:<16}{kind:<11}" + "".join(f"{h[:12]:>14} {format_mean_std(v):>13}"
                                                                  for h, v in vals.items()))
             a = [r["meduniverse"][kind]["acc"] for r in lodo]
             b = [r["mim_only"][kind]["acc"] for r in lodo]
@@ -303,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or REPO / "benchmarks" / "results" / f"meduniverse{'_quick' if args.quick else ''}.json"
     cache = args.work or REPO / "benchmarks" / "results" / "jobs" / f"meduniverse{'_quick' if args.quick else ''}"
     t0 = time.time()
-    jobs = [(kind, seed, "") for seed in seeds for kind in ("seed", "central")]
+    jobs = [(kind, seed, "") for seed in seeds for kind in ("seed", "central", "calibrated")]
     if not args.no_lodo:
         jobs += [("lodo", seed, held) for seed in seeds[:args.lodo_seeds or len(seeds)]
                  for held in setting["lodo_heldout"]]
@@ -323,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                 done[futures[future]] = future.result()
                 log += done[futures[future]][1]
                 print("\n".join(done[futures[future]][1]), flush=True)
-    results = [{**done[("seed", s, "")][0], "centralised": done[("central", s, "")][0]} for s in seeds]
+    results = [{**done[("seed", s, "")][0], "centralised": done[("central", s, "")][0],
+                **done[("calibrated", s, "")][0]} for s in seeds]
     lodo = [{"seed": j[1], "held": j[2], **done[j][0]} for j in jobs if j[0] == "lodo"]
     text, summary = tables(results, lodo)
     elapsed = time.time() - t0

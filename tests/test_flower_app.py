@@ -115,15 +115,16 @@ def tensors(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_flower_app_equals_in_process_engine_and_resumes(setup):
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_flower_app_equals_in_process_engine_and_resumes(setup, calibrate):
     tmp = setup["tmp"]
-    config = setup["coordinator_config"](tmp / "coordinator.toml", strategy="distill")
+    config = setup["coordinator_config"](tmp / "coordinator.toml", strategy="distill", calibrate_heads=calibrate)
     out = tmp / "flower"
     grid = FakeGrid(setup["nodes"])
     serve(grid, config, out, **{"max-stages": 2})  # the server stops after stage 1 ...
     assert not (out / "complete").exists()
     serve(FakeGrid(setup["nodes"]), config, out, resume=True)  # ... a new one resumes
-    local = config_from_dict(setup["raw"](True, strategy="distill"), tmp)
+    local = config_from_dict(setup["raw"](True, strategy="distill", calibrate_heads=calibrate), tmp)
     run_federation(local, tmp / "local", progress=False)
     a, b = tensors(out / "model.pt"), tensors(tmp / "local" / "model.pt")
     for key in a["model"]:
@@ -134,6 +135,9 @@ def test_flower_app_equals_in_process_engine_and_resumes(setup):
     flower, inproc = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp / "local"))
     assert flower["final"] == inproc["final"]
     assert flower["bytes_total"] == inproc["bytes_total"]  # same accounting of what crosses
+    if calibrate:  # the last stage's head-only round went through Flower's messages too
+        assert flower["stages"][-1]["calibration"]["calibrated"] == list(SITES)
+        assert flower["stages"][-1]["calibration"] == inproc["stages"][-1]["calibration"]
     # what crossed the wire: the join query carries no path or dataset name
     assert {g for _, g in grid.sent} == {"join-1", "train-1"}  # stage 1 is evaluated in stage 2's round
 

@@ -23,12 +23,17 @@ def plot_stage_curves(stages: list[dict[str, Any]], path: Path, metric: str = "a
                 xs, ys = series.setdefault(name, ([], []))
                 xs.append(int(s["stage"]))
                 ys.append(float(value))
+    before = {name: (int(s["stage"]), float(info["test_before_calibration"][metric]))  # calibrate_heads
+              for s in stages for name, info in s.get("clients", {}).items()
+              if info.get("test_before_calibration", {}).get(metric) is not None}
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for name, (xs, ys) in sorted(series.items()):
-        ax.plot(xs, ys, marker="o", label=name)
+        (line,) = ax.plot(xs, ys, marker="o", label=name)
+        if name in before:
+            ax.plot(*before[name], marker="o", mfc="none", color=line.get_color(), linestyle="")
     ax.set_xlabel("stage")
     ax.set_ylabel(f"test {metric} (universal model + own head)")
-    ax.set_title("Per-client accuracy across stages")
+    ax.set_title("Per-client accuracy across stages" + (" (open: before head calibration)" if before else ""))
     ax.grid(alpha=0.3)
     if series:
         ax.legend(fontsize=8, loc="best")

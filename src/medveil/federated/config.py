@@ -12,7 +12,7 @@ pool_fraction = 0.2
 name = "blood"
 sample = "bloodmnist"           # or: path = "data/bloodmnist.npz" (relative to this file)
 [pretrain]                      # stage 0, MAE on the server pool (PretrainRecipe)
-[federation]                    # strategy, rounds, client_fraction, schedule
+[federation]                    # strategy, rounds, client_fraction, schedule, calibrate_heads
 [local]                         # client fine-tuning (TrainRecipe; fedprox_mu)
 [curation]                      # CurationParams (tau, lam, mim_mu, init, relay_alpha ...)
 [evaluation]                    # fine-tune / linear-probe recipe of `medveil evaluate`
@@ -52,6 +52,7 @@ class FederationOptions:
     rounds: int = 3                    # stages after stage 0
     client_fraction: float = 1.0       # share of clients sampled per stage (at least one)
     schedule: str = "auto"             # parallel | sequential | auto (the strategy's default)
+    calibrate_heads: bool = False      # after the last stage, clients refit their heads (calibration.py)
 
     def resolved_schedule(self) -> str:
         return DEFAULT_SCHEDULE[self.strategy] if self.schedule == "auto" else self.schedule

@@ -1,5 +1,7 @@
 """In-process federation: stage 0 (server MIM pretraining), then ``rounds`` stages of
-join -> local fine-tuning -> screening -> curation -> evaluation, on one machine. A stage's
+join -> local fine-tuning -> screening -> curation -> evaluation, on one machine (with
+``[federation] calibrate_heads``, the last stage adds a round in which the clients refit their
+heads on the final backbone: :mod:`.calibration`). A stage's
 evaluation happens in the next stage's training round (the clients evaluate the model they
 receive before training on it; :mod:`.stage_evaluation`), the last stage's in a round of its own.
 
@@ -38,6 +40,7 @@ from tqdm.auto import tqdm
 
 from medveil.errors import ConfigError, MedVeilError
 from medveil.federated import stage_evaluation
+from medveil.federated.calibration import calibration_round
 from medveil.federated.client import local_fit
 from medveil.federated.config import FederationConfig, dump_toml, load_config
 from medveil.federated.curation import Curator, make_curator
@@ -235,6 +238,11 @@ def run_stage(fed: Federation, stage: int, progress: bool = True, previous: dict
               "curation": curation}
     # every joined client that is here evaluates the new universal model: now, or next stage
     evaluated = [n for n in fed.client_names if n in server.registry and n in present and n not in absent]
+    if last and fed.cfg.federation.calibrate_heads:  # clients refit their heads on the final backbone
+        phase["calibrate"] = 0.0
+        with _timed(phase, "calibrate"):
+            record["calibration"] = calibration_round(fed, stage, evaluated, per_client)
+        record["rejected"] += record["calibration"]["rejected"]  # counted with the stage's rejections
     if last:
         eval_ins = [server.instructions(n, stage) for n in evaluated]
         with _timed(phase, "evaluate"):

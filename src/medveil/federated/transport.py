@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
+from medveil.federated.calibration import local_calibrate
 from medveil.federated.client import join_request, local_evaluate, local_fit
 from medveil.federated.messages import (
     ClientUpdate,
@@ -41,6 +42,7 @@ class FitJob:
     instructions: FitInstructions
     seed: int
     evaluate: bool = False  # first report the received model's test metrics (same message)
+    calibrate: bool = False  # refit only the head on the received backbone (:mod:`.calibration`)
 
 
 @dataclass
@@ -87,8 +89,8 @@ class LocalTransport:
             name = job.instructions.client_name
             if job.evaluate:
                 out.evaluations[name] = local_evaluate(self.by_name[name], job.instructions, device=self.device)
-            out.replies[name] = self.client_fit(self.by_name[name], job.instructions, recipe, job.seed,
-                                                device=self.device)
+            fit = local_calibrate if job.calibrate else self.client_fit
+            out.replies[name] = fit(self.by_name[name], job.instructions, recipe, job.seed, device=self.device)
         return out
 
     def evaluate(self, instructions: list[FitInstructions], stage: int) -> Exchange[EvalReport]:

@@ -171,13 +171,15 @@ def site_join(message: Message, context: Context) -> Message:
 @client_app.train()
 @private_errors
 def site_train(message: Message, context: Context) -> Message:
+    from medveil.federated.calibration import local_calibrate
     from medveil.federated.client import local_evaluate, local_fit
     from medveil.federated.training import TrainRecipe
 
     ins, extra, data = _checked(message, context)
     # the previous stage's model, received in this message: evaluated before training on it
     report = local_evaluate(data, ins, device=_device(context)) if extra.get("evaluate") else None
-    update = local_fit(data, ins, TrainRecipe(**extra["recipe"]), int(extra["seed"]), device=_device(context))
+    fit = local_calibrate if extra.get("calibrate") else local_fit  # last round: refit the head only
+    update = fit(data, ins, TrainRecipe(**extra["recipe"]), int(extra["seed"]), device=_device(context))
     return Message(codec.encode_update(update, report), reply_to=message)
 
 

@@ -198,7 +198,8 @@ class FlowerTransport:
     def fit(self, jobs: list[FitJob], recipe: TrainRecipe, stage: int) -> Exchange[ClientUpdate]:
         recipe_d = dataclasses.asdict(recipe)
         items = {j.instructions.client_name: codec.encode_instructions(
-            j.instructions, seed=j.seed, recipe=recipe_d, site=self.site, evaluate=j.evaluate) for j in jobs}
+            j.instructions, seed=j.seed, recipe=recipe_d, site=self.site, evaluate=j.evaluate,
+            calibrate=j.calibrate) for j in jobs}
         result = self._round(items, "train", stage, codec.decode_update)
         for name, (update, report) in list(result.replies.items()):
             result.replies[name] = update
