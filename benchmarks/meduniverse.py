@@ -22,7 +22,7 @@ Statistics: mean +/- std over seeds; paired two-sided Wilcoxon signed-rank and p
 over (dataset, seed) pairs (medveil.evaluate.stats).
 
     python benchmarks/meduniverse.py --quick      # ~4.5 min on 2 cores (8.1 job-min over 2 workers)
-    python benchmarks/meduniverse.py              # full: ~85 min on 2 cores (167 job-min over 2 workers)
+    python benchmarks/meduniverse.py              # full: 55 min from scratch on 2 cores (109 job-min)
     python benchmarks/meduniverse.py --seeds 5 --lodo-seeds 3 --out benchmarks/results/meduniverse_5seeds.json
 Each finished job (a seed of the main comparison, its centralised baseline, its calibrated runs, a LODO
 fold) is stored under benchmarks/results/jobs/ with its settings; a killed or interrupted run resumes
