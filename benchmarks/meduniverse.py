@@ -21,7 +21,7 @@ probe / fine-tune on the held-out dataset; compared with that stage-0 MIM backbo
 Statistics: mean +/- std over seeds; paired two-sided Wilcoxon signed-rank and paired t-test
 over (dataset, seed) pairs (medveil.evaluate.stats).
 
-    python benchmarks/meduniverse.py --quick      # ~4.5 min on 2 cores (8.1 job-min over 2 workers)
+    python benchmarks/meduniverse.py --quick      # 4.7 min from scratch on 2 cores (9.0 job-min)
     python benchmarks/meduniverse.py              # full: 55 min from scratch on 2 cores (109 job-min)
     python benchmarks/meduniverse.py --seeds 5 --lodo-seeds 3 --out benchmarks/results/meduniverse_5seeds.json
 Each finished job (a seed of the main comparison, its centralised baseline, its calibrated runs, a LODO
