@@ -113,6 +113,14 @@ def make_config(setting: dict[str, Any], data_dir: Path, seed: int, names: tuple
     return config_from_dict(raw, data_dir)
 
 
+def pretrained(setting: dict[str, Any], data_dir: Path, seed: int) -> tuple[FederationConfig, Federation, dict[str, Any]]:
+    """The seed's six-client federation after stage 0 (MIM pretraining; deterministic, so every
+    job of a seed starts from the same backbone): (config, federation, stage-0 metrics)."""
+    cfg = make_config(setting, data_dir, seed, DATASETS)
+    base = prepare(cfg)
+    return cfg, base, run_stages(base, 0, 1, progress=False)[0]
+
+
 def fork(base: Federation, cfg: FederationConfig, stage0: dict[str, Any]) -> Federation:
     """A federation on the same clients and pool, starting from the shared stage-0 server."""
     server = Server(cfg.model, base.server.pool)
@@ -123,9 +131,7 @@ def fork(base: Federation, cfg: FederationConfig, stage0: dict[str, Any]) -> Fed
 def run_seed(setting: dict[str, Any], data_dir: Path, seed: int, log: list[str]) -> dict[str, Any]:
     """All methods for one seed: results[method][dataset] = {"universal"|"probe"|"finetune": metrics}."""
     t0 = time.time()
-    cfg = make_config(setting, data_dir, seed, DATASETS)
-    base = prepare(cfg)
-    pre = run_stages(base, 0, 1, progress=False)[0]
+    cfg, base, pre = pretrained(setting, data_dir, seed)
     stage0 = base.server.state_dict()
     mim_state = base.server.backbone_state()
     recipe_eval = cfg.evaluation.finetune_recipe(cfg.local)
@@ -166,9 +172,7 @@ def run_central(setting: dict[str, Any], data_dir: Path, seed: int, log: list[st
     """The centralised upper bound of one seed: the seed's stage-0 MIM backbone (pretrained again,
     deterministically), all labelled data pooled, R*E epochs with the clients' recipe."""
     t0 = time.time()
-    cfg = make_config(setting, data_dir, seed, DATASETS)
-    base = prepare(cfg)
-    pre = run_stages(base, 0, 1, progress=False)[0]
+    cfg, base, pre = pretrained(setting, data_dir, seed)
     budget = replace(cfg.local, epochs=cfg.federation.rounds * cfg.local.epochs, fedprox_mu=0.0)
     t = time.time()
     result = {n: {"universal": m} for n, m in centralised(cfg.model, base.server.backbone_state(), base.clients,
@@ -183,9 +187,7 @@ def run_calibrated(setting: dict[str, Any], data_dir: Path, seed: int, log: list
     again, deterministically): the universal model's metrics with the refitted heads, and those
     of the model the clients received (before calibration: the seed job's universal numbers)."""
     t0 = time.time()
-    cfg = make_config(setting, data_dir, seed, DATASETS)
-    base = prepare(cfg)
-    run_stages(base, 0, 1, progress=False)
+    _, base, _ = pretrained(setting, data_dir, seed)
     stage0 = base.server.state_dict()
     result: dict[str, Any] = {}
     for method, plain in CALIBRATED.items():

@@ -34,7 +34,7 @@ from medveil.evaluate.metrics import classification_metrics  # noqa: E402
 from medveil.federated.baselines import centralised  # noqa: E402
 from medveil.federated.client import build_backbone, build_head  # noqa: E402
 from medveil.federated.curation import DistillCurator  # noqa: E402
-from medveil.federated.engine import prepare, run_stages  # noqa: E402
+from medveil.federated.engine import run_stages  # noqa: E402
 from medveil.federated.training import derive_seed, predict_logits  # noqa: E402
 from medveil.io import write_json_atomic  # noqa: E402
 
@@ -55,11 +55,9 @@ def with_validation_split(clients: list, seed: int) -> list:
 
 def run_seed(seed: int, data_dir: Path) -> dict[str, Any]:
     torch.set_num_threads(1)
-    cfg = bench.make_config(bench.FULL, data_dir, seed, bench.DATASETS)
-    base = prepare(cfg)
-    base.clients[:] = with_validation_split(base.clients, seed)
+    cfg, base, _ = bench.pretrained(bench.FULL, data_dir, seed)  # stage 0 uses the pool only
+    base.clients[:] = with_validation_split(base.clients, seed)  # what fork() hands the federation
     clients = {c.name: c for c in base.clients}
-    run_stages(base, 0, 1, progress=False)
     stage0 = base.server.state_dict()
     teachers: dict[str, Any] = {}
 

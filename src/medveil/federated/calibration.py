@@ -33,9 +33,11 @@ from typing import Any
 import torch
 
 from medveil.data import Task
+from medveil.federated.client import received_models
 from medveil.federated.messages import ClientUpdate, FitInstructions, StateDict, message_nbytes
 from medveil.federated.sites import ClientData
-from medveil.federated.training import TrainRecipe, balanced_weights, extract_features, task_loss
+from medveil.federated.training import TrainRecipe, balanced_weights, derive_seed, extract_features, task_loss
+from medveil.federated.updates import screen_updates
 
 
 def fit_linear_head(features: torch.Tensor, y: torch.Tensor, num_classes: int, task: Task | str,
@@ -68,23 +70,18 @@ def fit_linear_head(features: torch.Tensor, y: torch.Tensor, num_classes: int, t
 def local_calibrate(data: ClientData, ins: FitInstructions, recipe: TrainRecipe, seed: int,
                     device: str = "cpu") -> ClientUpdate:
     """Refit this client's head on the received (frozen) backbone; a head-only update."""
-    from medveil.federated.client import build_backbone, build_head
-
-    build_head(ins.head, data.num_classes, f"{data.source}: client {data.name!r}")  # class count check
-    backbone = build_backbone(ins.model_config, ins.backbone).to(device)
+    backbone, _ = received_models(data, ins, device)  # checks the head's class count too
     feats = extract_features(backbone, data.x_train)
     head = fit_linear_head(feats, data.y_train, data.num_classes, data.task, recipe.class_weighting)
     return ClientUpdate(client_name=data.name, stage=ins.stage, backbone={}, head=head,
-                        n_samples=len(data.x_train), metrics={"calibrated": 1.0})
+                        n_samples=len(data.x_train))
 
 
 def calibration_round(fed: Any, stage: int, names: list[str],
                       per_client: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Ask ``names`` to report on and then recalibrate their heads on the current universal
     model; set the accepted heads. Returns the round's record (clients, rejected, absent)."""
-    from medveil.federated.training import derive_seed
-    from medveil.federated.transport import FitJob
-    from medveil.federated.updates import screen_updates
+    from medveil.federated.transport import FitJob  # transport imports this module
 
     server = fed.server
     jobs = [FitJob(server.instructions(n, stage), derive_seed(fed.cfg.seed, stage, n, "calibrate"),

@@ -39,7 +39,8 @@ def build_head(state: StateDict, num_classes: int, where: str) -> nn.Linear:
     return head.eval()
 
 
-def _models(data: ClientData, ins: FitInstructions, device: str) -> tuple[VisionTransformer, nn.Linear]:
+def received_models(data: ClientData, ins: FitInstructions, device: str) -> tuple[VisionTransformer, nn.Linear]:
+    """The backbone and this client's head from the server's message (class count checked)."""
     backbone = build_backbone(ins.model_config, ins.backbone).to(device)
     head = build_head(ins.head, data.num_classes, f"{data.source}: client {data.name!r}").to(device)
     return backbone, head
@@ -49,7 +50,7 @@ def local_fit(data: ClientData, ins: FitInstructions, recipe: TrainRecipe, seed:
               device: str = "cpu") -> ClientUpdate:
     """Fine-tune backbone + head from the server's instructions for ``recipe.epochs`` epochs
     (FedProx term towards the received weights when ``recipe.fedprox_mu > 0``)."""
-    backbone, head = _models(data, ins, device)
+    backbone, head = received_models(data, ins, device)
     stats = train_classifier(backbone, head, data.x_train, data.y_train, data.task, recipe, seed)
     return ClientUpdate(
         client_name=data.name, stage=ins.stage,
@@ -64,7 +65,7 @@ def local_evaluate(data: ClientData, ins: FitInstructions, device: str = "cpu") 
     """Metrics of the received model (universal backbone + this client's head) on the test split."""
     from medveil.evaluate.metrics import classification_metrics  # sklearn: ~1 s, only when evaluating
 
-    backbone, head = _models(data, ins, device)
+    backbone, head = received_models(data, ins, device)
     logits = predict_logits(backbone, head, data.x_test)
     metrics = classification_metrics(data.task.value, data.y_test.numpy(), logits.numpy())
     return EvalReport(client_name=data.name, stage=ins.stage, n_samples=len(data.x_test), metrics=metrics)
