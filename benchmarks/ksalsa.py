@@ -4,6 +4,8 @@ their baselines, plus the speed of batched vs per-group style alignment.
     python benchmarks/ksalsa.py --quick                     # < 10 min, tiny GAN trained here
     python benchmarks/ksalsa.py --gan RUN_DIR [--encoder ENC_DIR]   # full protocol, < 90 min
     python benchmarks/ksalsa.py --gan RUN_DIR [--encoder ENC_DIR] --speed-only   # alignment speed only
+    python benchmarks/ksalsa.py --gan RUN_DIR [--encoder ENC_DIR] --grouping random --stratify-labels
+                                                            # unrelated people per group, one grade each
 
 Protocol (spec ksalsa.md): APTOS train (3662) is cut once (seed 0, stratified by grade,
 identical / re-encoded duplicate photographs kept on one side: medveil.data.duplicates) into
@@ -22,6 +24,11 @@ encoder is given (else 10 projector steps) and 25 alignment steps; see the JSON 
 With so few alignment steps the learning rate is 0.03, not 0.1: our W+ codes spread ~0.2 per
 coordinate between images, and on the quick GAN 10 steps at lr 0.1 raised the mean alignment
 loss by 26% (2 of 12 groups improved) while lr 0.03 lowered it by 30% (12 of 12).
+
+Grouping (--grouping, --stratify-labels; the same for the private and the test set): the
+reference groups similar people (greedy farthest-point on the W+ codes), which is what the
+linkage attack exploits; ``--grouping random --stratify-labels`` groups unrelated people of one
+grade (exact labels). The JSON is rewritten after every k ("complete": false until the end).
 
 Images stay under --work (git-ignored runs/ or /tmp); only numbers go into the JSON.
 """
@@ -45,6 +52,7 @@ from medveil.anonymize.alignment import (
     align_groups,
     align_per_group_reference,
 )
+from medveil.anonymize.grouping import METHODS
 from medveil.anonymize.pipeline import AnonymizeConfig, PrivateSet, anonymize, to_uint8
 from medveil.anonymize.quick import load_models, quick_models
 from medveil.data import load_dataset, to_tensor
@@ -179,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--invert-steps", type=int, default=None)
     p.add_argument("--gan-steps", type=int, default=60, help="quick GAN steps without --gan")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--grouping", default="greedy", choices=METHODS,
+                   help="grouping of both the private and the test set (greedy: the reference)")
+    p.add_argument("--stratify-labels", action="store_true",
+                   help="group each grade on its own (label-pure groups)")
+    p.add_argument("--no-speed", action="store_true", help="skip the alignment timing")
     p.add_argument("--speed-only", action="store_true",
                    help="only the batched vs per-group alignment timing (groups from an unaligned "
                         "release); writes ksalsa[_quick]_speed.json")
@@ -223,9 +236,27 @@ def main(argv: list[str] | None = None) -> int:
     first = None
     if args.speed_only:
         return speed_only(args, private, models, net, align, invert_steps, work, t_start)
+    out = args.out or REPO / "benchmarks" / "results" / f"ksalsa{'_quick' if q else ''}.json"
+
+    def payload(reference: dict[str, Any] | None) -> dict[str, Any]:
+        return {
+            "benchmark": "ksalsa", "quick": q, "command": " ".join(sys.argv),
+            "complete": reference is not None, "machine": machine(),
+            "data": {"dataset": "APTOS-2019 train", "n_private": len(private.ids),
+                     "n_test": len(test.ids), "resolution": resolution, "split_seed": 0,
+                     "duplicates": "identical/near-identical photographs kept on one side of the "
+                                   "split and used as subject ids (grouped together)"},
+            "config": {"ks": args.ks, "grouping": args.grouping,
+                       "stratify_labels": args.stratify_labels, "align_steps": steps,
+                       "invert_steps": invert_steps, "encoder": models.encoder is not None,
+                       "align": align.to_dict(), "utility": utility.to_dict()},
+            "models": models.info, "feature_net": net.describe(), "results": results,
+            "reference_all_real": reference, "wall_s": time.perf_counter() - t_start,
+        }
+
     for k in [int(v) for v in args.ks.split(",")]:
-        cfg = AnonymizeConfig(k=k, feature_net=args.feature_net, align=align,
-                              invert_steps=invert_steps)
+        cfg = AnonymizeConfig(k=k, grouping=args.grouping, stratify_labels=args.stratify_labels,
+                              feature_net=args.feature_net, align=align, invert_steps=invert_steps)
         t0 = time.perf_counter()
         P = anonymize(private, models, work / f"k{k}" / "private", cfg, overwrite=True,
                       progress=False, inversion_dir=work / "inversion-private")
@@ -240,35 +271,24 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         table = evaluate_sets(sets_p, P.reals, T.reals, test.labels, n_cls, k, net,
                               heldout_sets=sets_t, utility=utility, progress=False)
-        print(format_table(table, f"\nk={k}: {len(P.groups)} private groups, "
-                                  f"{len(T.groups)} test groups"), flush=True)
-        speed = timed_speed(P, models, net, args, align, k)
+        print(format_table(table, f"\nk={k} ({args.grouping} grouping"
+                                  f"{' within grades' if args.stratify_labels else ''}): "
+                                  f"{len(P.groups)} private groups, {len(T.groups)} test groups"),
+              flush=True)
+        speed = None if args.no_speed else timed_speed(P, models, net, args, align, k)
         results[f"k={k}"] = {"sets": table, "anonymize_s": t_anon, "speed": speed,
                              "evaluate_s": time.perf_counter() - t0,
                              "private_report_timings": P.report["timings"],
                              "alignment_losses": P.report["alignment_losses"]}
+        write_json_atomic(out, payload(None))  # partial ("complete": false) after every k
     test_reals = to_uint8(to_tensor(test.images, size=resolution, channels=3))
     reference = utility_scores({"all real (N)": (first.reals, private.labels)}, test_reals,
                                test.labels, n_cls, utility, progress=False)
     print(f"\nreference: all {len(private.ids)} real private images -> acc "
           f"{reference['all real (N)']['acc_mean']:.3f}, qwk {reference['all real (N)']['qwk_mean']:.3f}")
-    payload = {
-        "benchmark": "ksalsa", "quick": q, "command": " ".join(sys.argv),
-        "machine": machine(),
-        "data": {"dataset": "APTOS-2019 train", "n_private": len(private.ids),
-                 "n_test": len(test.ids), "resolution": resolution, "split_seed": 0,
-                 "duplicates": "identical/near-identical photographs kept on one side of the "
-                               "split and used as subject ids (grouped together)"},
-        "config": {"ks": args.ks, "align_steps": steps, "invert_steps": invert_steps,
-                   "encoder": models.encoder is not None, "align": align.to_dict(),
-                   "utility": utility.to_dict()},
-        "models": models.info, "feature_net": net.describe(), "results": results,
-        "reference_all_real": reference,
-        "wall_s": time.perf_counter() - t_start,
-    }
-    out = args.out or REPO / "benchmarks" / "results" / f"ksalsa{'_quick' if q else ''}.json"
-    write_json_atomic(out, payload)
-    print(f"\nwrote {out} ({payload['wall_s'] / 60:.1f} min)")
+    final = payload(reference)
+    write_json_atomic(out, final)
+    print(f"\nwrote {out} ({final['wall_s'] / 60:.1f} min)")
     return 0
 
 

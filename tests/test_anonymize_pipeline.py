@@ -97,6 +97,23 @@ def test_cli_quick_smoke(tiny_npz, tmp_path, monkeypatch):
     assert verify_release(out).passed
 
 
+def test_cli_random_grouping_within_labels_gives_exact_labels(tiny_npz, tiny_gan, tmp_path):
+    out = tmp_path / "strat"
+    assert main(["anonymize", "--data", str(tiny_npz), "--k", "3", "--out", str(out),
+                 "--gan", str(tiny_gan), "--grouping", "random", "--stratify-labels", *FAST]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["grouping"] == "random" and report["config"]["stratify_labels"] is True
+    labels = np.load(tiny_npz)["train_labels"].ravel()  # counts 11 / 1 / 6 / 2 / 3 per grade
+    with open(out / "audit" / "groups.csv") as f:
+        members: dict[str, list[int]] = {}
+        for r in csv.DictReader(f):
+            members.setdefault(r["file"], []).append(int(labels[int(r["member_id"].split("-")[1])]))
+    kinds = sorted(tuple(sorted(set(m))) for m in members.values())
+    # grades 0, 2, 4 (>= k images) in label-pure groups; grades 1 + 3 (1 + 2 images) pooled
+    assert kinds == [(0,)] * 3 + [(1, 3)] + [(2,)] * 2 + [(4,)]
+    assert verify_release(out).passed
+
+
 def test_k_larger_than_n_is_one_line_error(tiny_npz, tiny_gan, tmp_path, capsys):
     code = main(["anonymize", "--data", str(tiny_npz), "--k", "50", "--out",
                  str(tmp_path / "o"), "--gan", str(tiny_gan), *FAST])

@@ -28,7 +28,7 @@ def _points(n: int, seed: int, dim: int = 5) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, dim))
 
 
-@pytest.mark.parametrize("method", ["greedy", "mdav"])
+@pytest.mark.parametrize("method", ["greedy", "mdav", "random"])
 def test_sizes_between_k_and_2k_minus_1_for_many_n_and_k(method: str) -> None:
     for n in range(1, 41):
         X = _points(n, seed=n)
@@ -83,7 +83,7 @@ def test_latent_shaped_input_is_flattened() -> None:
 
 def test_k_equal_one_and_k_equal_n() -> None:
     X = _points(7, seed=0)
-    for method in ("greedy", "mdav"):
+    for method in ("greedy", "mdav", "random"):
         singles = make_groups(X, 1, method)
         assert sorted(int(g[0]) for g in singles) == list(range(7))
         assert all(len(g) == 1 for g in singles)
@@ -104,10 +104,17 @@ def test_k_equal_one_and_k_equal_n() -> None:
     ],
 )
 def test_bad_input_is_one_line_error(X: np.ndarray, k: object, match: str) -> None:
-    for method in ("greedy", "mdav"):
+    for method in ("greedy", "mdav", "random"):
         with pytest.raises(MedVeilError, match=match) as err:
             make_groups(X, k, method)  # type: ignore[arg-type]
         assert "\n" not in str(err.value)
+
+
+def test_cli_offers_every_method() -> None:
+    from medveil.anonymize.grouping import METHODS
+    from medveil.cli.release_cmd import GROUPINGS
+
+    assert GROUPINGS == METHODS
 
 
 def test_unknown_method() -> None:
@@ -115,7 +122,7 @@ def test_unknown_method() -> None:
         make_groups(np.zeros((4, 2)), 2, "kmeans")
 
 
-@pytest.mark.parametrize("method", ["greedy", "mdav"])
+@pytest.mark.parametrize("method", ["greedy", "mdav", "random"])
 def test_subjects_never_split_and_each_group_has_k_to_2k_minus_1_people(method: str) -> None:
     rng = np.random.default_rng(3)
     for trial in range(25):
@@ -139,6 +146,53 @@ def test_subjects_never_split_and_each_group_has_k_to_2k_minus_1_people(method: 
                     assert owner.setdefault(p, gi) == gi, f"subject {p} split"
             assert not any(group_problems([subjects[g] for g in groups], k,
                                           {s: s for s in subjects}).values())
+
+
+def test_random_groups_are_seeded_and_ignore_the_points() -> None:
+    X = _points(40, seed=0)
+    a = make_groups(X, 4, "random", seed=1)
+    assert [g.tolist() for g in a] == [g.tolist() for g in make_groups(X * 100 + 3, 4, "random", seed=1)]
+    assert [g.tolist() for g in a] != [g.tolist() for g in make_groups(X, 4, "random", seed=2)]
+    sizes = sorted(len(g) for g in make_groups(_points(43, seed=0), 4, "random"))
+    assert sizes == [4] * 7 + [5] * 3  # 43 = 10 groups, sizes differ by at most one
+
+
+@pytest.mark.parametrize("method", ["greedy", "mdav", "random"])
+def test_label_strata_make_pure_groups_and_pool_small_classes(method: str) -> None:
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(23), np.ones(12), np.full(3, 2), np.full(2, 3)].astype(int)
+    rng.shuffle(labels)
+    X = rng.normal(size=(len(labels), 3))
+    groups = make_groups(X, 5, method, labels=labels)
+    _assert_partition(groups, len(labels))
+    assert all(5 <= len(g) <= 9 for g in groups)
+    kinds = sorted(tuple(sorted(set(labels[g].tolist()))) for g in groups)
+    # classes 0 and 1 pure; the 3 + 2 images of classes 2 and 3 pooled into one group of 5
+    assert kinds == [(0,)] * 4 + [(1,)] * 2 + [(2, 3)]
+    # a pool smaller than k joins the largest class
+    labels[labels == 3] = 2  # class 2 now 5 rows = k: its own stratum
+    assert {tuple(sorted(set(labels[g].tolist()))) for g in make_groups(X, 6, method, labels=labels)} \
+        == {(0,), (1,), (0, 2)}
+
+
+def test_label_strata_with_subjects_use_the_subjects_majority_label() -> None:
+    subjects = np.repeat([f"pt{p}" for p in range(12)], 2)
+    labels = np.repeat(np.r_[np.zeros(6), np.ones(6)].astype(int), 2)
+    labels[0] = 1  # pt0: one eye grade 1, the other 0 -> majority tie -> the lower, 0
+    groups = group_by_subject(_points(24, seed=0), subjects, 3, "random", labels=labels)
+    for g in groups:
+        people = set(subjects[g])
+        assert 3 <= len(people) <= 5
+        subject_labels = {int(labels[subjects == p].min()) if p == "pt0" else int(labels[subjects == p][0])
+                          for p in people}
+        assert len(subject_labels) == 1  # label-pure in people
+
+
+def test_bad_grouping_labels_are_one_line_errors() -> None:
+    with pytest.raises(MedVeilError, match=r"one integer class >= 0 per row \(6\)"):
+        make_groups(_points(6, seed=0), 2, labels=np.zeros(5, dtype=int))
+    with pytest.raises(MedVeilError, match="one integer class"):
+        make_groups(_points(6, seed=0), 2, labels=np.full(6, -1))
 
 
 def test_subject_grouping_uses_subject_means() -> None:

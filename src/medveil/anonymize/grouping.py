@@ -1,6 +1,7 @@
 """k-anonymous grouping: partition N points (flattened W+ codes) into groups of >= k.
 
-Two algorithms, both on Euclidean distances of the flattened rows:
+Three algorithms; the first two are microaggregation on Euclidean distances of the flattened
+rows (members are similar), the third ignores the points (members are unrelated):
 
 - :func:`greedy_farthest_groups` - the k-SALSA reference: take the unassigned point farthest
   from the centroid of the unassigned points, group it with its k-1 nearest unassigned
@@ -9,9 +10,17 @@ Two algorithms, both on Euclidean distances of the flattened rows:
   has k..2k-1 members.
 - :func:`mdav_groups` - MDAV microaggregation (Domingo-Ferrer & Torra 2005): groups of exactly
   k, the last one k..2k-1.
+- :func:`random_groups` - a seeded random partition into groups of k..2k-1 (sizes differ by at
+  most one). A group of similar people yields an image that resembles every member, which is
+  what a linkage attack exploits (benchmarks/ksalsa.py measures it); a random group yields an
+  image that resembles none of them in particular, at a cost in utility.
 
-:func:`group_by_subject` runs either on one mean point per subject (patient) so that all
-images of a person fall in one group and k counts people. :func:`make_groups` picks.
+Label strata (``labels=``, any method): each class is grouped on its own, so every group is
+label-pure (the release's labels are exact, not majorities). Classes with fewer than k units
+are pooled and grouped together; if even the pool has fewer than k units it is grouped with
+the largest class. :func:`group_by_subject` runs on one mean point per subject (patient) so
+that all images of a person fall in one group and k counts people (a subject's label is the
+majority of its images' labels). :func:`make_groups` picks.
 
 Cost: one squared-distance matrix (sklearn, BLAS; N^2 float64 of memory: 72 MB at N=3000),
 then O(N) work per group. The farthest point from the centroid of a set U is the point with
@@ -29,7 +38,7 @@ from sklearn.metrics.pairwise import euclidean_distances
 
 from medveil.errors import MedVeilError
 
-METHODS: tuple[str, ...] = ("greedy", "mdav")
+METHODS: tuple[str, ...] = ("greedy", "mdav", "random")
 
 
 def greedy_farthest_groups(X: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:
@@ -76,14 +85,24 @@ def mdav_groups(X: np.ndarray, k: int) -> list[np.ndarray]:
     return [np.sort(g) for g in groups]
 
 
+def random_groups(n: int, k: int, seed: int = 0) -> list[np.ndarray]:
+    """Seeded random partition of rows 0..n-1 into n // k groups of k..2k-1 (sizes differ by
+    at most one), as sorted int64 row-index arrays."""
+    _as_points(np.zeros((n, 1)), k)
+    perm = np.random.default_rng(seed).permutation(n)
+    return [np.sort(g) for g in np.array_split(perm, n // k)]
+
+
 def group_by_subject(
     X: np.ndarray, subject_ids: Sequence[Hashable] | np.ndarray, k: int,
-    method: str = "greedy", seed: int = 0,
+    method: str = "greedy", seed: int = 0, labels: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Group rows so that each group holds k..2k-1 distinct subjects and no subject is split.
 
     Each subject's rows are averaged into one point, the subject points are grouped with
-    ``method`` ("greedy" or "mdav"), and each group is expanded back to all its subjects' rows.
+    ``method`` (within label strata when ``labels`` is given: a subject's label is the
+    majority of its rows', ties to the lower), and each group is expanded back to all its
+    subjects' rows.
     """
     X = _as_points(X, 1)
     subjects = _subject_array(subject_ids, len(X))
@@ -95,18 +114,25 @@ def group_by_subject(
     order = np.argsort(inverse, kind="stable")
     rows_of = np.split(order, np.cumsum(counts)[:-1])  # rows of subject s = rows_of[s]
     subject_points = group_means(X, rows_of)
-    subject_groups = _group_points(subject_points, k, method, seed)
+    subject_labels = None
+    if labels is not None:
+        labels = _label_array(labels, len(X))
+        subject_labels = np.array([np.bincount(labels[r]).argmax() for r in rows_of])
+    subject_groups = _group_points(subject_points, k, method, seed, subject_labels)
     return [np.sort(np.concatenate([rows_of[s] for s in g])) for g in subject_groups]
 
 
 def make_groups(
     X: np.ndarray, k: int, method: str = "greedy", seed: int = 0,
     subject_ids: Sequence[Hashable] | np.ndarray | None = None,
+    labels: np.ndarray | None = None,
 ) -> list[np.ndarray]:
-    """One entry point: group rows (``subject_ids=None``) or subjects with ``method``."""
+    """One entry point: group rows (``subject_ids=None``) or subjects with ``method``, within
+    label strata when ``labels`` (one int per row) is given."""
     if subject_ids is not None:
-        return group_by_subject(X, subject_ids, k, method, seed)
-    return _group_points(X, k, method, seed)
+        return group_by_subject(X, subject_ids, k, method, seed, labels)
+    return _group_points(X, k, method, seed,
+                         None if labels is None else _label_array(labels, len(np.asarray(X))))
 
 
 def group_means(X: np.ndarray, groups: Sequence[np.ndarray],
@@ -194,12 +220,41 @@ class _Pool:
         return members
 
 
-def _group_points(X: np.ndarray, k: int, method: str, seed: int) -> list[np.ndarray]:
+def _group_points(X: np.ndarray, k: int, method: str, seed: int,
+                  labels: np.ndarray | None = None) -> list[np.ndarray]:
+    if method not in METHODS:
+        raise MedVeilError(f"unknown grouping method {method!r} (choose from {', '.join(METHODS)})")
+    X = _as_points(X, k)
+    if labels is not None:
+        return [rows[g] for rows in label_strata(labels, k)
+                for g in _group_points(X[rows], k, method, seed)]
     if method == "greedy":
         return greedy_farthest_groups(X, k, seed)
     if method == "mdav":
         return mdav_groups(X, k)
-    raise MedVeilError(f"unknown grouping method {method!r} (choose from {', '.join(METHODS)})")
+    return random_groups(len(X), k, seed)
+
+
+def label_strata(labels: np.ndarray, k: int) -> list[np.ndarray]:
+    """Row indices of each class with >= k rows; the smaller classes pooled into one more
+    stratum if it reaches k rows, else added to the largest class."""
+    classes = np.unique(labels)
+    rows = [np.flatnonzero(labels == c) for c in classes]
+    big = [r for r in rows if len(r) >= k]
+    small = np.sort(np.concatenate([r for r in rows if len(r) < k] or [np.zeros(0, np.int64)]))
+    if len(small) >= k or not big:
+        return big + ([small] if len(small) else [])
+    largest = int(np.argmax([len(r) for r in big]))
+    big[largest] = np.sort(np.concatenate([big[largest], small]))
+    return big
+
+
+def _label_array(labels: np.ndarray, n: int) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer) or (labels < 0).any():
+        raise MedVeilError(f"grouping labels: need one integer class >= 0 per row ({n}), got "
+                           f"shape {labels.shape} dtype {labels.dtype}")
+    return labels.astype(np.int64)
 
 
 def _as_points(X: np.ndarray, k: int) -> np.ndarray:

@@ -80,7 +80,8 @@ def private_set(dataset: ImageDataset, split: str = "train", use_patients: bool 
 @dataclass
 class AnonymizeConfig:
     k: int = 5
-    grouping: str = "greedy"  # greedy | mdav
+    grouping: str = "greedy"  # greedy | mdav | random (grouping.METHODS)
+    stratify_labels: bool = False  # group each label class on its own (label-pure groups)
     feature_net: str = DEFAULT_FEATURE_NET  # content embedding (and inversion losses)
     style_net: str | None = None  # style feature maps; None = feature_net
     align: AlignConfig = field(default_factory=AlignConfig)
@@ -163,7 +164,8 @@ def anonymize(data: PrivateSet, models: Models, out_dir: str | Path,
 
     t = time.perf_counter()
     flat = ws.reshape(len(ws), -1).numpy()
-    groups = make_groups(flat, cfg.k, cfg.grouping, cfg.seed, subject_ids=data.patient_ids)
+    groups = make_groups(flat, cfg.k, cfg.grouping, cfg.seed, subject_ids=data.patient_ids,
+                         labels=data.labels if cfg.stratify_labels else None)
     centroids = torch.from_numpy(group_means(ws.numpy(), groups, dtype=np.float32))
     timings["group_s"] = time.perf_counter() - t
 

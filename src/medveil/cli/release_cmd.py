@@ -10,6 +10,8 @@ from pathlib import Path
 
 from medveil.errors import ConfigError
 
+GROUPINGS = ("greedy", "mdav", "random")  # = anonymize.grouping.METHODS (not imported: CLI start-up)
+
 FEATURE_NET_HELP = ("feature network: random-conv:seed=0 (default; fixed random VGG-like conv "
                     "net), conv:FILE.pt (conv net trained on the data or supplied), "
                     "vit:CKPT.pt (a MedVeil ViT, e.g. the federated backbone)")
@@ -63,8 +65,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "a smoke run, not a usable release)")
     p.add_argument("--encoder", type=Path, metavar="ENC_DIR",
                    help="trained ReStyle encoder for --gan (without it: projector only)")
-    p.add_argument("--grouping", choices=("greedy", "mdav"), default="greedy",
-                   help="greedy farthest-point (k-SALSA reference, corrected) or MDAV")
+    p.add_argument("--grouping", choices=GROUPINGS, default="greedy",
+                   help="greedy farthest-point (k-SALSA reference, corrected), MDAV (both group "
+                        "similar people), or a seeded random partition (unrelated people: "
+                        "much harder to link, lower fidelity; see the README)")
+    p.add_argument("--stratify-labels", action="store_true",
+                   help="group each label class on its own, so every released image's label "
+                        "is exact (classes with fewer than k people are pooled)")
     p.add_argument("--feature-net", default="random-conv:seed=0", metavar="SPEC",
                    help=FEATURE_NET_HELP + "; used for the content loss and the inversion")
     p.add_argument("--style-net", default=None, metavar="SPEC",
@@ -84,7 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--patches", type=int, default=4, help="P: P x P patch grid (4)")
     p.add_argument("--batch-groups", type=int, default=64,
                    help="groups optimised together in one batch (64)")
-    p.add_argument("--seed", type=int, default=0, help="seed (grouping ties, quick models)")
+    p.add_argument("--seed", type=int, default=0, help="seed (grouping ties, random grouping, quick models)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a complete release already in OUT")
     p.add_argument("--quick-gan-steps", type=int, default=None, help=argparse.SUPPRESS)
@@ -173,7 +180,8 @@ def run_anonymize(args: argparse.Namespace) -> int:
         align_kw["lambda_s"] = args.lambda_s
     elif args.gram_scale == "sum":
         align_kw["lambda_s"] = REFERENCE_LAMBDA_S
-    cfg = AnonymizeConfig(k=args.k, grouping=args.grouping, feature_net=args.feature_net,
+    cfg = AnonymizeConfig(k=args.k, grouping=args.grouping, stratify_labels=args.stratify_labels,
+                          feature_net=args.feature_net,
                           style_net=args.style_net, align=AlignConfig(**align_kw),
                           invert_steps=args.invert_steps, batch_groups=args.batch_groups,
                           seed=args.seed)
@@ -190,7 +198,8 @@ def run_anonymize(args: argparse.Namespace) -> int:
     result = anonymize(data, models, args.out, cfg, overwrite=args.overwrite, progress=progress)
     rep = result.report
     print(f"medveil: released {rep['n_images']} images of {rep['n_members']} people "
-          f"(k={rep['k']}, grouping {cfg.grouping}, by {rep['group_by']}) to "
+          f"(k={rep['k']}, grouping {cfg.grouping}"
+          f"{' within labels' if cfg.stratify_labels else ''}, by {rep['group_by']}) to "
           f"{result.release.release_dir}")
     print(f"medveil: report {result.release.report_path}; check it with "
           f"`medveil verify-release {args.out}`")
