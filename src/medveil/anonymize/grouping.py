@@ -88,7 +88,7 @@ def mdav_groups(X: np.ndarray, k: int) -> list[np.ndarray]:
 def random_groups(n: int, k: int, seed: int = 0) -> list[np.ndarray]:
     """Seeded random partition of rows 0..n-1 into n // k groups of k..2k-1 (sizes differ by
     at most one), as sorted int64 row-index arrays."""
-    _as_points(np.zeros((n, 1)), k)
+    _check_k(k, n)
     perm = np.random.default_rng(seed).permutation(n)
     return [np.sort(g) for g in np.array_split(perm, n // k)]
 
@@ -117,7 +117,7 @@ def group_by_subject(
     subject_labels = None
     if labels is not None:
         labels = _label_array(labels, len(X))
-        subject_labels = np.array([np.bincount(labels[r]).argmax() for r in rows_of])
+        subject_labels = majority_labels(rows_of, labels, int(labels.max()) + 1)
     subject_groups = _group_points(subject_points, k, method, seed, subject_labels)
     return [np.sort(np.concatenate([rows_of[s] for s in g])) for g in subject_groups]
 
@@ -133,6 +133,12 @@ def make_groups(
         return group_by_subject(X, subject_ids, k, method, seed, labels)
     return _group_points(X, k, method, seed,
                          None if labels is None else _label_array(labels, len(np.asarray(X))))
+
+
+def majority_labels(groups: Sequence[np.ndarray], labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(G,) majority class of each group; ties go to the lower class (as in labels.csv)."""
+    return np.array([np.bincount(labels[np.asarray(g)], minlength=num_classes).argmax()
+                     for g in groups], dtype=np.int64)
 
 
 def group_means(X: np.ndarray, groups: Sequence[np.ndarray],
@@ -241,7 +247,7 @@ def label_strata(labels: np.ndarray, k: int) -> list[np.ndarray]:
     classes = np.unique(labels)
     rows = [np.flatnonzero(labels == c) for c in classes]
     big = [r for r in rows if len(r) >= k]
-    small = np.sort(np.concatenate([r for r in rows if len(r) < k] or [np.zeros(0, np.int64)]))
+    small = np.sort(np.concatenate([np.zeros(0, np.int64), *(r for r in rows if len(r) < k)]))
     if len(small) >= k or not big:
         return big + ([small] if len(small) else [])
     largest = int(np.argmax([len(r) for r in big]))
@@ -259,13 +265,11 @@ def _label_array(labels: np.ndarray, n: int) -> np.ndarray:
 
 def _as_points(X: np.ndarray, k: int) -> np.ndarray:
     """Validate k and X; return X as float64 (N, D)."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise MedVeilError(f"k must be an integer >= 1, got {k!r}")
     X = np.asarray(X)
     if X.ndim < 2 or X.shape[0] == 0:
+        _check_k(k, 1)  # a bad k is reported first
         raise MedVeilError(f"expected points of shape (N, ...) with N >= 1, got {X.shape}")
-    if k > X.shape[0]:
-        raise MedVeilError(f"k={k} is larger than the {X.shape[0]} points to group; need N >= k")
+    _check_k(k, X.shape[0])
     try:
         X = X.reshape(X.shape[0], -1).astype(np.float64, copy=False)
     except (TypeError, ValueError):
@@ -274,6 +278,13 @@ def _as_points(X: np.ndarray, k: int) -> np.ndarray:
     if bad.size:
         raise MedVeilError(f"point row {bad[0]} has NaN/Inf values ({bad.size} rows affected)")
     return X
+
+
+def _check_k(k: object, n: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise MedVeilError(f"k must be an integer >= 1, got {k!r}")
+    if k > n:
+        raise MedVeilError(f"k={k} is larger than the {n} points to group; need N >= k")
 
 
 def _subject_array(subject_ids: Sequence[Hashable] | np.ndarray, n: int) -> np.ndarray:

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from medveil.anonymize.baselines import group_representatives, k_same_pixel
+from medveil.anonymize.grouping import majority_labels
 from medveil.errors import DataError
 from medveil.evaluate.fidelity import metrics_from_embeddings
 from medveil.evaluate.linkage import FeatureCache, linkage_privacy, nn_reid
@@ -45,12 +46,6 @@ class SyntheticSet:
     images: np.ndarray  # uint8 (G, H, W, C)
     labels: np.ndarray  # (G,) int training label (majority of the group, or the member's own)
     groups: list[np.ndarray]  # row indices into the real set of each image's group
-
-
-def majority_labels(groups: Sequence[np.ndarray], labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """(G,) majority class of each group; ties go to the lower class (as in labels.csv)."""
-    return np.array([np.bincount(labels[np.asarray(g)], minlength=num_classes).argmax()
-                     for g in groups], dtype=np.int64)
 
 
 def baseline_sets(groups: Sequence[np.ndarray], labels: np.ndarray, num_classes: int,
