@@ -58,7 +58,7 @@ from medveil.anonymize.quick import load_models, quick_models
 from medveil.data import load_dataset, to_tensor
 from medveil.data.duplicates import duplicate_groups
 from medveil.data.splits import split_indices
-from medveil.evaluate.release_eval import baseline_sets, evaluate_sets, format_table
+from medveil.evaluate.release_eval import SET_NAMES, baseline_sets, evaluate_sets, format_table
 from medveil.evaluate.utility import UtilityConfig, utility_scores
 from medveil.io import write_json_atomic
 from medveil.models.features import build_feature_net
@@ -184,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="alignment steps")
     p.add_argument("--lr", type=float, default=None, help="alignment lr (0.03 below 50 steps)")
+    p.add_argument("--lambda-s", type=float, default=None,
+                   help="style weight of the alignment (default: AlignConfig's)")
+    p.add_argument("--sets", default=",".join(SET_NAMES),
+                   help="comma-separated sets to evaluate (default: all; e.g. k-SALSA for a sweep)")
     p.add_argument("--invert-steps", type=int, default=None)
     p.add_argument("--gan-steps", type=int, default=60, help="quick GAN steps without --gan")
     p.add_argument("--threads", type=int, default=2)
@@ -192,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stratify-labels", action="store_true",
                    help="group each grade on its own (label-pure groups)")
     p.add_argument("--no-speed", action="store_true", help="skip the alignment timing")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the all-real reference classifier (for sweeps)")
     p.add_argument("--speed-only", action="store_true",
                    help="only the batched vs per-group alignment timing (groups from an unaligned "
                         "release); writes ksalsa[_quick]_speed.json")
@@ -204,9 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     q = args.quick
     n_private = args.n_private or (150 if q else None)
     n_test = args.n_test or (75 if q else None)
-    steps = args.steps or (10 if q else 25)
+    steps = args.steps if args.steps is not None else 10 if q else 25
     lr = args.lr or (0.03 if steps < 50 else 0.1)
     align = AlignConfig(steps=steps, lr=lr)
+    if args.lambda_s is not None:
+        align = replace(align, lambda_s=args.lambda_s)
+    wanted = [name.strip() for name in args.sets.split(",")]
+    if unknown := sorted(set(wanted) - set(SET_NAMES)):
+        print(f"--sets: unknown {unknown}; choose from {list(SET_NAMES)}", file=sys.stderr)
+        return 2
     invert_steps = (args.invert_steps if args.invert_steps is not None
                     else 10 if q or args.encoder is None else 0)
     utility = UtilityConfig(epochs=10 if q else 30, seeds=(0, 1) if q else (0, 1, 2))
@@ -238,16 +250,17 @@ def main(argv: list[str] | None = None) -> int:
         return speed_only(args, private, models, net, align, invert_steps, work, t_start)
     out = args.out or REPO / "benchmarks" / "results" / f"ksalsa{'_quick' if q else ''}.json"
 
-    def payload(reference: dict[str, Any] | None) -> dict[str, Any]:
+    def payload(reference: dict[str, Any] | None, complete: bool) -> dict[str, Any]:
         return {
             "benchmark": "ksalsa", "quick": q, "command": " ".join(sys.argv),
-            "complete": reference is not None, "machine": machine(),
+            "complete": complete, "machine": machine(),
             "data": {"dataset": "APTOS-2019 train", "n_private": len(private.ids),
                      "n_test": len(test.ids), "resolution": resolution, "split_seed": 0,
                      "duplicates": "identical/near-identical photographs kept on one side of the "
                                    "split and used as subject ids (grouped together)"},
             "config": {"ks": args.ks, "grouping": args.grouping,
                        "stratify_labels": args.stratify_labels, "align_steps": steps,
+                       "sets": wanted,
                        "invert_steps": invert_steps, "encoder": models.encoder is not None,
                        "align": align.to_dict(), "utility": utility.to_dict()},
             "models": models.info, "feature_net": net.describe(), "results": results,
@@ -264,10 +277,9 @@ def main(argv: list[str] | None = None) -> int:
                       progress=False, inversion_dir=work / "inversion-test")
         t_anon = time.perf_counter() - t0
         first = first or P
-        sets_p = baseline_sets(P.groups, private.labels, n_cls, P.reals, ksalsa=P.images,
-                               centroids=P.centroid_images, recons=P.recons)
-        sets_t = baseline_sets(T.groups, test.labels, n_cls, T.reals, ksalsa=T.images,
-                               centroids=T.centroid_images, recons=T.recons)
+        sets_p, sets_t = ({n: s for n, s in baseline_sets(
+            R.groups, data.labels, n_cls, R.reals, ksalsa=R.images, centroids=R.centroid_images,
+            recons=R.recons).items() if n in wanted} for R, data in ((P, private), (T, test)))
         t0 = time.perf_counter()
         table = evaluate_sets(sets_p, P.reals, T.reals, test.labels, n_cls, k, net,
                               heldout_sets=sets_t, utility=utility, progress=False)
@@ -280,13 +292,16 @@ def main(argv: list[str] | None = None) -> int:
                              "evaluate_s": time.perf_counter() - t0,
                              "private_report_timings": P.report["timings"],
                              "alignment_losses": P.report["alignment_losses"]}
-        write_json_atomic(out, payload(None))  # partial ("complete": false) after every k
-    test_reals = to_uint8(to_tensor(test.images, size=resolution, channels=3))
-    reference = utility_scores({"all real (N)": (first.reals, private.labels)}, test_reals,
-                               test.labels, n_cls, utility, progress=False)
-    print(f"\nreference: all {len(private.ids)} real private images -> acc "
-          f"{reference['all real (N)']['acc_mean']:.3f}, qwk {reference['all real (N)']['qwk_mean']:.3f}")
-    final = payload(reference)
+        write_json_atomic(out, payload(None, complete=False))  # partial, after every k
+    reference = None
+    if not args.no_reference:
+        test_reals = to_uint8(to_tensor(test.images, size=resolution, channels=3))
+        reference = utility_scores({"all real (N)": (first.reals, private.labels)}, test_reals,
+                                   test.labels, n_cls, utility, progress=False)
+        all_real = reference["all real (N)"]
+        print(f"\nreference: all {len(private.ids)} real private images -> acc "
+              f"{all_real['acc_mean']:.3f}, qwk {all_real['qwk_mean']:.3f}")
+    final = payload(reference, complete=True)
     write_json_atomic(out, final)
     print(f"\nwrote {out} ({final['wall_s'] / 60:.1f} min)")
     return 0

@@ -2,7 +2,8 @@
 medveil.evaluate.linkage re-run on the releases that benchmarks/ksalsa.py left under --work,
 with the attacker's features restricted: the release's own feature net + thumbnail (the
 benchmark's attack), the 8 x 8 thumbnail alone, the embedding alone, and a feature net the
-release never used (another random seed).
+release never used (another random seed). Last row: the label-aware chance (an attacker who
+knows each real test image's grade and each released image's label, and nothing else).
 
     python benchmarks/ksalsa_linkage.py [--work runs/bench_ksalsa/full] [--ks 2,5,10]
 
@@ -21,20 +22,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medveil.evaluate.linkage import LinkageAttack, image_features, topk_precision
+from medveil.evaluate.linkage import (
+    LinkageAttack,
+    image_features,
+    label_chance,
+    topk_precision,
+)
 from medveil.evaluate.release_eval import index_groups, read_release
 from medveil.io import write_json_atomic
 from medveil.models.features import build_feature_net
 
 REPO = Path(__file__).resolve().parents[1]
+LABEL_ONLY = "labels only (label-aware chance)"
 
 
 def load_release(cache: dict[str, np.ndarray], folder: Path, part: str
-                 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """(real images, released images, member rows of each released image) of one release."""
+                 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], np.ndarray]:
+    """(real images, released images, member rows of each released image, released labels)."""
     release = read_release(folder)
     return (cache[f"{part}_images"], release.images,
-            index_groups(release, cache[f"{part}_ids"].tolist(), str(folder)))
+            index_groups(release, cache[f"{part}_ids"].tolist(), str(folder)), release.labels)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (folder / "private" / "audit" / "groups.csv").is_file():
             print(f"skipping k={k}: no release under {folder}", file=sys.stderr)
             continue
-        (tr_r, tr_s, tr_g), (te_r, te_s, te_g) = (load_release(cache, folder / part, part)
-                                                  for part in ("private", "test"))
+        (tr_r, tr_s, tr_g, _), (te_r, te_s, te_g, te_y) = (
+            load_release(cache, folder / part, part) for part in ("private", "test"))
         with torch.no_grad():
             feats = {n: [image_features(x, net, args.resolution) for x in (tr_r, tr_s, te_r, te_s)]
                      for n, net in nets.items()}
@@ -77,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             f = [pick(o, x) for o, x in zip(feats["own"], feats["other"], strict=True)]
             attack = LinkageAttack(seed=0).fit(f[0], f[1], tr_g)
             results[f"k={k}"][name] = topk_precision(attack.scores(f[2], f[3]), te_g, k)
+        results[f"k={k}"][LABEL_ONLY] = {"topk_precision": label_chance(
+            te_g, te_y, cache["test_labels"], k), "k": k}
     print(f"\n{'attacker features':40s} " + " ".join(f"{k:>14s}" for k in results))
-    for name in attacks:
+    for name in [*attacks, LABEL_ONLY]:
         print(f"{name:40s} " + " ".join(f"{results[k][name]['topk_precision']:>14.3f}" for k in results))
     print(f"{'chance':40s} " + " ".join(f"{next(iter(r.values()))['chance']:>14.3f}" for r in results.values()))
     write_json_atomic(args.out, {"command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -220,6 +220,7 @@ def test_cli_evaluate_release(tiny_npz, tiny_gan, tmp_path, capsys):
     assert 0 <= ks["utility"]["acc_mean"] <= 1 and np.isfinite(ks["fidelity"]["fid"])
     link = ks["privacy"]["linkage"]
     assert 0 <= link["topk_precision"] <= 1 and link["chance"] == pytest.approx(3 / 12, abs=0.1)
+    assert 0 < link["label_chance"] <= 1 and "w/ label" in table
     # a real member is its own nearest real image: N/k real is re-identified every time
     assert payload["results"]["real N/k"]["privacy"]["nn_reid"]["nn_reid_rate"] == 1.0
     assert payload["results"]["real N/k"]["nn_reid_private"]["nn_reid_rate"] == 1.0

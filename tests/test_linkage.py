@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medveil.evaluate.linkage import FeatureCache, linkage_privacy, topk_precision
+from medveil.evaluate.linkage import FeatureCache, label_chance, linkage_privacy, topk_precision
 from medveil.models.features import build_feature_net
 
 SPEC = "random-conv:seed=0,width=8"
@@ -17,6 +17,23 @@ def test_topk_precision_counts_members_among_the_best_ranked():
                        [0.9, 0.1, 0.8, 0.0]])  # members {1, 3}: neither on top -> 0.0
     r = topk_precision(scores, [np.array([0, 1]), np.array([1, 3])], k=2)
     assert r["topk_precision"] == 0.5 and r["chance"] == 0.5 and r["k"] == 2
+
+
+def test_label_chance_is_the_oracle_label_attacker_top_k_precision():
+    labels = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
+    # pure group of label 0: top 2 drawn from the 4 zeros -> 2/4; pure label 1 (2 of them) -> 1
+    assert label_chance([np.array([0, 1])], np.array([0]), labels, k=2) == pytest.approx(0.5)
+    assert label_chance([np.array([4, 5])], np.array([1]), labels, k=2) == pytest.approx(1.0)
+    # tier smaller than k: both ones, then 1 of the 8 others, of which 1 is a member
+    assert label_chance([np.array([4, 5, 0])], np.array([1]), labels, k=3) == pytest.approx(
+        (2 + 1 / 8) / 3)
+    # against the attacker itself: label match first, random tie-break, many draws
+    groups = [np.array([0, 1, 6]), np.array([4, 5, 2]), np.array([7, 8, 9])]
+    syn = np.array([0, 1, 2])
+    rng = np.random.default_rng(0)
+    draws = [topk_precision((labels[None, :] == syn[:, None]) + rng.random((3, 10)) * 0.5,
+                            groups, k=3)["topk_precision"] for _ in range(4000)]
+    assert np.mean(draws) == pytest.approx(label_chance(groups, syn, labels, k=3), abs=0.01)
 
 
 def _people(n: int, seed: int) -> np.ndarray:

@@ -5,6 +5,11 @@
   set's release (its audit gives the truth), tested on a held-out set anonymised separately:
   for every synthetic test image, all real test images are ranked by the classifier's score;
   metric = top-k precision (members among the k best-ranked / k), chance = |group| / N.
+- Label-aware chance (given the labels): the expected top-k precision of an attacker who knows
+  every real test image's true label and the released label of each synthetic image, and ranks
+  the reals of that label first, at random within. A release that carries its labels (the point
+  of releasing) gives at least this much away, whatever the images; for label-pure groups it is
+  about (number of classes) x k / N.
 - Nearest-neighbour re-identification: the share of synthetic images whose nearest real image
   (Euclidean, feature-net embedding) is one of its group's members; chance = |group| / N.
 
@@ -103,6 +108,26 @@ def topk_precision(scores: np.ndarray, groups: Sequence[np.ndarray], k: int) -> 
     return {"topk_precision": float(np.mean(hits)), "chance": chance, "k": int(k)}
 
 
+def label_chance(groups: Sequence[np.ndarray], syn_labels: np.ndarray, real_labels: np.ndarray,
+                 k: int) -> float:
+    """Expected top-k precision of ranking the reals whose label equals each synthetic image's
+    label first (uniformly at random within each tier), averaged over synthetic images."""
+    real_labels = np.asarray(real_labels)
+    n = len(real_labels)
+    out = []
+    for members, y in zip(groups, np.asarray(syn_labels)):
+        members = np.asarray(members)
+        same = int(np.sum(real_labels == y))
+        m_same = int(np.sum(real_labels[members] == y))
+        m_other = len(members) - m_same
+        if same >= k:  # top k drawn from the `same` tier only
+            hits = k * m_same / same
+        else:  # the whole tier, then k - same drawn from the rest
+            hits = m_same + (k - same) * m_other / max(n - same, 1)
+        out.append(hits / k)
+    return float(np.mean(out))
+
+
 def nn_reid(real_emb: np.ndarray, syn_emb: np.ndarray, groups: Sequence[np.ndarray]) -> dict[str, float]:
     """Share of synthetic images whose nearest real image is a member of its group, and chance."""
     _, idx = nearest_real(real_emb, syn_emb)
@@ -116,16 +141,22 @@ def linkage_privacy(
     train_real: np.ndarray, train_syn: np.ndarray, train_groups: Sequence[np.ndarray],
     test_real: np.ndarray, test_syn: np.ndarray, test_groups: Sequence[np.ndarray],
     seed: int = 0, features: FeatureCache | None = None,
+    test_labels: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Train the attack on (private reals, their release), test on (held-out reals, theirs).
-    ``features``: a cache shared across calls (its net and size must be ``net``, ``size``)."""
+    ``features``: a cache shared across calls (its net and size must be ``net``, ``size``).
+    ``test_labels`` = (labels of the test reals, released labels of the test synthetic images)
+    adds the label-aware chance to the linkage result."""
     cache = features or FeatureCache(net, size)
     feats = {name: cache(imgs) for name, imgs in (("tr", train_real), ("ts", train_syn),
                                                   ("er", test_real), ("es", test_syn))}
     attack = LinkageAttack(seed=seed).fit(np.hstack(feats["tr"]), np.hstack(feats["ts"]),
                                           train_groups)
     scores = attack.scores(np.hstack(feats["er"]), np.hstack(feats["es"]))
-    return {"linkage": topk_precision(scores, test_groups, k),
+    linkage = topk_precision(scores, test_groups, k)
+    if test_labels is not None:
+        linkage["label_chance"] = label_chance(test_groups, test_labels[1], test_labels[0], k)
+    return {"linkage": linkage,
             "nn_reid": nn_reid(feats["er"][0], feats["es"][0], test_groups),
             "attack": {"features": f"{net.name} embedding + {THUMB}x{THUMB} thumbnail",
                        "classifier": "logistic regression on (|a-b|, a*b)",

@@ -96,7 +96,8 @@ def evaluate_sets(
         if heldout_sets is not None and name in heldout_sets:
             h = heldout_sets[name]
             row["privacy"] = linkage_privacy(net, size, k, private_reals, s.images, s.groups,
-                                             test_reals, h.images, h.groups, features=cache)
+                                             test_reals, h.images, h.groups, features=cache,
+                                             test_labels=(test_labels, h.labels))
         out[name] = row
     return out
 
@@ -156,16 +157,21 @@ def index_groups(release: ReleaseFolder, ids: Sequence[str], where: str) -> list
 
 
 def format_table(results: Mapping[str, Mapping[str, Any]], title: str = "") -> str:
-    """One row per set: utility acc/kappa, FID/KID, linkage top-k precision vs chance, NN re-id."""
+    """One row per set: utility acc/kappa, FID/KID, linkage top-k precision vs chance (and vs
+    the label-aware chance, when known), NN re-id."""
     head = (f"{'set':<14} {'n':>5} {'acc':>13} {'qwk':>13} {'FID':>8} {'KID':>8} "
-            f"{'top-k prec':>10} {'chance':>7} {'NN re-id':>8} {'chance':>7}")
+            f"{'top-k prec':>10} {'chance':>7} {'w/ label':>8} {'NN re-id':>8} {'chance':>7}")
     lines = ([title] if title else []) + [head, "-" * len(head)]
     for name, r in results.items():
         u, f, p = r["utility"], r["fidelity"], r.get("privacy")
         link = (f"{p['linkage']['topk_precision']:>10.3f} {p['linkage']['chance']:>7.3f} "
+                f"{p['linkage'].get('label_chance', float('nan')):>8.3f} "
                 f"{p['nn_reid']['nn_reid_rate']:>8.3f} {p['nn_reid']['chance']:>7.3f}"
-                if p else f"{'-':>10} {'-':>7} {'-':>8} {'-':>7}")
+                if p else f"{'-':>10} {'-':>7} {'-':>8} {'-':>8} {'-':>7}")
         lines.append(f"{name:<14} {r['n_images']:>5} {u['acc_mean']:>6.3f}+-{u['acc_std']:<5.3f}"
                      f" {u['qwk_mean']:>6.3f}+-{u['qwk_std']:<5.3f} {f['fid']:>8.2f} "
                      f"{f['kid_mean']:>8.4f} {link}")
+    if any(r.get("privacy") for r in results.values()):
+        lines.append("top-k prec: linkage attack; chance |group|/N; w/ label: chance for an "
+                     "attacker who knows every real test image's label and each image's label")
     return "\n".join(lines)
