@@ -30,6 +30,11 @@ reference groups similar people (greedy farthest-point on the W+ codes), which i
 linkage attack exploits; ``--grouping random --stratify-labels`` groups unrelated people of one
 grade (exact labels). The JSON is rewritten after every k ("complete": false until the end).
 
+Sweeps of the alignment: --lambda-s (style weight), --steps, --content-net trained (content
+embedding from a ConvFeatureNet trained here on the private grades; style, FID/KID and the
+linkage attack stay in --feature-net's space); --sets k-SALSA --no-reference evaluates the
+release alone. Every linkage row also gives the label-aware chance (medveil.evaluate.linkage).
+
 Images stay under --work (git-ignored runs/ or /tmp); only numbers go into the JSON.
 """
 
@@ -60,6 +65,7 @@ from medveil.data.duplicates import duplicate_groups
 from medveil.data.splits import split_indices
 from medveil.evaluate.release_eval import SET_NAMES, baseline_sets, evaluate_sets, format_table
 from medveil.evaluate.utility import UtilityConfig, utility_scores
+from medveil.generative.feature_training import FeatureTrainConfig, train_feature_net
 from medveil.io import write_json_atomic
 from medveil.models.features import build_feature_net
 
@@ -107,6 +113,19 @@ def subsample(data: PrivateSet, n: int | None, seed: int) -> PrivateSet:
     idx = np.sort(np.random.default_rng(seed).choice(len(data.ids), n, replace=False))
     return PrivateSet(data.images[idx], data.labels[idx], [data.ids[i] for i in idx],
                       data.class_names, data.patient_ids[idx], f"{data.source} (random {n})")
+
+
+def content_net_spec(spec: str | None, private: PrivateSet, work: Path) -> str | None:
+    """``trained`` -> ``conv:FILE`` of a ConvFeatureNet trained (supervised, default
+    FeatureTrainConfig, seed 0) on the private images and grades; anything else unchanged."""
+    if spec != "trained":
+        return spec
+    path = work / f"content-net-{private.images.shape[1]}px.pt"
+    if not path.is_file():
+        print(f"training the content net on {len(private.ids)} private images -> {path}", flush=True)
+        train_feature_net(to_tensor(private.images), torch.from_numpy(private.labels), path,
+                          FeatureTrainConfig(), progress=False)
+    return f"conv:{path}"
 
 
 def speed_comparison(result, models, net, feature_spec: str, cfg: AlignConfig, n_batch: int,
@@ -179,7 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench_ksalsa")
     p.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/)")
     p.add_argument("--ks", default="2,5,10")
-    p.add_argument("--feature-net", default="random-conv:seed=0")
+    p.add_argument("--feature-net", default="random-conv:seed=0",
+                   help="alignment net and evaluation space (FID/KID, linkage)")
+    p.add_argument("--content-net", default=None,
+                   help="content net of the alignment only (style and evaluation stay on "
+                        "--feature-net); 'trained': a ConvFeatureNet trained here on the private "
+                        "images and grades (cached under --work)")
     p.add_argument("--n-private", type=int, default=None)
     p.add_argument("--n-test", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="alignment steps")
@@ -260,16 +284,19 @@ def main(argv: list[str] | None = None) -> int:
                                    "split and used as subject ids (grouped together)"},
             "config": {"ks": args.ks, "grouping": args.grouping,
                        "stratify_labels": args.stratify_labels, "align_steps": steps,
-                       "sets": wanted,
+                       "sets": wanted, "content_net": content,
                        "invert_steps": invert_steps, "encoder": models.encoder is not None,
                        "align": align.to_dict(), "utility": utility.to_dict()},
             "models": models.info, "feature_net": net.describe(), "results": results,
             "reference_all_real": reference, "wall_s": time.perf_counter() - t_start,
         }
 
+    content = content_net_spec(args.content_net, private, work)
     for k in [int(v) for v in args.ks.split(",")]:
         cfg = AnonymizeConfig(k=k, grouping=args.grouping, stratify_labels=args.stratify_labels,
-                              feature_net=args.feature_net, align=align, invert_steps=invert_steps)
+                              feature_net=content or args.feature_net,
+                              style_net=args.feature_net if content else None, align=align,
+                              invert_steps=invert_steps)
         t0 = time.perf_counter()
         P = anonymize(private, models, work / f"k{k}" / "private", cfg, overwrite=True,
                       progress=False, inversion_dir=work / "inversion-private")
