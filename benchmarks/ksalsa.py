@@ -274,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         return speed_only(args, private, models, net, align, invert_steps, work, t_start)
     out = args.out or REPO / "benchmarks" / "results" / f"ksalsa{'_quick' if q else ''}.json"
 
+    content = content_net_spec(args.content_net, private, work)
+
     def payload(reference: dict[str, Any] | None, complete: bool) -> dict[str, Any]:
         return {
             "benchmark": "ksalsa", "quick": q, "command": " ".join(sys.argv),
@@ -291,7 +293,6 @@ def main(argv: list[str] | None = None) -> int:
             "reference_all_real": reference, "wall_s": time.perf_counter() - t_start,
         }
 
-    content = content_net_spec(args.content_net, private, work)
     for k in [int(v) for v in args.ks.split(",")]:
         cfg = AnonymizeConfig(k=k, grouping=args.grouping, stratify_labels=args.stratify_labels,
                               feature_net=content or args.feature_net,
