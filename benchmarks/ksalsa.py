@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--grouping", default="greedy", choices=METHODS,
                    help="grouping of both the private and the test set (greedy: the reference)")
+    p.add_argument("--group-seed", type=int, default=0,
+                   help="seed of the grouping (ties; the random partition)")
     p.add_argument("--stratify-labels", action="store_true",
                    help="group each grade on its own (label-pure groups)")
     p.add_argument("--no-speed", action="store_true", help="skip the alignment timing")
@@ -284,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                      "n_test": len(test.ids), "resolution": resolution, "split_seed": 0,
                      "duplicates": "identical/near-identical photographs kept on one side of the "
                                    "split and used as subject ids (grouped together)"},
-            "config": {"ks": args.ks, "grouping": args.grouping,
+            "config": {"ks": args.ks, "grouping": args.grouping, "group_seed": args.group_seed,
                        "stratify_labels": args.stratify_labels, "align_steps": steps,
                        "sets": wanted, "content_net": content,
                        "invert_steps": invert_steps, "encoder": models.encoder is not None,
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = AnonymizeConfig(k=k, grouping=args.grouping, stratify_labels=args.stratify_labels,
                               feature_net=content or args.feature_net,
                               style_net=args.feature_net if content else None, align=align,
-                              invert_steps=invert_steps)
+                              invert_steps=invert_steps, seed=args.group_seed)
         t0 = time.perf_counter()
         P = anonymize(private, models, work / f"k{k}" / "private", cfg, overwrite=True,
                       progress=False, inversion_dir=work / "inversion-private")
