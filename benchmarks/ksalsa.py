@@ -30,10 +30,10 @@ reference groups similar people (greedy farthest-point on the W+ codes), which i
 linkage attack exploits; ``--grouping random --stratify-labels`` groups unrelated people of one
 grade (exact labels). The JSON is rewritten after every k ("complete": false until the end).
 
-Sweeps of the alignment: --lambda-s (style weight), --steps, --content-net trained (content
-embedding from a ConvFeatureNet trained here on the private grades; style, FID/KID and the
-linkage attack stay in --feature-net's space); --sets k-SALSA --no-reference evaluates the
-release alone. Every linkage row also gives the label-aware chance (medveil.evaluate.linkage).
+Sweeps: --group-seed (another draw of the grouping); of the alignment: --lambda-s (style
+weight), --steps, --content-net trained (content embedding from a ConvFeatureNet trained here
+on the private grades; style, FID/KID and the linkage attack stay in --feature-net's space);
+--sets k-SALSA --no-reference evaluates the release alone. Every linkage row also gives the label-aware chance (medveil.evaluate.linkage).
 
 Images stay under --work (git-ignored runs/ or /tmp); only numbers go into the JSON.
 """
