@@ -33,7 +33,8 @@ grade (exact labels). The JSON is rewritten after every k ("complete": false unt
 Sweeps: --group-seed (another draw of the grouping); of the alignment: --lambda-s (style
 weight), --steps, --content-net trained (content embedding from a ConvFeatureNet trained here
 on the private grades; style, FID/KID and the linkage attack stay in --feature-net's space);
---sets k-SALSA --no-reference evaluates the release alone. Every linkage row also gives the label-aware chance (medveil.evaluate.linkage).
+--sets k-SALSA --no-reference evaluates the release alone. Every linkage row also gives the
+label-aware chance (medveil.evaluate.linkage).
 
 Images stay under --work (git-ignored runs/ or /tmp); only numbers go into the JSON.
 """
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--content-net", default=None,
                    help="content net of the alignment only (style and evaluation stay on "
                         "--feature-net); 'trained': a ConvFeatureNet trained here on the private "
-                        "images and grades (cached under --work)")
+                        "images and grades (cached under --work); not used by --speed-only")
     p.add_argument("--n-private", type=int, default=None)
     p.add_argument("--n-test", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="alignment steps")

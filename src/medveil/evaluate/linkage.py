@@ -114,10 +114,11 @@ def label_chance(groups: Sequence[np.ndarray], syn_labels: np.ndarray, real_labe
     label first (uniformly at random within each tier), averaged over synthetic images."""
     real_labels = np.asarray(real_labels)
     n = len(real_labels)
+    tier = dict(zip(*np.unique(real_labels, return_counts=True)))  # label -> number of reals
     out = []
     for members, y in zip(groups, np.asarray(syn_labels)):
         members = np.asarray(members)
-        same = int(np.sum(real_labels == y))
+        same = int(tier.get(y, 0))
         m_same = int(np.sum(real_labels[members] == y))
         m_other = len(members) - m_same
         if same >= k:  # top k drawn from the `same` tier only
