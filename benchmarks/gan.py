@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/gan.py --steps 3000          # longer (resumes from the run folder)
 
 APTOS is cut once (seed 0; duplicate photographs kept on one side; stratified by grade) into a
-private set (~3000 images) that the generator trains on and a held-out set (~662 real images,
+private set (3000 images) that the generator trains on and a held-out set (662 real images,
 never trained on) that FID/KID are measured against - the same cut as
 ``benchmarks/gan_inversion.py`` (:func:`aptos_split`). Reports images/s, the fraction of the
 measured fp32 matmul peak (FLOPs of one step counted by torch's FlopCounterMode), FID and KID
@@ -55,7 +55,7 @@ def run_gan_benchmark(data_root: Path, work: Path, *, quick: bool, steps: int, e
     last = summary["last_train"]
     return {
         "quick": quick, "run_dir": str(work), "n_private": len(private), "n_held_out": len(held_out),
-        "split": "aptos2019 train.csv, seed 0, duplicates grouped, ~662 held out (gan_inversion.aptos_split)",
+        "split": "aptos2019 train.csv, seed 0, duplicates grouped, 662 held out (gan_inversion.aptos_split)",
         "config": cfg.to_dict(), "steps": summary["step"], "kimg": summary["kimg"],
         "wall_s_this_call": time.perf_counter() - t0, "throughput": summary["throughput"],
         "final_losses": {"loss_g": last.get("loss_g"), "loss_d": last.get("loss_d"),

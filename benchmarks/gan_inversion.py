@@ -4,7 +4,7 @@
                                        [--work runs/bench_gan_inversion] [--out FILE]
 
 APTOS is cut once (seed 0, duplicate photographs kept on one side, stratified by grade) into
-a private set (~3000 images: GAN + encoder training) and a held-out set (~662) that neither
+a private set (3000 images: GAN + encoder training) and a held-out set (662) that neither
 network ever sees. Without --gan a small StyleGAN2 is trained here on the private set (its
 run folder resumes when re-run). Then the ReStyle encoder is trained (also resumable), and
 --n-eval held-out images are inverted three ways: encoder (5 refinements), encoder +

@@ -9,8 +9,10 @@ their baselines, plus the speed of batched vs per-group style alignment.
 
 Protocol (spec ksalsa.md): APTOS train (3662) is cut once (seed 0, stratified by grade,
 identical / re-encoded duplicate photographs kept on one side: medveil.data.duplicates) into
-3000 private images to anonymise and 662 real test images - the same call as
-benchmarks/gan_inversion.py, so a GAN/encoder trained there saw the private part only. The
+3000 private images to anonymise and 662 real test images (medveil.data.splits: whole duplicate
+groups moved until the sizes are met) - the same call as benchmarks/gan_inversion.py, so a
+GAN/encoder trained there saw the private part only. (Before 2026-12-01 the grouped split took
+one of 6 folds: 3051 / 611; results of that split say so in their JSON "data".) The
 private set and the test set are each anonymised (k in {2, 5, 10}); every candidate training
 set (k-SALSA, centroid G(w_bar), k-Same-Pixel, GAN reconstructions of N/k real, N/k real) is
 scored for utility (same small CNN, tested on the real test images, several seeds), fidelity
@@ -81,7 +83,7 @@ def aptos_sets(data_root: Path, work: Path, resolution: int, seed: int = 0
     APTOS has no patient ids, but it holds the same photograph under several ids: the
     duplicate group of each image (found at full resolution) is its subject id, so a group of
     k holds k distinct photographs and the copies of one photograph stay in one group."""
-    cache = work / f"aptos_{resolution}px_seed{seed}.npz"
+    cache = work / f"aptos_{resolution}px_seed{seed}_test{HELD_OUT}.npz"  # older caches: 3051/611
     if cache.is_file():
         with np.load(cache) as f:
             arrays = {k: f[k] for k in f.files}

@@ -42,13 +42,33 @@ def test_grouped_split_keeps_each_patient_in_one_split():
     seen = [set(patients[idx]) for idx in parts.values()]
     assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
     assert sum(len(v) for v in parts.values()) == len(labels)
-    assert abs(len(parts["test"]) / len(labels) - 0.2) < 0.03
-    assert abs(len(parts["val"]) / len(labels) - 0.1) < 0.03
+    assert len(parts["test"]) == 200 and len(parts["val"]) == 100  # whole patients of 5 fit
     overall = np.bincount(labels, minlength=4) / len(labels)
     for idx in parts.values():  # stratification roughly kept
         assert np.abs(np.bincount(labels[idx], minlength=4) / len(idx) - overall).max() < 0.05
     again = split_indices(labels, val=0.1, test=0.2, groups=patients, seed=0)
     assert all(np.array_equal(parts[k], again[k]) for k in parts)
+
+
+def test_grouped_split_meets_a_fraction_that_folds_miss():
+    """0.18 of 3662 is 662; one of round(1/0.18) = 6 folds would hold ~610. Mostly single
+    images, some duplicate groups of 2-3, imbalanced labels (like APTOS)."""
+    rng = np.random.default_rng(1)
+    labels = rng.choice(5, size=3662, p=[0.49, 0.10, 0.27, 0.05, 0.09])
+    groups = np.arange(3662)
+    groups[rng.choice(3662, 300, replace=False)] = rng.choice(3662, 300)  # copies join a group
+    parts = split_indices(labels, val=0.0, test=662 / 3662, groups=groups, seed=0)
+    assert len(parts["test"]) == 662 and len(parts["train"]) == 3000
+    assert not set(groups[parts["test"]]) & set(groups[parts["train"]])
+    overall = np.bincount(labels, minlength=5) / len(labels)
+    assert np.abs(np.bincount(labels[parts["test"]], minlength=5) / 662 - overall).max() < 0.005
+    again = split_indices(labels, val=0.0, test=662 / 3662, groups=groups, seed=0)
+    assert np.array_equal(parts["test"], again["test"])
+    # groups too big to fill the gap exactly: as close as whole groups allow, never split
+    big = np.repeat(np.arange(10), 10)  # 10 patients x 10 images, 18% = 18 items
+    part = split_indices(np.repeat(np.arange(2), 50), val=0.0, test=0.18, groups=big, seed=0)
+    assert len(part["test"]) in (10, 20)
+    assert not set(big[part["test"]]) & set(big[part["train"]])
 
 
 def test_hold_out_unlabelled_pool():
@@ -57,7 +77,7 @@ def test_hold_out_unlabelled_pool():
     assert len(pool) == 250 and len(kept) == 750 and not set(kept) & set(pool)
     kept_g, pool_g = hold_out_unlabelled(labels, 0.25, groups=patients, seed=0)
     assert not set(patients[kept_g]) & set(patients[pool_g])
-    assert abs(len(pool_g) - 250) <= 25
+    assert len(pool_g) == 250
     assert hold_out_unlabelled(labels, 0.0)[1].size == 0
     with pytest.raises(ConfigError):
         hold_out_unlabelled(labels, 1.0)

@@ -1,9 +1,11 @@
 """Deterministic splits: stratified by label, grouped by patient (or duplicate group) when asked.
 
 - :func:`split_indices`: train/val/test index arrays. Without groups: stratified shuffle
-  (sklearn ``train_test_split``). With groups: ``StratifiedGroupKFold``, one fold per held-out
-  part, so no group (patient) lands in two splits; fractions are then met approximately
-  (a fraction f uses round(1/f) folds).
+  (sklearn ``train_test_split``). With groups: one fold of ``StratifiedGroupKFold`` (a fraction
+  f uses round(1/f) folds, so a fold holds 1/round(1/f) of the items, e.g. 1/6 for f = 0.18),
+  then whole groups are moved in or out until the part holds round(f * n) items (as close as
+  the group sizes allow), each move the one that keeps the label proportions closest to the
+  whole set's. No group (patient) lands in two splits.
 - :func:`hold_out_unlabelled`: set a fraction of a (train) split apart as an unlabelled pool,
   e.g. the federated server's pool; returns (kept, pool) indices.
 - :func:`resplit`: apply :func:`split_indices` to one split of an :class:`ImageDataset`.
@@ -118,8 +120,39 @@ def _take(
                         "by group")
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     y_fold = y if y is not None else np.zeros(len(items), dtype=np.int64)
-    rest_pos, taken_pos = next(folds.split(np.zeros(len(items)), y_fold, g))
-    return items[rest_pos], items[taken_pos]
+    taken_pos = next(folds.split(np.zeros(len(items)), y_fold, g))[1]
+    taken = np.zeros(len(items), dtype=bool)
+    taken[taken_pos] = True
+    taken = _fit_size(taken, g, y_fold, int(round(fraction * len(items))), seed)
+    return items[~taken], items[taken]
+
+
+def _fit_size(taken: np.ndarray, groups: np.ndarray, y: np.ndarray, n_take: int, seed: int
+              ) -> np.ndarray:
+    """Move whole groups across the boundary until ``taken`` (bool per item) holds ``n_take``
+    items or no group fits the gap. Each move is the group that leaves the taken part's label
+    counts closest (squared error) to n_take x the overall label fractions; ties go to a seeded
+    random order. Returns the new mask."""
+    _, gid = np.unique(groups, return_inverse=True)
+    classes, yid = np.unique(y, return_inverse=True)
+    counts = np.zeros((gid.max() + 1, len(classes)), dtype=np.int64)  # (groups, classes)
+    np.add.at(counts, (gid, yid), 1)
+    sizes = counts.sum(axis=1)
+    in_taken = np.zeros(len(sizes), dtype=bool)
+    in_taken[gid[taken]] = True
+    target = n_take * counts.sum(axis=0) / len(y)  # (classes,) label counts wanted in taken
+    order = np.random.default_rng(seed).permutation(len(sizes))  # tie-break
+    have = counts[in_taken].sum(axis=0)
+    while (gap := n_take - int(have.sum())) != 0:
+        sign = 1 if gap > 0 else -1  # +1: move a group in, -1: move one out
+        cand = order[(in_taken[order] == (sign < 0)) & (sizes[order] <= abs(gap))]
+        if len(cand) == 0:
+            break
+        err = (((have + sign * counts[cand]) - target) ** 2).sum(axis=1)
+        best = cand[int(np.argmin(err))]
+        in_taken[best] = sign > 0
+        have = have + sign * counts[best]
+    return in_taken[gid]
 
 
 def _strata(labels: np.ndarray) -> np.ndarray | None:
