@@ -18,6 +18,7 @@ set (k-SALSA, centroid G(w_bar), k-Same-Pixel, GAN reconstructions of N/k real, 
 scored for utility (same small CNN, tested on the real test images, several seeds), fidelity
 (FID/KID vs the private images in the feature net's space) and privacy (linkage attack trained
 on the private release, tested on the test release: top-k precision vs chance; NN re-id).
+Every release must pass verify-release (medveil.anonymize.verify) before it is evaluated.
 
 --quick: 150 private / 75 test images, a 32 px GAN trained here for 60 steps (or --gan),
 10 projector + 10 alignment steps: a smoke run of the whole protocol, not a measurement of
@@ -63,6 +64,7 @@ from medveil.anonymize.alignment import (
 from medveil.anonymize.grouping import METHODS
 from medveil.anonymize.pipeline import AnonymizeConfig, PrivateSet, anonymize, to_uint8
 from medveil.anonymize.quick import load_models, quick_models
+from medveil.anonymize.verify import verify_release
 from medveil.data import load_dataset, to_tensor
 from medveil.data.duplicates import duplicate_groups
 from medveil.data.splits import split_indices
@@ -309,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         T = anonymize(test, models, work / f"k{k}" / "test", cfg, overwrite=True,
                       progress=False, inversion_dir=work / "inversion-test")
         t_anon = time.perf_counter() - t0
+        verdicts = {part: verify_release(work / f"k{k}" / part, k).passed for part in ("private", "test")}
+        if not all(verdicts.values()):
+            raise SystemExit(f"k={k}: verify-release fails on the benchmark's own release: {verdicts} "
+                             f"(run medveil verify-release {work / f'k{k}'}/<part> --k {k})")
         first = first or P
         sets_p, sets_t = ({n: s for n, s in baseline_sets(
             R.groups, data.labels, n_cls, R.reals, ksalsa=R.images, centroids=R.centroid_images,
@@ -322,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         speed = None if args.no_speed else timed_speed(P, models, net, args, align, k)
         results[f"k={k}"] = {"sets": table, "anonymize_s": t_anon, "speed": speed,
+                             "verify_release_passed": verdicts,
                              "evaluate_s": time.perf_counter() - t0,
                              "private_report_timings": P.report["timings"],
                              "alignment_losses": P.report["alignment_losses"]}
