@@ -306,15 +306,16 @@ def main(argv: list[str] | None = None) -> int:
                               style_net=args.feature_net if content else None, align=align,
                               invert_steps=invert_steps, seed=args.group_seed)
         t0 = time.perf_counter()
-        P = anonymize(private, models, work / f"k{k}" / "private", cfg, overwrite=True,
+        out_dirs = {part: work / f"k{k}" / part for part in ("private", "test")}
+        P = anonymize(private, models, out_dirs["private"], cfg, overwrite=True,
                       progress=False, inversion_dir=work / "inversion-private")
-        T = anonymize(test, models, work / f"k{k}" / "test", cfg, overwrite=True,
+        T = anonymize(test, models, out_dirs["test"], cfg, overwrite=True,
                       progress=False, inversion_dir=work / "inversion-test")
         t_anon = time.perf_counter() - t0
-        verdicts = {part: verify_release(work / f"k{k}" / part, k).passed for part in ("private", "test")}
+        verdicts = {part: verify_release(d, k).passed for part, d in out_dirs.items()}
         if not all(verdicts.values()):
-            raise SystemExit(f"k={k}: verify-release fails on the benchmark's own release: {verdicts} "
-                             f"(run medveil verify-release {work / f'k{k}'}/<part> --k {k})")
+            raise SystemExit(f"k={k}: verify-release fails on the benchmark's own release "
+                             f"{verdicts}; see medveil verify-release {out_dirs['private']} --k {k}")
         first = first or P
         sets_p, sets_t = ({n: s for n, s in baseline_sets(
             R.groups, data.labels, n_cls, R.reals, ksalsa=R.images, centroids=R.centroid_images,
