@@ -59,7 +59,6 @@ import torch
 from medveil.anonymize.alignment import (
     AlignConfig,
     align_groups,
-    align_per_group_reference,
 )
 from medveil.anonymize.grouping import METHODS
 from medveil.anonymize.pipeline import AnonymizeConfig, PrivateSet, anonymize, to_uint8
@@ -73,6 +72,9 @@ from medveil.evaluate.utility import UtilityConfig, utility_scores
 from medveil.generative.feature_training import FeatureTrainConfig, train_feature_net
 from medveil.io import write_json_atomic
 from medveil.models.features import build_feature_net
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from alignment_reference import align_per_group_reference  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 HELD_OUT = 662

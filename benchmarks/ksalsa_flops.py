@@ -28,7 +28,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from medveil.anonymize.alignment import (
     AlignConfig,
     align_groups,
-    align_per_group_reference,
     group_losses,
     member_targets,
 )
@@ -37,6 +36,9 @@ from medveil.generative.latent_opt import frozen
 from medveil.io import write_json_atomic
 from medveil.models.features import build_feature_net
 from medveil.models.stylegan2 import Generator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from alignment_reference import align_per_group_reference  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -52,7 +52,8 @@ from medveil.evaluate.stats import format_mean_std, mean_std, paired_tests
 from medveil.federated.baselines import centralised, local_only
 from medveil.federated.config import FederationConfig, config_from_dict
 from medveil.federated.curation import make_curator
-from medveil.federated.engine import Federation, prepare, run_stages
+from medveil.federated.records import StageRecord
+from medveil.federated.stages import Federation, prepare, run_stages
 from medveil.io import jsonable, write_json_atomic
 from medveil.federated.server import Server
 from medveil.federated.training import derive_seed
@@ -113,9 +114,9 @@ def make_config(setting: dict[str, Any], data_dir: Path, seed: int, names: tuple
     return config_from_dict(raw, data_dir)
 
 
-def pretrained(setting: dict[str, Any], data_dir: Path, seed: int) -> tuple[FederationConfig, Federation, dict[str, Any]]:
+def pretrained(setting: dict[str, Any], data_dir: Path, seed: int) -> tuple[FederationConfig, Federation, StageRecord]:
     """The seed's six-client federation after stage 0 (MIM pretraining; deterministic, so every
-    job of a seed starts from the same backbone): (config, federation, stage-0 metrics)."""
+    job of a seed starts from the same backbone): (config, federation, stage-0 record)."""
     cfg = make_config(setting, data_dir, seed, DATASETS)
     base = prepare(cfg)
     return cfg, base, run_stages(base, 0, 1, progress=False)[0]
@@ -138,24 +139,24 @@ def run_seed(setting: dict[str, Any], data_dir: Path, seed: int, log: list[str])
     eval_seed = derive_seed(seed, "bench-eval")
     results: dict[str, Any] = {"mim_only": backbone_eval(cfg.model.to_dict(), mim_state, base.clients, recipe_eval,
                                                          eval_seed, cfg.evaluation.probe_C)}
-    timing = {"pretrain": pre["seconds"]}
-    log.append(f"seed {seed}: pretrain {pre['seconds']:.0f}s, MIM loss {pre['mim_loss'][0]:.3f} -> "
-               f"{pre['mim_loss'][-1]:.3f}")
+    timing = {"pretrain": pre.seconds}
+    log.append(f"seed {seed}: pretrain {pre.seconds:.0f}s, MIM loss {pre.mim_loss[0]:.3f} -> "
+               f"{pre.mim_loss[-1]:.3f}")
     for method, overrides in FEDERATED.items():
         t = time.time()
         mcfg = make_config(setting, data_dir, seed, DATASETS, overrides)
         fed = fork(base, mcfg, stage0)
         stages = run_stages(fed, 1, mcfg.federation.rounds + 1, progress=False)
-        last = stages[-1]["clients"]
+        last = stages[-1].clients
         per = backbone_eval(mcfg.model.to_dict(), fed.server.backbone_state(), base.clients, recipe_eval,
                             eval_seed, cfg.evaluation.probe_C, finetune=method in FINETUNED)
         for name in per:
-            per[name]["universal"] = last[name]["test"]
+            per[name]["universal"] = last[name].test
         results[method] = per
         results.setdefault("_stages", {})[method] = [
-            {n: c["test"]["acc"] for n, c in s["clients"].items() if "test" in c} for s in stages]
+            {n: c.test["acc"] for n, c in s.clients.items() if c.test} for s in stages]
         results.setdefault("_bytes", {})[method] = {
-            n: {k: v for k, v in stages[-1]["clients"][n]["bytes"].items()} for n in last}
+            n: dict(stages[-1].clients[n].bytes) for n in last}
         timing[method] = time.time() - t
     budget = replace(cfg.local, epochs=cfg.federation.rounds * cfg.local.epochs, fedprox_mu=0.0)
     t = time.time()
@@ -177,8 +178,8 @@ def run_central(setting: dict[str, Any], data_dir: Path, seed: int, log: list[st
     t = time.time()
     result = {n: {"universal": m} for n, m in centralised(cfg.model, base.server.backbone_state(), base.clients,
                                                           budget, derive_seed(seed, "central")).items()}
-    log.append(f"seed {seed} centralised: pretrain {pre['seconds']:.0f}s (MIM loss {pre['mim_loss'][0]:.3f} -> "
-               f"{pre['mim_loss'][-1]:.3f}), pooled training {time.time() - t:.0f}s, {time.time() - t0:.0f}s in all")
+    log.append(f"seed {seed} centralised: pretrain {pre.seconds:.0f}s (MIM loss {pre.mim_loss[0]:.3f} -> "
+               f"{pre.mim_loss[-1]:.3f}), pooled training {time.time() - t:.0f}s, {time.time() - t0:.0f}s in all")
     return result
 
 
@@ -194,8 +195,8 @@ def run_calibrated(setting: dict[str, Any], data_dir: Path, seed: int, log: list
         overrides = copy.deepcopy(FEDERATED[plain])
         overrides.setdefault("federation", {})["calibrate_heads"] = True
         mcfg = make_config(setting, data_dir, seed, DATASETS, overrides)
-        last = run_stages(fork(base, mcfg, stage0), 1, mcfg.federation.rounds + 1, progress=False)[-1]["clients"]
-        result[method] = {n: {"universal": c["test"], "before_calibration": c["test_before_calibration"]}
+        last = run_stages(fork(base, mcfg, stage0), 1, mcfg.federation.rounds + 1, progress=False)[-1].clients
+        result[method] = {n: {"universal": c.test, "before_calibration": c.test_before_calibration}
                           for n, c in last.items()}
     log.append(f"seed {seed} calibrated: {time.time() - t0:.0f}s")
     return result

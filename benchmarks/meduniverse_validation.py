@@ -30,13 +30,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import meduniverse as bench  # noqa: E402
 
-from medveil.evaluate.metrics import classification_metrics  # noqa: E402
 from medveil.federated.baselines import centralised  # noqa: E402
-from medveil.federated.client import build_backbone, build_head  # noqa: E402
 from medveil.federated.curation import DistillCurator  # noqa: E402
-from medveil.federated.engine import run_stages  # noqa: E402
+from medveil.federated.rebuild import build_backbone, build_head  # noqa: E402
+from medveil.federated.stages import run_stages  # noqa: E402
 from medveil.federated.training import derive_seed, predict_logits  # noqa: E402
 from medveil.io import write_json_atomic  # noqa: E402
+from medveil.metrics import classification_metrics  # noqa: E402
 
 ROWS = ("teachers", "universal", "calibrated", "centralised")
 
@@ -74,11 +74,11 @@ def run_seed(seed: int, data_dir: Path) -> dict[str, Any]:
                              {"federation": {"strategy": "distill", "calibrate_heads": True}})
     fed = bench.fork(base, mcfg, stage0)
     fed.curator = Recording(mcfg.curation)
-    last = run_stages(fed, 1, mcfg.federation.rounds + 1, progress=False)[-1]["clients"]
+    last = run_stages(fed, 1, mcfg.federation.rounds + 1, progress=False)[-1].clients
     budget = replace(cfg.local, epochs=cfg.federation.rounds * cfg.local.epochs, fedprox_mu=0.0)
     central = centralised(cfg.model, base.server.backbone_state(), base.clients, budget, derive_seed(seed, "central"))
-    return {"teachers": teachers, "universal": {n: c["test_before_calibration"] for n, c in last.items()},
-            "calibrated": {n: c["test"] for n, c in last.items()}, "centralised": central}
+    return {"teachers": teachers, "universal": {n: c.test_before_calibration for n, c in last.items()},
+            "calibrated": {n: c.test for n, c in last.items()}, "centralised": central}
 
 
 def main(argv: list[str] | None = None) -> int:

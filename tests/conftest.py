@@ -19,6 +19,14 @@ SHARED_DATA = Path(os.environ.get("MEDVEIL_SHARED_DATA", REPO.parent / "shared" 
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that take the real data (``shared_data`` or ``aptos_dir``) carry the ``shared_data``
+    marker, so ``-m "not shared_data"`` selects the ones that run anywhere."""
+    for item in items:
+        if {"shared_data", "aptos_dir"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.shared_data)
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """Every test starts with one torch thread, whatever an earlier test (a CLI --threads) set."""

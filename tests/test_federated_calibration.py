@@ -13,9 +13,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from medveil.federated import transport
+from medveil.federated import client
 from medveil.federated.calibration import fit_linear_head, local_calibrate
-from medveil.federated.client import build_backbone
+from medveil.federated.rebuild import build_backbone
 from medveil.federated.engine import run_federation
 from medveil.federated.sites import build_sites
 from medveil.federated.training import extract_features
@@ -97,7 +97,7 @@ def test_a_bad_calibrated_head_is_rejected_and_the_old_head_kept(tmp_path, monke
             update.backbone = dict(ins.backbone)
         return update
 
-    monkeypatch.setattr(transport, "local_calibrate", faulty)
+    monkeypatch.setattr(client, "local_calibrate", faulty)
     run_federation(tiny_config(tmp_path, "fedavg", rounds=1), tmp_path / "plain", progress=False)
     cfg = tiny_config(tmp_path, "fedavg", rounds=1, federation={"calibrate_heads": True})
     metrics = run_federation(cfg, tmp_path / "cal", progress=False)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medveil.cli.main import main
-from medveil.evaluate.metrics import (
+from medveil.metrics import (
     balanced_accuracy,
     classification_metrics,
     macro_auc,

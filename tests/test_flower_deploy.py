@@ -31,7 +31,7 @@ from medveil.federated.config import config_from_dict, dump_toml
 from medveil.federated.engine import run_federation
 
 flwr = pytest.importorskip("flwr")
-pytestmark = pytest.mark.flower
+pytestmark = [pytest.mark.flower, pytest.mark.slow]  # real processes: 1-2 min in all
 
 SITES = {"alpha": (3, 24, False, 1), "beta": (2, 20, True, 2), "gamma": (4, 24, False, 3)}
 RUN_TIMEOUT = 240.0

@@ -59,6 +59,7 @@ def test_encoder_shapes_and_zero_init(G):
         EncoderConfig(resolution=32, num_ws=9, w_dim=16)
 
 
+@pytest.mark.slow  # trains an encoder / runs the projector: seconds each
 def test_projection_beats_average_latent_and_round_trips(G, samples, fnet):
     ws_true, x = samples
     mean_psnr = quality(((G.synthesis(G.mean_latent().expand(8, -1, -1)) + 1) / 2), x)["psnr"].mean()
@@ -75,6 +76,7 @@ def test_projection_beats_average_latent_and_round_trips(G, samples, fnet):
     assert all(not p.requires_grad for p in G.parameters()) and all(not p.requires_grad for p in fnet.parameters())
 
 
+@pytest.mark.slow  # trains an encoder / runs the projector: seconds each
 def test_trained_encoder_refines_and_helps_the_projector(G, samples, fnet, trained):
     _, x = samples
     run, encoder, summary = trained
@@ -94,6 +96,7 @@ def test_trained_encoder_refines_and_helps_the_projector(G, samples, fnet, train
     assert quality(r_both, x)["psnr"].mean() > quality(r_alone, x)["psnr"].mean() + 1.0
 
 
+@pytest.mark.slow  # trains an encoder / runs the projector: seconds each
 def test_encoder_training_resumes_identically(G, samples, fnet, trained, tmp_path):
     run, encoder, _ = trained
     short = EncoderTrainConfig(steps=10, batch=4, synth_batch=4, lr=1e-3, width=8, head_channels=16,
@@ -110,6 +113,7 @@ def test_encoder_training_resumes_identically(G, samples, fnet, trained, tmp_pat
         train_encoder(samples[1], G, other, tmp_path, resume=True, fnet=fnet, progress=False)
 
 
+@pytest.mark.slow  # trains an encoder / runs the projector: seconds each
 def test_bad_inputs(G, samples, fnet, trained, tmp_path):
     run, encoder, _ = trained
     grey = samples[1][:2].mean(dim=1, keepdim=True)
@@ -126,6 +130,7 @@ def test_bad_inputs(G, samples, fnet, trained, tmp_path):
         load_encoder(tmp_path / "junk.pt", G)
 
 
+@pytest.mark.slow  # trains an encoder / runs the projector: seconds each
 def test_cli_invert_and_errors(G, samples, trained, tmp_path, capsys):
     run, _, _ = trained
     gan = tmp_path / "gan"

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from medveil.errors import ConfigError
-from medveil.models.stylegan2 import Discriminator, GANConfig, Generator, minibatch_std
+from medveil.models.stylegan2 import GANConfig, Generator
+from medveil.models.stylegan2_discriminator import Discriminator, minibatch_std
 
 
 def tiny(resolution: int = 32, **kw) -> GANConfig:

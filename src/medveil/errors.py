@@ -28,3 +28,8 @@ class ConfigError(MedVeilError):
 
 class UpdateRejected(MedVeilError):
     """A client update that must not be aggregated (NaN/Inf, wrong shapes, wrong keys)."""
+
+
+def at(where: str) -> str:
+    """``"where: "`` to start an error message with its place, or nothing when it has none."""
+    return f"{where}: " if where else ""

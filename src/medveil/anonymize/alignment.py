@@ -39,11 +39,10 @@ the gradient it would get alone, and Adam is per-parameter: batching changes the
 result (up to float rounding). Member targets (embeddings of reconstructions, patch Grams of
 real images) are computed once per batch, before the loop, with feature nets built once.
 Convolutions run in channels-last memory layout (generator and feature nets are switched for
-the call and restored after): on CPU (2 threads), 64 groups of k = 5 at 64 px, 25 steps, this is
-1.23x the groups/s of the default layout (1.79 -> 2.20 groups/s); 64 rather than 16 groups per
-batch adds ~5% (CPU convolutions are already efficient at 16 images).
-:func:`align_per_group_reference` is the slow per-group loop of the reference (rebuild the
-nets per group, recompute member targets every step), kept only for the speed comparison.
+the call and restored after): faster on CPU than the default layout (``benchmarks/ksalsa.py``
+measures it). The slow per-group loop of the reference (rebuild the nets per group, recompute
+member targets every step) lives in ``benchmarks/alignment_reference.py``, for the speed
+comparison and the equality test only.
 """
 
 from __future__ import annotations
@@ -62,7 +61,7 @@ from tqdm.auto import tqdm
 
 from medveil.errors import ConfigError
 from medveil.generative.latent_opt import frozen, warmup_cosine_lr
-from medveil.models.features import FeatureNet, build_feature_net
+from medveil.models.features import FeatureNet
 
 GRAM_SCALES = ("mean", "sum")
 DEFAULT_LAMBDA_C = 1e2
@@ -144,7 +143,7 @@ def style_loss(syn_grams: torch.Tensor, real_grams: torch.Tensor, mask: torch.Te
     s = syn_grams.flatten(2)  # (B, Q, D), D = C*C
     r = real_grams.flatten(3)  # (B, M, Q, D)
     # |r - s|^2 = |r|^2 - 2 r.s + |s|^2 from the (B, M, Q, Q) dot products, which the pairing
-    # needs anyway: no (B, M, Q, D) copy of the matched synthetic Grams (6x faster at k = 10).
+    # needs anyway: no (B, M, Q, D) copy of the matched synthetic Grams (far less memory traffic).
     dots = torch.einsum("bmpd,bqd->bmpq", r, s)  # (B, M, Q real patches, Q synthetic patches)
     s_sq = s.square().sum(dim=-1)  # (B, Q)
     with torch.no_grad():
@@ -290,53 +289,15 @@ def align_groups(
             outs.append(out)
             bar.update(len(idx))
     bar.close()
-    return _collect(outs, time.perf_counter() - t0, w_start)
-
-
-def align_per_group_reference(
-    G: nn.Module, w_start: torch.Tensor, images: torch.Tensor, recons: torch.Tensor,
-    groups: Sequence[np.ndarray], content_spec: str, style_spec: str | None = None,
-    cfg: AlignConfig = AlignConfig(), progress: bool | None = None,
-) -> AlignResult:
-    """The reference's cost structure, for the speed comparison only: one group at a time,
-    feature nets rebuilt from their specs for every group, member targets recomputed every
-    step. Same maths as :func:`align_groups` (same result up to float rounding)."""
-    device = next(G.parameters()).device
-    t0 = time.perf_counter()
-    outs = []
-    for g in tqdm(range(len(groups)), desc="align-ref", unit="group",
-                  disable=(not progress) if progress is not None else None):
-        content_net = build_feature_net(content_spec).to(device)
-        style_net = build_feature_net(style_spec or content_spec).to(device)
-        with frozen(G, content_net, style_net):
-            w = w_start[g: g + 1].detach().clone().to(device).requires_grad_(True)
-            opt = torch.optim.Adam([w], lr=cfg.lr)
-            loss_start = None
-            for step in range(cfg.steps):
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, cfg)
-                targets = member_targets(images, recons, [groups[g]], content_net, style_net,
-                                         cfg, device)
-                total, _, _, _ = group_losses(G, w, targets, content_net, style_net, cfg)
-                loss_start = total.detach() if loss_start is None else loss_start
-                opt.zero_grad(set_to_none=True)
-                total.sum().backward()
-                opt.step()
-            with torch.no_grad():
-                targets = member_targets(images, recons, [groups[g]], content_net, style_net,
-                                         cfg, device)
-                total, lc, ls, x = group_losses(G, w, targets, content_net, style_net, cfg)
-        outs.append({"ws": w.detach().cpu(), "images": x.clamp(0, 1).cpu(),
-                     "loss_start": (total if loss_start is None else loss_start).cpu(),
-                     "loss_end": total.cpu(), "content": lc.cpu(), "style": ls.cpu()})
-    return _collect(outs, time.perf_counter() - t0, w_start)
+    return collect_results(outs, time.perf_counter() - t0, w_start)
 
 
 # ----------------------------------------------------------------------------- internals
 
 
-def _collect(outs: list[dict[str, torch.Tensor]], seconds: float, w_start: torch.Tensor
-             ) -> AlignResult:
+def collect_results(outs: list[dict[str, torch.Tensor]], seconds: float, w_start: torch.Tensor
+                    ) -> AlignResult:
+    """One AlignResult from per-batch (or per-group) outputs, in order."""
     if not outs:
         empty = np.zeros(0, dtype=np.float32)
         return AlignResult(w_start[:0].clone(), torch.zeros(0), empty, empty, empty, empty, seconds)

@@ -36,7 +36,7 @@ import numpy as np
 from scipy.spatial.distance import cdist
 from sklearn.metrics.pairwise import euclidean_distances
 
-from medveil.errors import MedVeilError
+from medveil.errors import MedVeilError, at
 
 METHODS: tuple[str, ...] = ("greedy", "mdav", "random")
 
@@ -280,9 +280,20 @@ def _as_points(X: np.ndarray, k: int) -> np.ndarray:
     return X
 
 
+RELEASE_MIN_K = 2  # a released image must stand for at least two people: k = 1 hides no one
+
+
+def require_k(k: object, minimum: int = RELEASE_MIN_K, where: str = "") -> int:
+    """The one rule for k: an integer (not a bool) >= ``minimum``; one MedVeilError line if not.
+    Releases, ``anonymize`` and ``verify-release`` use the default (2); the grouping algorithms
+    themselves accept k = 1 (groups of one)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < minimum:
+        raise MedVeilError(f"{at(where)}k must be an integer >= {minimum}, got {k!r}")
+    return int(k)
+
+
 def _check_k(k: object, n: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise MedVeilError(f"k must be an integer >= 1, got {k!r}")
+    require_k(k, minimum=1)
     if k > n:
         raise MedVeilError(f"k={k} is larger than the {n} points to group; need N >= k")
 

@@ -23,15 +23,16 @@ import numpy as np
 import torch
 
 from medveil.anonymize.alignment import AlignConfig, align_groups
-from medveil.anonymize.grouping import group_means, make_groups
+from medveil.anonymize.grouping import group_means, make_groups, require_k
 from medveil.anonymize.release import (
-    REPORT, ReleaseResult, ReleaseState, groups_to_members, write_release,
+    REPORT, ReleaseResult, ReleaseState, groups_to_members, report_is_complete, write_release,
 )
 from medveil.data.dataset import ImageDataset
 from medveil.data.tensors import to_tensor
-from medveil.errors import ConfigError, DataError, MedVeilError
+from medveil.errors import DataError, MedVeilError, at
 from medveil.generative.checkpoint import config_mismatch
 from medveil.io import atomic_file, write_json_atomic
+from medveil.progress import timed
 from medveil.generative.encoder_training import generator_fingerprint
 from medveil.generative.invert import invert_images
 from medveil.models.encoder import Encoder
@@ -116,9 +117,8 @@ class AnonymizeResult:
 
 def check_k(k: int, n_images: int, patient_ids: np.ndarray | None, where: str = "") -> None:
     """One-line MedVeilError when k cannot be met (k > N images, or fewer than k patients)."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
-        raise ConfigError(f"--k must be an integer >= 2, got {k!r}")
-    prefix = f"{where}: " if where else ""
+    require_k(k)
+    prefix = at(where)
     if k > n_images:
         raise MedVeilError(f"{prefix}k={k} is larger than the {n_images} images; "
                            "a release needs at least k images")
@@ -144,7 +144,7 @@ def anonymize(data: PrivateSet, models: Models, out_dir: str | Path,
     """
     out = Path(out_dir)
     check_k(cfg.k, len(data.images), data.patient_ids, data.source)
-    if _complete(out) and not overwrite:
+    if report_is_complete(out / REPORT) and not overwrite:
         raise MedVeilError(f"{out}: already holds a complete release; choose another --out or "
                            "pass --overwrite")
     G = models.G.eval()
@@ -152,28 +152,41 @@ def anonymize(data: PrivateSet, models: Models, out_dir: str | Path,
     content_net = build_feature_net(cfg.feature_net).to(device)
     style_net = (build_feature_net(cfg.style_net).to(device) if cfg.style_net else content_net)
     timings: dict[str, float] = {}
-
-    t = time.perf_counter()
-    x = to_tensor(data.images, size=G.resolution, channels=G.img_channels)  # (N, C, R, R)
-    timings["load_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    inv_dir = Path(inversion_dir) if inversion_dir is not None else out / ".work" / "inversion"
-    ws, recon = invert_resumable(x, models, inv_dir, cfg, data, progress)
-    timings["invert_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    flat = ws.reshape(len(ws), -1).numpy()
-    groups = make_groups(flat, cfg.k, cfg.grouping, cfg.seed, subject_ids=data.patient_ids,
-                         labels=data.labels if cfg.stratify_labels else None)
-    centroids = torch.from_numpy(group_means(ws.numpy(), groups, dtype=np.float32))
-    timings["group_s"] = time.perf_counter() - t
-
-    state_cfg = {**cfg.to_dict(), "inversion": _inversion_key(x, models, cfg, data),
-                 "groups_sha256": _sha([g.tobytes() for g in groups]),
-                 "group_by": "patient" if data.patient_ids is not None else "image"}
-    state = ReleaseState(out, len(groups), state_cfg)
+    with timed(timings, "load_s"):
+        x = to_tensor(data.images, size=G.resolution, channels=G.img_channels)  # (N, C, R, R)
+    with timed(timings, "invert_s"):
+        inv_dir = Path(inversion_dir) if inversion_dir is not None else out / ".work" / "inversion"
+        ws, recon = invert_resumable(x, models, inv_dir, cfg, data, progress)
+    with timed(timings, "group_s"):
+        groups = make_groups(ws.reshape(len(ws), -1).numpy(), cfg.k, cfg.grouping, cfg.seed,
+                             subject_ids=data.patient_ids,
+                             labels=data.labels if cfg.stratify_labels else None)
+        centroids = torch.from_numpy(group_means(ws.numpy(), groups, dtype=np.float32))
+    state = ReleaseState(out, len(groups), _state_config(cfg, x, models, data, groups))
     resumed = int(state.done().sum())
+    pending = state.pending()
+    with timed(timings, "align_s"):
+        aligned = align_groups(G, centroids, x, recon, groups, content_net, style_net, cfg.align,
+                               batch_size=cfg.batch_groups, which=pending,
+                               on_batch=_persister(G, centroids, state, on_batch), progress=progress)
+    report = _report(data, cfg, models, (content_net, style_net), state, {
+        **timings, "groups_aligned_this_run": len(pending), "groups_resumed": resumed,
+        "align_groups_per_s": len(pending) / aligned.seconds if aligned.seconds else None})
+    return _write_release(out, data, cfg, groups, state, report, overwrite, ws, recon, x)
+
+
+def _state_config(cfg: AnonymizeConfig, x: torch.Tensor, models: Models, data: PrivateSet,
+                  groups: list[np.ndarray]) -> dict[str, Any]:
+    """What a resumed alignment must share with the run that started it."""
+    return {**cfg.to_dict(), "inversion": _inversion_key(x, models, cfg, data),
+            "groups_sha256": _sha([g.tobytes() for g in groups]),
+            "group_by": "patient" if data.patient_ids is not None else "image"}
+
+
+def _persister(G: Generator, centroids: torch.Tensor, state: ReleaseState,
+               on_batch: Callable[[list[int]], None] | None) -> Callable[[list[int], dict], None]:
+    """Save each aligned batch (and its groups' centroid images) as soon as it is done."""
+    device = next(G.parameters()).device
 
     def persist(idx: list[int], res: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
@@ -185,16 +198,15 @@ def anonymize(data: PrivateSet, models: Models, out_dir: str | Path,
         if on_batch is not None:
             on_batch(idx)
 
-    t = time.perf_counter()
-    pending = state.pending()
-    aligned = align_groups(G, centroids, x, recon, groups, content_net, style_net, cfg.align,
-                           batch_size=cfg.batch_groups, which=pending, on_batch=persist,
-                           progress=progress)
-    timings["align_s"] = time.perf_counter() - t
+    return persist
 
-    images = state.load("images")
+
+def _report(data: PrivateSet, cfg: AnonymizeConfig, models: Models, nets: tuple[Any, Any],
+            state: ReleaseState, timings: dict[str, Any]) -> dict[str, Any]:
+    """The release's report.json body: method, settings, models, alignment losses, timings."""
+    G = models.G
     losses = {name: state.load(name) for name in ("loss_start", "loss_end", "content", "style")}
-    report = {
+    return {
         "method": "k-SALSA (local style alignment)",
         "source": data.source,
         "config": cfg.to_dict(),
@@ -204,17 +216,21 @@ def anonymize(data: PrivateSet, models: Models, out_dir: str | Path,
                     "gram_scale": cfg.align.gram_scale, "patches": cfg.align.patches},
         "steps": {"align": cfg.align.steps, "invert_projector": cfg.invert_steps,
                   "encoder_iterations": 5 if models.encoder is not None else 0},
-        "feature_nets": {"content": content_net.describe(), "style": style_net.describe()},
+        "feature_nets": {"content": nets[0].describe(), "style": nets[1].describe()},
         "models": models.info,
         "image_size": [int(G.resolution), int(G.resolution), int(G.img_channels)],
         "alignment_losses": {
             **{k: {"mean": float(v.mean()), "max": float(v.max())} for k, v in losses.items()},
             "groups_improved": float((losses["loss_end"] < losses["loss_start"]).mean())},
-        "timings": {**timings, "groups_aligned_this_run": len(pending),
-                    "groups_resumed": resumed,
-                    "align_groups_per_s": len(pending) / aligned.seconds if aligned.seconds
-                    else None},
+        "timings": timings,
     }
+
+
+def _write_release(out: Path, data: PrivateSet, cfg: AnonymizeConfig, groups: list[np.ndarray],
+                   state: ReleaseState, report: dict[str, Any], overwrite: bool, ws: torch.Tensor,
+                   recon: torch.Tensor, x: torch.Tensor) -> AnonymizeResult:
+    """Write the release (images, labels, audit, report), then drop the alignment state."""
+    images = state.load("images")
     labels = {i: int(y) for i, y in zip(data.ids, data.labels)}
     patients = (None if data.patient_ids is None
                 else {i: str(p) for i, p in zip(data.ids, data.patient_ids)})
@@ -298,13 +314,6 @@ def _sha(chunks: Sequence[bytes]) -> str:
     for c in chunks:
         h.update(c)
     return h.hexdigest()
-
-
-def _complete(out: Path) -> bool:
-    try:
-        return json.loads((out / REPORT).read_text()).get("complete") is True
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 __all__ = ["AnonymizeConfig", "AnonymizeResult", "Models", "PrivateSet",

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from medveil.anonymize.grouping import group_problems
+from medveil.anonymize.grouping import group_problems, require_k
 from medveil.errors import DataError, MedVeilError
 from medveil.io import atomic_file, jsonable, write_json_atomic
 
@@ -80,7 +80,7 @@ def write_release(
     out = Path(out_dir)
     _check_inputs(images, groups, labels, class_names, k, patient_ids)
     report_path = out / REPORT
-    if _is_complete(report_path) and not overwrite:
+    if report_is_complete(report_path) and not overwrite:
         raise MedVeilError(f"{out}: already holds a complete release; pass overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".partial-*"):  # left by a killed run
@@ -210,8 +210,7 @@ def _check_inputs(images: np.ndarray, groups: Sequence[Sequence[Hashable]],
                            f"{images.shape}")
     if len(images) != len(groups) or not len(groups):
         raise MedVeilError(f"{len(images)} images for {len(groups)} groups; need one per group")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise MedVeilError(f"k must be an integer >= 1, got {k!r}")
+    require_k(k)
     members = [m for g in groups for m in g]
     if len({str(m) for m in members}) != len(set(members)):
         raise MedVeilError("two different member ids print the same; ids must be distinct as text")
@@ -229,7 +228,8 @@ def _check_inputs(images: np.ndarray, groups: Sequence[Sequence[Hashable]],
                            f" ({len(problems)} problems)")
 
 
-def _is_complete(report_path: Path) -> bool:
+def report_is_complete(report_path: Path) -> bool:
+    """Whether a release's (or an anonymize run's) report says ``"complete": true``."""
     try:
         return json.loads(report_path.read_text()).get("complete") is True
     except (OSError, ValueError, AttributeError):

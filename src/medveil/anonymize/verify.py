@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from medveil.anonymize.grouping import group_problems
+from medveil.anonymize.grouping import RELEASE_MIN_K, group_problems
 from medveil.anonymize.release import REPORT
 from medveil.errors import DataError
 
@@ -140,8 +140,8 @@ def _k_check(k: int | None, members_of: dict[str, list[str]],
              patient_of: dict[str, str] | None, problems: list[str]) -> Check:
     if k is None:
         return Check("k-anonymous", False, f"k unknown ({REPORT} has no k; pass --k)")
-    if k < 1:
-        return Check("k-anonymous", False, f"k must be >= 1, got {k}")
+    if k < RELEASE_MIN_K:
+        return Check("k-anonymous", False, f"k must be >= {RELEASE_MIN_K}, got {k}")
     if not members_of:
         return Check("k-anonymous", False, "audit lists no groups")
     people = [len(set(ms) if patient_of is None else {patient_of[m] for m in ms})

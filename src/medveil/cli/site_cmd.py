@@ -158,11 +158,6 @@ def _echo_until_exit(proc: subprocess.Popen) -> bool | None:
     return refused.is_set()
 
 
-def _flower_env_keys(home: Path) -> dict[str, str]:
-    return {"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
-
-
 # ---- certs -------------------------------------------------------------------------------
 def run_certs_create(args: argparse.Namespace) -> int:
     from medveil.federated.flower.certs import create_pki
@@ -188,7 +183,7 @@ def run_server_start(args: argparse.Namespace) -> int:
     home = args.state / "flwr"
     cmd = launch.superlink_command(server, args.host, args.port, database=args.state / "superlink.db")
     if args.print:
-        _show(cmd, _flower_env_keys(home))
+        _show(cmd, launch.flower_settings(home))
         return 0
     _files_exist(server.ca, server.cert, server.key)
     args.state.mkdir(parents=True, exist_ok=True)
@@ -228,7 +223,7 @@ def run_server_register(args: argparse.Namespace) -> int:
 
 def run_server_run(args: argparse.Namespace) -> int:
     from medveil.federated.config import load_config
-    from medveil.federated.engine import summary_table
+    from medveil.federated.engine import check_run_folder, summary_table
     from medveil.federated.flower import launch
     from medveil.federated.flower.app import check_remote_config
 
@@ -237,8 +232,7 @@ def run_server_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{home}: no SuperLink connection; start it first with `medveil server start`")
     config, out = args.config.resolve(), args.out.resolve()
     check_remote_config(load_config(config, remote_clients=True))  # fail here, not in the ServerApp
-    if out.exists() and any(out.iterdir()) and not args.resume:
-        raise ConfigError(f"{out}: not empty; pass --resume to continue that run or choose another --out")
+    check_run_folder(out, args.resume)
     values = {"config": str(config), "out": str(out), "resume": args.resume,
               "stage-timeout": args.stage_timeout, "straggler-timeout": args.straggler_timeout,
               "join-timeout": args.join_timeout, "min-sites": args.min_sites, "threads": args.threads}
@@ -277,7 +271,7 @@ def run_site_start(args: argparse.Namespace) -> int:
                                    device=args.device, data_root=args.data_root,
                                    app_runtime=args.app_runtime)
     if args.print:
-        _show(cmd, _flower_env_keys(home))
+        _show(cmd, launch.flower_settings(home))
         return 0
     _files_exist(site.ca, site.auth_key, site.cert, site.key)
     from medveil.data.roots import resolve_path

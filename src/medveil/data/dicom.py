@@ -7,9 +7,10 @@ file is actually read. Pixel conversion for one-channel images: the modality LUT
 mapped linearly to 0..255; MONOCHROME1 is inverted so that bright means dense everywhere.
 Colour images (SamplesPerPixel 3) come out RGB. Of a multi-frame file the middle frame is used.
 
-:func:`read_dicom` reads one ``.dcm`` file or a folder of them without labels (one class,
-"unlabelled"); a folder of ``.dcm`` files *with* a CSV of labels goes through
-:func:`medveil.data.folder_csv.read_image_folder`, which decodes ``.dcm`` files through here.
+This module is the decoder, below :class:`medveil.data.imagefiles.ImageFiles`; the readers above
+it are :func:`medveil.data.dicom_folder.read_dicom` (one ``.dcm`` file or a folder of them, no
+labels) and :func:`medveil.data.folder_csv.read_image_folder` (``.dcm`` files with a CSV of
+labels), both decoding through here.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from types import ModuleType
 
 import numpy as np
 
-from medveil.data.dataset import ImageDataset, Split, Task
-from medveil.errors import DataError
+from medveil.errors import DataError, at
 
 INSTALL_HINT = "pip install medveil[dicom]"
 
@@ -51,10 +51,6 @@ def _modality_lut(arr: np.ndarray, ds) -> np.ndarray:
     return apply_modality_lut(arr, ds)
 
 
-def _prefix(where: str) -> str:
-    return f"{where}: " if where else ""
-
-
 def dicom_header(path: Path, where: str = "") -> DicomHeader:
     """Modality, PatientID and (H, W, C) without reading the pixel data."""
     pydicom = _pydicom()
@@ -62,7 +58,7 @@ def dicom_header(path: Path, where: str = "") -> DicomHeader:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         shape = (int(ds.Rows), int(ds.Columns), 3 if int(ds.get("SamplesPerPixel", 1)) == 3 else 1)
     except Exception as err:  # pydicom raises many types for a bad file
-        raise DataError(f"{_prefix(where)}{path}: not a readable DICOM image "
+        raise DataError(f"{at(where)}{path}: not a readable DICOM image "
                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     return DicomHeader(str(ds.get("Modality", "") or "unknown"), str(ds.get("PatientID", "") or ""),
                        shape)
@@ -82,7 +78,7 @@ def dicom_pixels(path: Path, window: tuple[float, float] | None = None, where: s
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except Exception as err:  # pydicom raises many types for a bad or truncated file
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(f"{_prefix(where)}{path}: corrupt or unreadable DICOM pixel data "
+        raise DataError(f"{at(where)}{path}: corrupt or unreadable DICOM pixel data "
                         f"({reason})") from None
     if frames > 1:
         arr = arr[frames // 2]
@@ -121,28 +117,3 @@ def modality_name(headers: Sequence[DicomHeader]) -> str:
     """'CT', or 'CT/MR' for a folder that mixes modalities (most common first)."""
     counts = Counter(h.modality for h in headers)
     return "/".join(m for m, _ in counts.most_common())
-
-
-def read_dicom(path: Path, size: tuple[int, int] | None = None,
-               window: tuple[float, float] | None = None) -> ImageDataset:
-    """One ``.dcm`` file or a folder of them (searched recursively), unlabelled."""
-    from medveil.data.imagefiles import ImageFiles
-
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() == ".dcm")
-        if not files:
-            raise DataError(f"{path}: no .dcm files in this folder")
-        ids = np.array([str(p.relative_to(path).with_suffix("")) for p in files])
-    else:
-        files, ids = [path], np.array([path.stem])
-    headers = [dicom_header(p) for p in files]
-    store = ImageFiles(files, size=size, window=window, shapes=[h.shape for h in headers])
-    patients = np.array([h.patient_id for h in headers])
-    split = Split(labels=np.zeros(len(files), dtype=np.int64), load_images=store.decode,
-                  ids=ids, patient_ids=patients if all(patients) else None,
-                  load_subset=store.decode)
-    return ImageDataset(
-        name=path.stem if path.is_file() else path.name, task=Task.MULTICLASS,
-        class_names=["unlabelled"], modality=modality_name(headers), splits={"train": split},
-        source=path, image_shape=store.target(), source_kind="DICOM",
-    )

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from medveil.errors import DataError
+from medveil.errors import DataError, at
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def header_shape(path: Path, where: str = "") -> tuple[int, int, int]:
             w, h = img.size
             return h, w, 1 if img.mode in GREY_MODES else 3
     except _PIL_ERRORS as err:
-        raise DataError(f"{_prefix(where)}{path}: corrupt or truncated image, or not an image "
+        raise DataError(f"{at(where)}{path}: corrupt or truncated image, or not an image "
                         f"({_reason(err)})") from None
 
 
@@ -84,7 +84,7 @@ def decode_image(path: Path, channels: int, size: tuple[int, int] | None, where:
         raise
     except _PIL_ERRORS as err:
         raise DataError(
-            f"{_prefix(where)}{path}: corrupt or truncated image ({_reason(err)})"
+            f"{at(where)}{path}: corrupt or truncated image ({_reason(err)})"
         ) from None
     return arr[..., None] if arr.ndim == 2 else arr
 
@@ -182,10 +182,6 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 def _squeeze(a: np.ndarray) -> np.ndarray:
     return a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a
-
-
-def _prefix(where: str) -> str:
-    return f"{where}: " if where else ""
 
 
 def _reason(err: BaseException) -> str:

@@ -54,7 +54,7 @@ def load_dataset(
 
         return read_image_folder(p, **options)
     if (p.is_file() and suffix == ".dcm") or (p.is_dir() and _has_dicom(p)):
-        from medveil.data.dicom import read_dicom
+        from medveil.data.dicom_folder import read_dicom
 
         _reject(p, options, allowed=_DICOM_OK, kind="DICOM files without a CSV")
         dataset = read_dicom(p, size=_square(size), window=window)

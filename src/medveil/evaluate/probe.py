@@ -22,9 +22,8 @@ from sklearn.preprocessing import StandardScaler
 
 from medveil.data import Task
 from medveil.errors import DataError
-from medveil.evaluate.metrics import classification_metrics
-from medveil.federated.client import build_backbone, build_head
 from medveil.federated.messages import StateDict
+from medveil.federated.rebuild import build_backbone, build_head
 from medveil.federated.sites import ClientData
 from medveil.federated.training import (
     TrainRecipe,
@@ -34,6 +33,7 @@ from medveil.federated.training import (
     predict_logits,
     train_classifier,
 )
+from medveil.metrics import classification_metrics
 from medveil.models import VisionTransformer
 
 

@@ -3,7 +3,7 @@
 Recipe (fixed, no model selection on the test set): :class:`~medveil.models.small_cnn.SmallCNN`,
 AdamW, cross-entropy, a fixed number of epochs with cosine learning-rate decay, random
 horizontal/vertical flips; the final weights are tested. Several seeds; mean and std of
-accuracy and quadratic-weighted kappa (:mod:`medveil.evaluate.metrics`).
+accuracy and quadratic-weighted kappa (:mod:`medveil.metrics`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from medveil.data.tensors import to_tensor
-from medveil.evaluate.metrics import accuracy, quadratic_kappa
+from medveil.metrics import accuracy, quadratic_kappa
 from medveil.models.small_cnn import SmallCNN
 
 

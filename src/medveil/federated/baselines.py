@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from medveil.evaluate.metrics import classification_metrics
+from medveil.metrics import classification_metrics
 from medveil.federated.messages import StateDict
 from medveil.federated.sites import ClientData
 from medveil.federated.training import (

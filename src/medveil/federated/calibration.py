@@ -1,43 +1,35 @@
-"""Head calibration: after the last stage, every client refits its own head on the final
-universal backbone (frozen) with its private labelled data, and sends back only the head.
+"""Head calibration, client side: refit this client's own head on the final universal backbone
+(frozen) with its private labelled data, and send back only the head.
 
 Why (our addition to the reconstruction, ``[federation] calibrate_heads``): the universal
 model's heads come out of distillation on the server's unlabelled pool (or, for FedAvg / relay,
 from a client's backbone that is no longer the one they sit on), so they are fitted to teacher
-outputs, not to the task. Chosen on validation data only (``benchmarks/meduniverse_validation.py``:
-1/6 of each client's train split held out, six MedMNIST clients, the benchmark's full setting, 3
-seeds; the test splits untouched), mean accuracy / balanced accuracy: distilled heads 65.7 / 57.1,
-the last stage's client models (the teachers) 66.2 / 58.8, the same backbone with refitted heads
-69.6 / 62.1, pooled centralised training 67.2 / 58.9.
+outputs, not to the task. Chosen on validation data only (the evidence and its figures:
+``benchmarks/meduniverse_validation.py`` and ``benchmarks/results/``; the test splits untouched).
 
-Client side (:func:`local_calibrate`): features of the train split from the received backbone,
-standardised, then the head is the minimiser of the client's own training loss (cross-entropy,
-or BCE for multi-label, with the ``[local] class_weighting`` weights) plus an L2 penalty
-||W||^2 / (2 n), solved to convergence by L-BFGS in float64 (convex: the result does not depend
-on the seed or a starting head). For multi-class tasks this is scikit-learn's L2 multinomial
+:func:`local_calibrate`: features of the train split from the received backbone, standardised,
+then the head is the minimiser of the client's own training loss (cross-entropy, or BCE for
+multi-label, with the ``[local] class_weighting`` weights) plus an L2 penalty ||W||^2 / (2 n),
+solved to convergence by L-BFGS in float64 (convex: the result does not depend on the seed or a
+starting head). For multi-class tasks this is scikit-learn's L2 multinomial
 ``LogisticRegression(C=1)`` with the same class weights (tested); a two-class head penalises
-both rows, i.e. C = 2 for the logit difference. The standardisation is folded into the returned ``nn.Linear``
-(W' = W / sigma, b' = b - W' mu), so the head applies to raw backbone features like every head.
-Only the head goes back: an update with an empty backbone.
+both rows, i.e. C = 2 for the logit difference. The standardisation is folded into the returned
+``nn.Linear`` (W' = W / sigma, b' = b - W' mu), so the head applies to raw backbone features like
+every head. Only the head goes back: an update with an empty backbone.
 
-Server side (:func:`calibration_round`): one round after the last curation; the clients first
-report the metrics of the model they received (the uncalibrated universal model, kept in the
-stage record as ``test_before_calibration``), then calibrate. Heads are screened like any update
-(unknown client, wrong shape, NaN/Inf: rejected, the previous head kept).
+The server's side (one round after the last curation, heads screened like any update) is
+``calibration_round`` next to ``run_stage`` in :mod:`medveil.federated.stages`.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from medveil.data import Task
-from medveil.federated.client import received_models
-from medveil.federated.messages import ClientUpdate, FitInstructions, StateDict, message_nbytes
+from medveil.federated.messages import ClientUpdate, FitInstructions, StateDict
+from medveil.federated.rebuild import received_models
 from medveil.federated.sites import ClientData
-from medveil.federated.training import TrainRecipe, balanced_weights, derive_seed, extract_features, task_loss
-from medveil.federated.updates import screen_updates
+from medveil.federated.training import TrainRecipe, balanced_weights, extract_features, task_loss
 
 
 def fit_linear_head(features: torch.Tensor, y: torch.Tensor, num_classes: int, task: Task | str,
@@ -75,32 +67,3 @@ def local_calibrate(data: ClientData, ins: FitInstructions, recipe: TrainRecipe,
     head = fit_linear_head(feats, data.y_train, data.num_classes, data.task, recipe.class_weighting)
     return ClientUpdate(client_name=data.name, stage=ins.stage, backbone={}, head=head,
                         n_samples=len(data.x_train))
-
-
-def calibration_round(fed: Any, stage: int, names: list[str],
-                      per_client: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Ask ``names`` to report on and then recalibrate their heads on the current universal
-    model; set the accepted heads. Returns the round's record (clients, rejected, absent)."""
-    from medveil.federated.transport import FitJob  # transport imports this module
-
-    server = fed.server
-    jobs = [FitJob(server.instructions(n, stage), derive_seed(fed.cfg.seed, stage, n, "calibrate"),
-                   evaluate=True, calibrate=True) for n in names]
-    for job in jobs:
-        per_client.setdefault(job.instructions.client_name, {"bytes": {}})["bytes"]["calibrate_down"] = \
-            message_nbytes(job.instructions)
-    result = fed.transport.fit(jobs, fed.cfg.local, stage)
-    for name, counts in result.wire_bytes.items():
-        per_client.setdefault(name, {"bytes": {}}).setdefault("wire_bytes", {}).update(
-            {f"calibrate_{k}": v for k, v in counts.items()})
-    for name, report in result.evaluations.items():
-        per_client[name]["test_before_calibration"] = report.metrics
-    updates = [result.replies[n] for n in names if n in result.replies]  # in config order
-    for u in updates:
-        per_client[u.client_name]["bytes"]["calibrate_up"] = message_nbytes(u)
-    accepted, rejections = screen_updates(updates, {}, server.head_specs())  # head only: no backbone keys
-    for u in accepted:
-        server.set_head(u.client_name, u.head)
-    return {"calibrated": [u.client_name for u in accepted],
-            "rejected": [r.to_dict() for r in result.rejected] + [r.to_dict() for r in rejections],
-            "absent": [{"client": n, "reason": r} for n, r in result.absent.items()]}

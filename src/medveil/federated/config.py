@@ -28,12 +28,11 @@ config as ``config.toml``, so ``--resume`` and ``medveil evaluate`` need nothing
 
 from __future__ import annotations
 
-import json
-import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from medveil.config_io import dumps_toml, read_toml, reject_unknown
 from medveil.errors import ConfigError
 from medveil.federated.curation import DEFAULT_SCHEDULE, STRATEGIES, CurationParams, make_curator
 from medveil.federated.server import PretrainRecipe
@@ -120,10 +119,7 @@ def _section(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table")
     defaults = cls()
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    reject_unknown(raw, (f.name for f in fields(cls)), where)
     return cls(**{k: _coerce(v, getattr(defaults, k), f"{where} {k}") for k, v in raw.items()})
 
 
@@ -136,9 +132,7 @@ def _resolve(path: str, base: Path) -> str:
 
 def config_from_dict(raw: dict[str, Any], base_dir: Path, where: str = "config",
                      remote_clients: bool = False) -> FederationConfig:
-    unknown = sorted(set(raw) - set(SECTIONS) - set(TOP_LEVEL) - {"clients"})
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    reject_unknown(raw, [*SECTIONS, *TOP_LEVEL, "clients"], where)
     cfg = FederationConfig()
     for key in TOP_LEVEL:
         if key in raw:
@@ -187,29 +181,9 @@ def validate(cfg: FederationConfig, where: str = "config", remote_clients: bool 
 
 def load_config(path: str | Path, remote_clients: bool = False) -> FederationConfig:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config not found: {path}")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid TOML ({err})") from None
-    return config_from_dict(raw, path.parent, str(path), remote_clients)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+    return config_from_dict(read_toml(path), path.parent, str(path), remote_clients)
 
 
 def dump_toml(cfg: FederationConfig) -> str:
     """The resolved config as TOML (reads back with :func:`load_config` to an equal config)."""
-    d = cfg.to_dict()
-    lines = [f"{k} = {_toml_value(d[k])}" for k in TOP_LEVEL]
-    for name in SECTIONS:
-        lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in d[name].items()]
-    for client in d["clients"]:
-        lines += ["", "[[clients]]"] + [f"{k} = {_toml_value(v)}" for k, v in client.items()]
-    return "\n".join(lines) + "\n"
+    return dumps_toml(cfg.to_dict())

@@ -19,10 +19,8 @@ old-output target (a head has one target); so with every client in every paralle
 lam term is empty and it acts under client sampling (client_fraction < 1) or the sequential
 schedule. Multi-label heads use the per-class Bernoulli KL.
 Defaults: tau = 2 (spec: 1..4), lam = 0.5 (the group's FedNet), mu = 1.0 (our choice: MIM and
-tau^2-scaled KL are both O(1)), five passes over the pool with AdamW lr 1e-3. Measured on the
-quick benchmark's data (six MedMNIST clients, one stage from the same updates), mean client test
-accuracy of the universal model: 1 pass at lr 5e-4 42.3%, 5 passes at lr 1e-3 46.7% (the local
-teachers themselves 46.2%), FedAvg 37.2%.
+tau^2-scaled KL are both O(1)), five passes over the pool with AdamW lr 1e-3 (chosen over one
+pass at lr 5e-4 on the quick benchmark's data; figures in ``benchmarks/results/``).
 Student initialisation ``init``: "average" (default, our choice) starts from the n_k-weighted
 average of the teachers' backbones and copies the teachers' heads, then distils; "base" starts
 from the current global model (pure distillation: the server's weights only move through KD).
@@ -36,7 +34,8 @@ several updates in one curation they are applied in order; its default schedule 
 With ``[local] fedprox_mu > 0`` the clients train with the FedProx term (FedProx baseline).
 Robust variants (``[curation] aggregation``): "median" (coordinate-wise median) or "trimmed_mean"
 (coordinate-wise mean after cutting ``trim_fraction`` of the values at each end), both
-unweighted, computed by Flower's ``aggregate_median`` / ``aggregate_trimmed_avg``; they bound
+unweighted (numpy / scipy, the arithmetic of Flower's ``aggregate_median`` /
+``aggregate_trimmed_avg``; the core runs without the Flower extra); they bound
 what one faulty or malicious site can do to the backbone.
 """
 
@@ -45,12 +44,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from medveil.errors import ConfigError
-from medveil.federated.client import build_backbone, build_head
+from medveil.federated.rebuild import build_backbone, build_head
 from medveil.federated.messages import ClientUpdate, StateDict
 from medveil.federated.server import Server, require_pool
 from medveil.federated.training import batch_indices, extract_features, predict_logits, seeded
@@ -81,17 +81,19 @@ AGGREGATIONS = ("mean", "median", "trimmed_mean")
 
 
 def robust_average(states: list[StateDict], how: str, trim_fraction: float = 0.2) -> StateDict:
-    """Coordinate-wise median or trimmed mean of floating tensors (Flower's aggregate functions);
-    other tensors from the first state."""
-    from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
+    """Coordinate-wise median (``numpy.median``) or trimmed mean (``scipy.stats.trim_mean``: cut
+    int(trim_fraction * K) of the K values at each end) of floating tensors, in float64 and cast
+    back; other tensors from the first state. The same arithmetic as Flower's
+    ``aggregate_median`` / ``aggregate_trimmed_avg`` (tested), without needing Flower."""
+    from scipy.stats import trim_mean
 
-    keys = [k for k, v in states[0].items() if v.is_floating_point()]
-    results = [([s[k].double().numpy() for k in keys], 1) for s in states]
-    arrays = (aggregate_median(results) if how == "median"
-              else aggregate_trimmed_avg(results, proportiontocut=trim_fraction))
     out = dict(states[0])
-    for key, arr in zip(keys, arrays, strict=True):
-        out[key] = torch.from_numpy(arr).to(states[0][key].dtype)
+    for key, ref in states[0].items():
+        if not ref.is_floating_point():
+            continue
+        stacked = np.stack([s[key].double().numpy() for s in states])
+        arr = np.median(stacked, axis=0) if how == "median" else trim_mean(stacked, trim_fraction, axis=0)
+        out[key] = torch.from_numpy(np.asarray(arr, dtype=np.float64)).to(ref.dtype)
     return out
 
 

@@ -18,44 +18,41 @@ miss it. Due clients that are gone by the next stage are recorded absent in the 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from medveil.federated.messages import EvalReport, FitInstructions, message_nbytes
+from medveil.federated.records import StageRecord
 
 log = logging.getLogger("medveil.federated")
 PENDING, NEXT_STAGE, OWN_ROUND = "pending", "next stage", "own round"
 
 
-def due(record: dict[str, Any]) -> list[str]:
+def due(record: StageRecord) -> list[str]:
     """Clients that still owe this stage record their evaluation."""
-    return list(record.get("evaluate_next", [])) if record.get("evaluation") == PENDING else []
+    return list(record.evaluate_next or []) if record.evaluation == PENDING else []
 
 
-def mark_pending(record: dict[str, Any], clients: list[str]) -> None:
-    record["evaluation"] = PENDING
-    record["evaluate_next"] = clients
+def mark_pending(record: StageRecord, clients: list[str]) -> None:
+    record.evaluation = PENDING
+    record.evaluate_next = list(clients)
 
 
-def record_reports(record: dict[str, Any], sent: list[FitInstructions], reports: dict[str, EvalReport],
+def record_reports(record: StageRecord, sent: list[FitInstructions], reports: dict[str, EvalReport],
                    missing: dict[str, str], fused: bool = False) -> None:
     """Fill ``record``'s clients' ``test`` metrics and bytes from ``reports`` (answers to ``sent``);
-    a due client without a report is added to the record's absent list with its reason."""
-    absent = record.setdefault("absent", [])
+    a due client without a report is added to the record's absent clients with its reason."""
     for ins in sent:
-        name = ins.client_name
-        info = record["clients"].setdefault(name, {"bytes": {}})
+        info = record.site(ins.client_name)
         if not fused:  # a fused evaluation came with the training message: nothing more sent down
-            info["bytes"]["eval_down"] = message_nbytes(ins)
-        report = reports.get(name)
+            info.bytes["eval_down"] = message_nbytes(ins)
+        report = reports.get(ins.client_name)
         if report is not None:
-            info["bytes"]["eval_up"] = message_nbytes(report)
-            info["test"] = report.metrics
+            info.bytes["eval_up"] = message_nbytes(report)
+            info.test = report.metrics
     for name, reason in missing.items():
-        log.warning("client %r did not evaluate stage %d: %s", name, record["stage"], reason)
-        if name not in {a["client"] for a in absent}:
-            absent.append({"client": name, "reason": f"{reason} (evaluation)"})
+        log.warning("client %r did not evaluate stage %d: %s", name, record.stage, reason)
+        record.absent.setdefault(name, f"{reason} (evaluation)")
 
 
-def finish(record: dict[str, Any], how: str) -> None:
-    record["evaluation"] = how
-    record.pop("evaluate_next", None)
+def finish(record: StageRecord, how: str) -> None:
+    record.evaluation = how
+    record.evaluate_next = None

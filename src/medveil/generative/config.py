@@ -12,11 +12,11 @@ Unknown keys are errors (a typo must not silently fall back to a default).
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from medveil.config_io import dataclass_from_dict, dumps_toml, read_toml
 from medveil.errors import ConfigError
 from medveil.models.stylegan2 import GANConfig
 
@@ -87,45 +87,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")
-        try:
-            return cls(**d)
-        except TypeError as err:
-            raise ConfigError(f"{where}: {err}") from None
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise ConfigError(f"cannot write {type(v).__name__} to TOML")
-
-
-def dumps_toml(d: dict[str, Any]) -> str:
-    """Scalars and lists at the top, then one ``[table]`` per nested dict (one level)."""
-    top = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
-    tables = [f"\n[{k}]\n" + "\n".join(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items())
-              for k, v in d.items() if isinstance(v, dict)]
-    return "\n".join(top) + "\n" + "\n".join(tables) + "\n"
+        return dataclass_from_dict(cls, d, where)
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: invalid TOML ({err})") from None
-    return TrainConfig.from_dict(data, where=str(path))
+    return TrainConfig.from_dict(read_toml(path), where=str(path))
 
 
 def save_train_config(cfg: TrainConfig, path: str | Path) -> None:

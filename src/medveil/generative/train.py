@@ -38,7 +38,8 @@ from medveil.io import save_torch_atomic, write_json_atomic, write_text_atomic
 from medveil.generative.config import TrainConfig, save_train_config
 from medveil.generative.figures import plot_curves, read_metrics, save_grid
 from medveil.generative.throughput import count_flops, throughput_report
-from medveil.models.stylegan2 import Discriminator, Generator
+from medveil.models.stylegan2 import Generator
+from medveil.models.stylegan2_discriminator import Discriminator
 
 Evaluator = Callable[[Generator], dict[str, Any]]
 

@@ -3,7 +3,8 @@
 Generator = mapping network (PixelNorm + equalised-lr MLP, lr multiplier 0.01) that turns
 z into w, and a synthesis network that starts from a learned constant 4x4 tensor and grows to
 ``resolution`` with modulated/demodulated 3x3 convolutions, per-layer noise and skip toRGB
-outputs. Discriminator = residual ResNet with a minibatch-std epilogue.
+outputs. The discriminator (residual ResNet with a minibatch-std epilogue) is
+:mod:`medveil.models.stylegan2_discriminator`; both share the building blocks of this file.
 
 W+ convention: every synthesis layer, toRGB layers included, reads its own style vector, so
 ``num_ws = 2 (4x4 block: conv + toRGB) + 3 per further block (up-conv, conv, toRGB)``;
@@ -20,13 +21,14 @@ Simplifications against the official code (documented, no custom CUDA ops):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medveil.config_io import dataclass_from_dict
 from medveil.errors import ConfigError
 
 NOISE_MODES = ("const", "random", "none")
@@ -77,11 +79,7 @@ class GANConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GANConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"GAN config: unknown field(s) {', '.join(unknown)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "GAN config")
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -140,10 +138,10 @@ class ModulatedConv2d(nn.Module):
     - fused (grouped conv): build the (B*out, in, k, k) per-sample weights and run one conv with
       B groups;
     - unfused: scale the input channels by s, run the shared-weight conv over the batch, scale
-      the output channels by the demodulation coefficients. Same maths, 1-4x faster on CPU when
-      channels are wide, so ``fused=None`` uses it on CPU (training, sampling, latent
-      optimisation: e.g. 2.3x faster forward+backward for 32 images at 64 px) and the grouped
-      form on CUDA, where it is the usual fast path.
+      the output channels by the demodulation coefficients. Same maths, faster on CPU when
+      channels are wide (one large convolution instead of B small ones), so ``fused=None`` uses
+      it on CPU (training, sampling, latent optimisation) and the grouped form on CUDA, where it
+      is the usual fast path.
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int, w_dim: int,
@@ -355,57 +353,3 @@ class Generator(nn.Module):
         finally:
             self.mapping_net.train(was_training)
         return w[None, None, :].expand(1, self.num_ws, -1).clone()
-
-
-# --------------------------------------------------------------------------- discriminator
-
-
-class DiscriminatorBlock(nn.Module):
-    """Residual block: conv3x3 -> conv3x3 + 2x down, plus a 1x1 down skip; sum / sqrt 2."""
-
-    def __init__(self, in_ch: int, out_ch: int) -> None:
-        super().__init__()
-        self.conv0 = EqualConv2d(in_ch, in_ch, 3, activation=True)
-        self.conv1 = EqualConv2d(in_ch, out_ch, 3, activation=True, down=True)
-        self.skip = EqualConv2d(in_ch, out_ch, 1, bias=False, down=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in, R, R) -> (B, out, R/2, R/2)
-        return (self.skip(x) + self.conv1(self.conv0(x))) / math.sqrt(2.0)
-
-
-def minibatch_std(x: torch.Tensor, group: int) -> torch.Tensor:
-    """Append one channel: the std over groups of samples, averaged over C, H, W.
-    (B, C, H, W) -> (B, C+1, H, W). The group size is the largest divisor of B <= group."""
-    b, c, h, w = x.shape
-    g = max(d for d in range(1, min(group, b) + 1) if b % d == 0)
-    y = x.reshape(g, b // g, c, h, w)
-    y = (y - y.mean(dim=0)).square().mean(dim=0).add(1e-8).sqrt()  # (B/g, C, H, W)
-    y = y.mean(dim=(1, 2, 3)).reshape(-1, 1, 1, 1).repeat(g, 1, h, w)  # (B, 1, H, W)
-    return torch.cat([x, y], dim=1)
-
-
-class Discriminator(nn.Module):
-    """Residual StyleGAN2 discriminator: fromRGB at full resolution, one block per octave down
-    to 4x4, then minibatch-std, conv, and two FC layers -> one logit per image."""
-
-    def __init__(self, cfg: GANConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        resolutions = cfg.block_resolutions[::-1]  # [R, R/2, ..., 4]
-        self.fromrgb = EqualConv2d(cfg.img_channels, cfg.channels(cfg.resolution), 1,
-                                   activation=True)
-        self.blocks = nn.Sequential(*[
-            DiscriminatorBlock(cfg.channels(res), cfg.channels(res // 2))
-            for res in resolutions[:-1]
-        ])
-        ch4 = cfg.channels(4)
-        self.conv = EqualConv2d(ch4 + 1, ch4, 3, activation=True)
-        self.fc = EqualLinear(ch4 * 16, ch4, activation=True)
-        self.out = EqualLinear(ch4, 1)
-
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        # img: (B, C, R, R) in [-1, 1] -> logits (B,)
-        x = self.blocks(self.fromrgb(img))  # (B, ch4, 4, 4)
-        x = self.conv(minibatch_std(x, self.cfg.mbstd_group))  # (B, ch4, 4, 4)
-        x = self.fc(x.flatten(1))  # (B, ch4)
-        return self.out(x).squeeze(1)

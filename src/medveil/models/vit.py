@@ -8,12 +8,13 @@ Position embeddings are the fixed 2D sin-cos table of MAE (stored, not trained).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from medveil.config_io import dataclass_from_dict
 from medveil.errors import ConfigError
 from medveil.models.layers import Block, PatchEmbed, init_weights_mae, layer_norm, sincos_pos_embed
 
@@ -59,11 +60,7 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ViTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown ViT config field(s): {', '.join(unknown)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "ViT config")
 
     def validate(self) -> None:
         if self.img_size % self.patch_size:

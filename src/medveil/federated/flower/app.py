@@ -1,6 +1,6 @@
 """The MedVeil Flower app (Message API): ``server_app`` runs on the coordinator's SuperLink,
 ``client_app`` on every hospital's SuperNode. Both call the in-process engine's functions
-(engine.run_federation with a FlowerTransport; client.local_fit / local_evaluate), so every
+(engine.run_federation with a FlowerTransport; a site's one entry point ``client.serve``), so every
 strategy (distill, relay, fedavg, FedProx) and every checkpoint / resume rule is the same.
 
 Run config (``[tool.flwr.app.config]``, set by ``medveil server run``):
@@ -84,6 +84,7 @@ def server_main(grid: Grid, context: Context) -> None:
     from medveil.federated.engine import run_federation
     from medveil.federated.flower.latency import fast_object_pulls
     from medveil.federated.flower.transport import FlowerTransport
+    from medveil.federated.records import stages_from_json
 
     _log_to_stderr()
     fast_object_pulls()  # replies: no 1-10 s back-off when a reply's payload is still arriving
@@ -98,10 +99,9 @@ def server_main(grid: Grid, context: Context) -> None:
                                 straggler_timeout=float(rc["straggler-timeout"]))
     metrics = run_federation(cfg, Path(str(rc["out"])), resume=bool(rc["resume"]),
                              max_stages=int(rc["max-stages"]) or None, progress=False, transport=transport)
-    for stage in metrics.get("stages", [])[1:]:
-        log.info("stage %d: %d participants, %d absent, %d rejected, %.1f s", stage["stage"],
-                 len(stage["participants"]), len(stage.get("absent", [])), len(stage["rejected"]),
-                 stage["seconds"] or 0.0)
+    for stage in stages_from_json(metrics.get("stages", []))[1:]:
+        log.info("stage %d: %d participants, %d absent, %d rejected, %.1f s", stage.stage,
+                 len(stage.participants), len(stage.absent), len(stage.rejected), stage.seconds or 0.0)
     log.info("run folder %s (%s)", rc["out"], "complete" if metrics.get("complete", True) else "stopped")
 
 
@@ -168,25 +168,30 @@ def site_join(message: Message, context: Context) -> Message:
     return Message(codec.encode_join_request(join_request(site_data(context, site))), reply_to=message)
 
 
-@client_app.train()
-@private_errors
-def site_train(message: Message, context: Context) -> Message:
-    from medveil.federated.calibration import local_calibrate
-    from medveil.federated.client import local_evaluate, local_fit
+def _serve(message: Message, context: Context, evaluate_only: bool) -> Message:
+    """The site's work for a ``train`` or ``evaluate`` message: ``client.serve``, as in-process."""
+    from medveil.federated.client import CALIBRATE, EVALUATE, FIT, ClientJob, serve
     from medveil.federated.training import TrainRecipe
 
     ins, extra, data = _checked(message, context)
-    # the previous stage's model, received in this message: evaluated before training on it
-    report = local_evaluate(data, ins, device=_device(context)) if extra.get("evaluate") else None
-    fit = local_calibrate if extra.get("calibrate") else local_fit  # last round: refit the head only
-    update = fit(data, ins, TrainRecipe(**extra["recipe"]), int(extra["seed"]), device=_device(context))
-    return Message(codec.encode_update(update, report), reply_to=message)
+    if evaluate_only:
+        job = ClientJob(ins, EVALUATE)
+    else:  # calibrate: the last round refits the head only; evaluate: first report the received model
+        job = ClientJob(ins, CALIBRATE if extra.get("calibrate") else FIT, int(extra["seed"]),
+                        TrainRecipe(**extra["recipe"]), evaluate_first=bool(extra.get("evaluate")))
+    reply = serve(data, job, device=_device(context))
+    content = (codec.encode_report(reply.report) if evaluate_only
+               else codec.encode_update(reply.update, reply.report))
+    return Message(content, reply_to=message)
+
+
+@client_app.train()
+@private_errors
+def site_train(message: Message, context: Context) -> Message:
+    return _serve(message, context, evaluate_only=False)
 
 
 @client_app.evaluate()
 @private_errors
 def site_evaluate(message: Message, context: Context) -> Message:
-    from medveil.federated.client import local_evaluate
-
-    ins, _, data = _checked(message, context)
-    return Message(codec.encode_report(local_evaluate(data, ins, device=_device(context))), reply_to=message)
+    return _serve(message, context, evaluate_only=True)

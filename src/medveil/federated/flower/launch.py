@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
+from medveil.config_io import reject_unknown, toml_value
 from medveil.errors import ConfigError, MedVeilError
 from medveil.federated.flower.app import RUN_CONFIG_DEFAULTS
 from medveil.federated.flower.certs import ServerFiles, SiteFiles
@@ -59,42 +60,42 @@ def bin_dir() -> Path:
     return Path(sys.executable).parent
 
 
+def flower_settings(flwr_home: Path | None = None) -> dict[str, str]:
+    """Flower's environment variables for every MedVeil process, named once (the launcher and
+    ``--print`` both show these): telemetry and update checks off (no calls to the internet from
+    a hospital's machine), nothing installed at run time, a 0.2 s task poll (default 1 s: latency
+    per message; an environment's own value is kept)."""
+    home = {"FLWR_HOME": str(flwr_home)} if flwr_home is not None else {}
+    return {**home, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", POLL_INTERVAL: "0.2"}
+
+
+POLL_INTERVAL = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+
+
 def flower_env(flwr_home: Path | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment with the venv's ``bin/`` first on PATH and
+    :func:`flower_settings`."""
     env = dict(os.environ)
     env["PATH"] = f"{bin_dir()}{os.pathsep}{env.get('PATH', '')}"
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"  # no calls to the internet from a hospital's machine
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")  # default 1 s: latency per message
-    if flwr_home is not None:
-        env["FLWR_HOME"] = str(flwr_home)
+    env.update({k: v for k, v in flower_settings(flwr_home).items() if k != POLL_INTERVAL or k not in env})
     env.update(extra or {})
     return env
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(str(value))
 
 
 def write_app(folder: Path) -> Path:
     """The Flower app folder that ``flwr run`` bundles (one pyproject.toml)."""
     folder.mkdir(parents=True, exist_ok=True)
-    config = "\n".join(f"{k} = {_toml(v)}" for k, v in RUN_CONFIG_DEFAULTS.items())
+    config = "\n".join(f"{k} = {toml_value(v)}" for k, v in RUN_CONFIG_DEFAULTS.items())
     (folder / "pyproject.toml").write_text(APP_PYPROJECT.format(config=config))
     return folder
 
 
 def write_run_config(path: Path, values: dict[str, object]) -> Path:
-    unknown = sorted(set(values) - set(RUN_CONFIG_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown run config key(s): {', '.join(unknown)}")
+    reject_unknown(values, RUN_CONFIG_DEFAULTS, "run config")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in values.items()))
+    path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()))
     return path
 
 

@@ -56,7 +56,7 @@ def preload() -> None:
     import torch._dynamo  # noqa: F401 - torch.optim imports it at the first optimizer (~3 s)
     from flwr.supernode.runtime import run_clientapp  # noqa: F401
 
-    import medveil.evaluate.metrics  # noqa: F401 - sklearn, scipy.stats (~2 s)
+    import medveil.metrics  # noqa: F401 - sklearn, scipy.stats (~2 s)
     import medveil.federated.client  # noqa: F401
     import medveil.federated.flower.app  # noqa: F401
     import medveil.federated.sites  # noqa: F401

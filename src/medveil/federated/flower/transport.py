@@ -4,7 +4,8 @@ that the ServerApp reaches through the ``Grid`` (Flower's Message API).
 - Sites are found by asking every newly connected node for its join request (a ``query``
   message); the site name comes from the node's ``--node-config name=...``. A node whose name is
   not in the config, or is already held by another online node, is ignored (logged).
-- ``fit`` / ``evaluate`` push one ``train`` / ``evaluate`` message per site and poll for replies
+- ``exchange`` pushes one ``train`` message per training job (fit / calibrate, with the
+  evaluate-first flag) or one ``evaluate`` message per evaluation-only job, and polls for replies
   until all are in or ``stage_timeout`` seconds pass (or, with ``straggler_timeout`` > 0, that many
   seconds after a majority of the sites replied). A site that does not reply in time (killed,
   disconnected, slow) or whose ClientApp failed is *absent* for this stage; it is asked again next
@@ -24,14 +25,9 @@ from typing import Any
 from medveil.errors import ConfigError, UpdateRejected
 from medveil.federated.config import FederationConfig
 from medveil.federated.flower import codec
-from medveil.federated.messages import (
-    ClientUpdate,
-    EvalReport,
-    FitInstructions,
-    JoinRequest,
-)
-from medveil.federated.training import TrainRecipe
-from medveil.federated.transport import Exchange, FitJob
+from medveil.federated.client import CALIBRATE, EVALUATE, ClientJob, ClientReply
+from medveil.federated.messages import JoinRequest
+from medveil.federated.transport import Exchange
 from medveil.federated.updates import Rejection
 
 log = logging.getLogger("medveil.federated")
@@ -192,21 +188,28 @@ class FlowerTransport:
                 log.warning("update rejected: %s", err2)
                 result.rejected.append(Rejection(name, stage, str(err2)))
                 continue
-            result.replies[name] = reply
+            update, report = reply if isinstance(reply, tuple) else (None, reply)
+            result.replies[name] = ClientReply(update=update, report=report)
         return result
 
-    def fit(self, jobs: list[FitJob], recipe: TrainRecipe, stage: int) -> Exchange[ClientUpdate]:
-        recipe_d = dataclasses.asdict(recipe)
-        items = {j.instructions.client_name: codec.encode_instructions(
-            j.instructions, seed=j.seed, recipe=recipe_d, site=self.site, evaluate=j.evaluate,
-            calibrate=j.calibrate) for j in jobs}
-        result = self._round(items, "train", stage, codec.decode_update)
-        for name, (update, report) in list(result.replies.items()):
-            result.replies[name] = update
-            if report is not None:
-                result.evaluations[name] = report
+    def exchange(self, jobs: list[ClientJob], stage: int) -> Exchange:
+        """Evaluation-only jobs as ``evaluate`` messages, training jobs as ``train`` messages (one
+        round each; the engine never mixes them in one call)."""
+        result = Exchange()
+        for message_type in ("train", "evaluate"):
+            batch = [j for j in jobs if (j.work == EVALUATE) == (message_type == "evaluate")]
+            if batch:
+                part = self._round({j.client_name: self._encode(j) for j in batch}, message_type, stage,
+                                   codec.decode_update if message_type == "train" else codec.decode_report)
+                result.replies.update(part.replies)
+                result.absent.update(part.absent)
+                result.rejected += part.rejected
+                result.wire_bytes.update(part.wire_bytes)
         return result
 
-    def evaluate(self, instructions: list[FitInstructions], stage: int) -> Exchange[EvalReport]:
-        items = {ins.client_name: codec.encode_instructions(ins, site=self.site) for ins in instructions}
-        return self._round(items, "evaluate", stage, codec.decode_report)
+    def _encode(self, job: ClientJob):
+        if job.work == EVALUATE:
+            return codec.encode_instructions(job.instructions, site=self.site)
+        return codec.encode_instructions(job.instructions, seed=job.seed, recipe=dataclasses.asdict(job.recipe),
+                                         site=self.site, evaluate=job.evaluate_first,
+                                         calibrate=job.work == CALIBRATE)

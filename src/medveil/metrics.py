@@ -1,4 +1,5 @@
-"""Classification metrics for every task type: accuracy, balanced accuracy, macro AUC and, for
+"""Classification metrics for every task type (a leaf: the federated engine, evaluation and the
+benchmarks all use it): accuracy, balanced accuracy, macro AUC and, for
 ordinal grades (e.g. diabetic retinopathy 0-4), quadratic-weighted kappa. All from scikit-learn.
 
 Conventions:
