@@ -120,9 +120,9 @@ def test_centralised_uses_the_clients_recipe(tmp_path, monkeypatch, weighting):
     clients[0].y_train[: len(clients[0].y_train) * 3 // 4] = 0  # make one client imbalanced
     used: list[torch.Tensor | None] = []
 
-    def spy(logits, y, task, weight=None):
+    def spy(logits, y, task, weight=None, smoothing=0.0):
         used.append(weight)
-        return task_loss(logits, y, task, weight)
+        return task_loss(logits, y, task, weight, smoothing)
 
     lrs: list[list[float]] = []
     real_adamw = torch.optim.AdamW

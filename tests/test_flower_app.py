@@ -270,6 +270,27 @@ def test_pki_and_commands(tmp_path, capsys):
                  "--certs", str(pki / "sites" / "alpha"), "--print"]) == 2
 
 
+def test_print_shows_every_flower_setting_the_launcher_uses(tmp_path, capsys, monkeypatch):
+    """``--print`` and the launcher take Flower's variables from one place: none is left out."""
+    from medveil.federated.flower.launch import POLL_INTERVAL, flower_env, flower_settings
+
+    monkeypatch.delenv(POLL_INTERVAL, raising=False)
+
+    pki = tmp_path / "pki"
+    assert main(["certs", "create", "--out", str(pki), "--site", "alpha"]) == 0
+    capsys.readouterr()
+    settings = flower_settings(tmp_path / "state" / "flwr")
+    assert "FLWR_DISABLE_UPDATE_CHECK" in settings and "FLWR_TELEMETRY_ENABLED" in settings
+    for cmd in (["site", "start", "--name", "alpha", "--data", "sample:bloodmnist", "--server",
+                 "coordinator.example.org:9092", "--certs", str(pki / "sites" / "alpha"), "--print"],
+                ["server", "start", "--certs", str(pki / "server"), "--print"]):
+        assert main(cmd) == 0
+        shown = capsys.readouterr().out
+        assert all(f"{k}=" in shown for k in settings if k != "FLWR_HOME"), shown
+    env = flower_env(tmp_path)
+    assert all(env[k] == v for k, v in flower_settings(tmp_path).items())
+
+
 def test_warm_site_runtime_parts(monkeypatch):
     """The pieces of the warm ClientApp runtime that need no processes (the deployment tests run
     it for real): argument parsing, the SuperExec's wake-up wait, Flower's pull back-off."""

@@ -207,7 +207,8 @@ def test_killed_site_is_absent_then_rejoins_after_server_restart(deployment):
     run_id = pilot.submit(remote, out, resume=True, stage_timeout=120.0, straggler_timeout=10.0)
     assert pilot.wait(run_id, out, timeout=RUN_TIMEOUT) == "finished:completed"
     stages = json.loads((out / "metrics.json").read_text())["stages"]
-    assert [a["client"] for a in stages[1]["absent"]] == ["gamma"]  # stage 1 kept as it was
+    assert [a["client"] for a in stages[1]["absent"]] == ["gamma"], (  # stage 1 kept as it was
+        stages[1]["absent"], stages[2]["absent"], stages[2]["rejected"], pilot.procs.log_tail("site:alpha", 30))
     assert stages[1]["evaluation"] == "next stage"  # by the resumed server, in stage 2's training
     assert {n for n, info in stages[1]["clients"].items() if "test" in info} == {"alpha", "beta"}
     assert stages[2]["absent"] == [] and stages[2]["rejected"] == []

@@ -122,6 +122,23 @@ def test_writer_refuses_what_is_not_k_anonymous(tmp_path: Path) -> None:
     assert not (tmp_path / "release").exists() and not (tmp_path / "report.json").exists()
 
 
+def test_one_k_rule_for_release_anonymize_and_verify(tmp_path: Path) -> None:
+    """A release stands for >= 2 people: the writer, ``anonymize``'s check and verify-release
+    apply the same rule (the grouping algorithms alone accept k = 1)."""
+    from medveil.anonymize.grouping import RELEASE_MIN_K
+    from medveil.anonymize.pipeline import check_k
+
+    images, members, labels, pids = _cohort()
+    for bad in (1, 0, 2.0, True):
+        with pytest.raises(MedVeilError, match=f"k must be an integer >= {RELEASE_MIN_K}"):
+            write_release(tmp_path, images, members, labels, CLASSES, bad, pids, quiet=True)
+        with pytest.raises(MedVeilError, match=f"k must be an integer >= {RELEASE_MIN_K}"):
+            check_k(bad, 10, None)
+    assert [len(g) for g in make_groups(np.zeros((3, 2)), 1, "greedy")] == [1, 1, 1]
+    _write(tmp_path / "ok")
+    assert not verify_release(tmp_path / "ok", k=1).passed
+
+
 def test_overwrite_is_explicit_and_replaces_everything(tmp_path: Path) -> None:
     first = _write(tmp_path)
     with pytest.raises(MedVeilError, match="already holds a complete release"):

@@ -56,7 +56,7 @@ def finetune_eval(model_config: dict[str, Any], backbone_state: StateDict, data:
     backbone = build_backbone(model_config, backbone_state)
     head = new_head(backbone.embed_dim, data.num_classes, derive_seed(seed, data.name, "head"))
     train_classifier(backbone, head, data.x_train, data.y_train, data.task, recipe,
-                     derive_seed(seed, data.name, "finetune"))
+                     derive_seed(seed, data.name, "finetune"), augment=data.augmentation(recipe.augment))
     logits = predict_logits(backbone, head, data.x_test)
     return classification_metrics(data.task.value, data.y_test.numpy(), logits.numpy())
 

@@ -16,10 +16,11 @@ train split; the baselines below get the same R*E epochs (``recipe.epochs``), sa
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
-from medveil.metrics import classification_metrics
 from medveil.federated.messages import StateDict
 from medveil.federated.sites import ClientData
 from medveil.federated.training import (
@@ -28,11 +29,14 @@ from medveil.federated.training import (
     batch_indices,
     derive_seed,
     new_head,
+    param_groups,
     predict_logits,
     seeded,
     task_loss,
     train_classifier,
+    warmup_cosine,
 )
+from medveil.metrics import classification_metrics
 from medveil.models import ViTConfig, VisionTransformer
 
 
@@ -45,7 +49,7 @@ def local_only(cfg: ViTConfig, clients: list[ClientData], recipe: TrainRecipe,
             backbone = VisionTransformer(cfg, num_classes=0)
         head = new_head(cfg.embed_dim, data.num_classes, derive_seed(seed, data.name, "local-head"))
         train_classifier(backbone, head, data.x_train, data.y_train, data.task, recipe,
-                         derive_seed(seed, data.name, "local-fit"))
+                         derive_seed(seed, data.name, "local-fit"), augment=data.augmentation(recipe.augment))
         logits = predict_logits(backbone, head, data.x_test)
         out[data.name] = classification_metrics(data.task.value, data.y_test.numpy(), logits.numpy())
     return out
@@ -60,28 +64,40 @@ def centralised(cfg: ViTConfig, backbone_state: StateDict, clients: list[ClientD
                           for d in clients)
     owner = torch.cat([torch.full((len(d.x_train),), i) for i, d in enumerate(clients)])
     offsets = torch.tensor([0] + [len(d.x_train) for d in clients]).cumsum(0)
-    groups = [{"params": [p for p in backbone.parameters() if p.requires_grad]},
-              {"params": list(heads.parameters()), "lr": recipe.lr * recipe.head_lr_scale}]
+    recipe.check()
+    _, groups = param_groups(backbone, heads, recipe)
     opt = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps = recipe.epochs * math.ceil(len(owner) / recipe.batch_size)
+    warm = round(recipe.warmup_epochs * steps / max(1, recipe.epochs))
+    sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, steps, warm))
+             if recipe.schedule == "cosine" else None)
     weights = [balanced_weights(d.y_train, d.num_classes, d.task) if recipe.class_weighting == "balanced"
                else None for d in clients]
+    policies = [d.augmentation(recipe.augment) for d in clients]  # each client's images, its own policy
     gen = torch.Generator().manual_seed(derive_seed(seed, "central-order"))
+    aug_gen = torch.Generator().manual_seed(derive_seed(seed, "central-augment"))
+    backbone.set_drop_path(recipe.drop_path)
     backbone.train()
     with seeded(derive_seed(seed, "central-fit")):
         for _ in range(recipe.epochs):
             for idx in batch_indices(len(owner), recipe.batch_size, gen):
                 who = owner[idx]
                 parts = [(i, idx[who == i] - offsets[i]) for i in who.unique().tolist()]
-                feats = backbone.forward_features(torch.cat([clients[i].x_train[loc] for i, loc in parts]))
+                feats = backbone.forward_features(torch.cat([policies[i].apply(clients[i].x_train[loc], aug_gen)
+                                                             for i, loc in parts]))
                 loss, start = torch.zeros(()), 0
                 for i, loc in parts:  # each sample's loss on its own client's head
                     f = feats[start:start + len(loc)]
                     start += len(loc)
                     d = clients[i]
-                    loss = loss + task_loss(heads[i](f), d.y_train[loc], d.task, weights[i]) * len(loc) / len(idx)
+                    loss = loss + task_loss(heads[i](f), d.y_train[loc], d.task, weights[i],
+                                            recipe.label_smoothing) * len(loc) / len(idx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if sched is not None:
+                    sched.step()
+    backbone.set_drop_path(0.0)
     backbone.eval()
     out = {}
     for i, data in enumerate(clients):

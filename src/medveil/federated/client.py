@@ -72,7 +72,8 @@ def local_fit(data: ClientData, ins: FitInstructions, recipe: TrainRecipe, seed:
     """Fine-tune backbone + head from the server's instructions for ``recipe.epochs`` epochs
     (FedProx term towards the received weights when ``recipe.fedprox_mu > 0``)."""
     backbone, head = received_models(data, ins, device)
-    stats = train_classifier(backbone, head, data.x_train, data.y_train, data.task, recipe, seed)
+    stats = train_classifier(backbone, head, data.x_train, data.y_train, data.task, recipe, seed,
+                             augment=data.augmentation(recipe.augment))
     return ClientUpdate(
         client_name=data.name, stage=ins.stage,
         backbone={k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()},

@@ -44,7 +44,7 @@ class SiteStageRecord:
         out: dict[str, Any] = {"bytes": dict(self.bytes)}
         if self.joined_now:
             out["joined_now"] = True
-        for key in ("fit", "wire_bytes", "test", "test_before_calibration"):
+        for key in ("fit", "wire_bytes", "test_before_calibration", "test"):  # the order they are made in
             value = getattr(self, key)
             if value:
                 out[key] = dict(value)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from medveil.data import Task, load_dataset, to_tensor
+from medveil.data.augment import AugmentPolicy, policy_for
 from medveil.data.imagefiles import IMAGE_EXTENSIONS, ImageFiles
 from medveil.data.roots import resolve_path
 from medveil.data.samples import sample_path
@@ -70,6 +71,10 @@ class ClientData:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def augmentation(self, mode: str) -> AugmentPolicy:
+        """The training augmentation of this client's images (``[local] augment``)."""
+        return policy_for(self.modality, self.class_names, mode)
 
 
 @dataclass

@@ -1,14 +1,19 @@
 """The one supervised training loop (backbone + linear head) used by clients, baselines and the
 fine-tuning evaluation, plus batched inference and seeding helpers.
 
-Loss: cross-entropy for multi-class / binary / ordinal tasks, BCE-with-logits for multi-label.
-Optimiser: AdamW, constant learning rate (short local runs), optional FedProx proximal term
-``mu / 2 * ||w - w_ref||^2`` over every trained parameter.
+Loss: cross-entropy for multi-class / binary / ordinal tasks, BCE-with-logits for multi-label,
+optionally with label smoothing. Optimiser: AdamW; learning rate constant (the default) or
+linear warm-up + cosine decay per step; layer-wise learning-rate decay (``layer_decay`` < 1: a
+block's rate is ``lr * layer_decay ** (depth + 1 - layer)``, the head's ``lr * head_lr_scale``);
+stochastic depth (``drop_path``); per-modality augmentation (``augment = "auto"``,
+:mod:`medveil.data.augment`); optional FedProx proximal term ``mu / 2 * ||w - w_ref||^2`` over
+every trained parameter. Every default leaves training as it was before these options existed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medveil.data import Task
+from medveil.data.augment import AUGMENT_MODES, AugmentPolicy
 from medveil.errors import ConfigError
 from medveil.models import VisionTransformer
 
@@ -34,6 +40,36 @@ class TrainRecipe:
     head_lr_scale: float = 10.0  # the fresh linear head learns this much faster than the backbone
     class_weighting: str = "none"  # "balanced": loss weights n / (C * n_c) from the local labels
     fedprox_mu: float = 0.0  # > 0 turns local training into FedProx
+    augment: str = "none"  # "auto": the dataset's modality decides (medveil.data.augment)
+    schedule: str = "constant"  # "cosine": linear warm-up over warmup_epochs, cosine decay to 0
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    layer_decay: float = 1.0  # < 1: layer-wise learning-rate decay of the backbone
+    drop_path: float = 0.0  # stochastic depth rate of the last block (0 at the first)
+
+    def check(self) -> None:
+        """One ConfigError line for a recipe that cannot be honoured."""
+        if self.class_weighting not in ("none", "balanced"):
+            raise ConfigError(f"class_weighting must be 'none' or 'balanced', got {self.class_weighting!r}")
+        if self.augment not in AUGMENT_MODES:
+            raise ConfigError(f"augment must be one of {', '.join(AUGMENT_MODES)}, got {self.augment!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not (0.0 <= self.label_smoothing < 1.0 and 0.0 <= self.drop_path < 1.0 and 0.0 < self.layer_decay <= 1.0
+                and self.warmup_epochs >= 0):
+            raise ConfigError("label_smoothing and drop_path must be in [0, 1), layer_decay in (0, 1], "
+                              "warmup_epochs >= 0")
+
+
+SCHEDULES = ("constant", "cosine")
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor of 0-based ``step`` of ``total``: linear warm-up over ``warmup``
+    steps, then cosine decay from 1 to 0 over the rest."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def derive_seed(seed: int, *tags: int | str) -> int:
@@ -51,14 +87,16 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 def task_loss(logits: torch.Tensor, y: torch.Tensor, task: Task | str,
-              weight: torch.Tensor | None = None) -> torch.Tensor:
+              weight: torch.Tensor | None = None, smoothing: float = 0.0) -> torch.Tensor:
     """logits (B, C); y (B,) int or (B, C) {0,1} for multi-label -> scalar loss.
 
     weight: (C,) class weights (cross-entropy) or positive-class weights (multi-label BCE).
+    smoothing: label smoothing (multi-label: targets pulled towards 1/2 by smoothing / 2).
     """
     if Task(task) is Task.MULTILABEL:
-        return F.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=weight)
-    return F.cross_entropy(logits, y, weight=weight)
+        target = y.float() * (1 - smoothing) + smoothing / 2 if smoothing else y.float()
+        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)
+    return F.cross_entropy(logits, y, weight=weight, label_smoothing=smoothing)
 
 
 def balanced_weights(y: torch.Tensor, num_classes: int, task: Task | str) -> torch.Tensor:
@@ -77,6 +115,26 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator | None) ->
     return list(order.split(batch_size))
 
 
+def param_groups(backbone: VisionTransformer, head: nn.Module, recipe: TrainRecipe,
+                 train_backbone: bool = True) -> tuple[list[nn.Parameter], list[dict]]:
+    """(every trained parameter, backbone first then head: the FedProx order; the optimiser's
+    groups). Without layer decay: one backbone group at ``lr`` (as before it existed); with it,
+    one group per layer at ``lr * layer_decay ** (depth + 1 - layer)``. The head: ``lr * head_lr_scale``."""
+    named = [(n, p) for n, p in backbone.named_parameters() if p.requires_grad] if train_backbone else []
+    params = [p for _, p in named] + list(head.parameters())
+    if recipe.layer_decay == 1.0:
+        groups = [{"params": [p for _, p in named]}]
+    else:
+        top = len(backbone.blocks) + 1
+        by_layer: dict[int, list[nn.Parameter]] = {}
+        for n, p in named:
+            by_layer.setdefault(backbone.layer_of(n), []).append(p)
+        groups = [{"params": ps, "lr": recipe.lr * recipe.layer_decay ** (top - layer)}
+                  for layer, ps in sorted(by_layer.items())]
+    groups.append({"params": list(head.parameters()), "lr": recipe.lr * recipe.head_lr_scale})
+    return params, [g for g in groups if g["params"]]
+
+
 def train_classifier(
     backbone: VisionTransformer,
     head: nn.Linear,
@@ -87,40 +145,47 @@ def train_classifier(
     seed: int,
     train_backbone: bool = True,
     prox_ref: list[torch.Tensor] | None = None,
+    augment: AugmentPolicy | None = None,
 ) -> dict[str, float]:
     """Train ``backbone`` + ``head`` in place on (x (N, C, H, W) in [0, 1], y) for recipe.epochs.
 
     prox_ref: reference tensors, one per trained parameter in order (backbone then head), for the
-    FedProx term when ``recipe.fedprox_mu > 0``. Returns the mean training loss of the last epoch.
+    FedProx term when ``recipe.fedprox_mu > 0``. augment: the batches' augmentation (the caller
+    picks it for its data with :func:`medveil.data.augment.policy_for`; used when
+    ``recipe.augment != "none"``). Returns the mean training loss of the last epoch.
     """
+    recipe.check()
     device = next(head.parameters()).device
-    params = [p for p in backbone.parameters() if p.requires_grad] if train_backbone else []
-    n_backbone = len(params)
-    params += list(head.parameters())
+    params, groups = param_groups(backbone, head, recipe, train_backbone)
     if recipe.fedprox_mu > 0 and prox_ref is None:
         prox_ref = [p.detach().clone() for p in params]
-    groups = [{"params": params[:n_backbone]},
-              {"params": params[n_backbone:], "lr": recipe.lr * recipe.head_lr_scale}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.lr, weight_decay=recipe.weight_decay)
-    if recipe.class_weighting not in ("none", "balanced"):
-        raise ConfigError(f"class_weighting must be 'none' or 'balanced', got {recipe.class_weighting!r}")
+    opt = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
     weight = (balanced_weights(y, head.out_features, task).to(device)
               if recipe.class_weighting == "balanced" else None)
     gen = torch.Generator().manual_seed(seed)
+    aug_gen = torch.Generator().manual_seed(derive_seed(seed, "augment"))
+    use_aug = augment is not None and recipe.augment != "none" and not augment.is_identity
+    steps_per_epoch = math.ceil(len(x) / recipe.batch_size)
+    sched = None
+    if recipe.schedule == "cosine":
+        total, warm = recipe.epochs * steps_per_epoch, round(recipe.warmup_epochs * steps_per_epoch)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, total, warm))
+    backbone.set_drop_path(recipe.drop_path if train_backbone else 0.0)
     backbone.train(train_backbone)
     head.train()
     last = float("nan")
     with seeded(seed):
         for _ in range(recipe.epochs):
-            total, count = 0.0, 0
+            total_loss, count = 0.0, 0
             for idx in batch_indices(len(x), recipe.batch_size, gen):
-                xb, yb = x[idx].to(device), y[idx].to(device)
+                xb, yb = x[idx], y[idx].to(device)
+                xb = (augment.apply(xb, aug_gen) if use_aug else xb).to(device)
                 if train_backbone:
                     feats = backbone.forward_features(xb)
                 else:
                     with torch.no_grad():
                         feats = backbone.forward_features(xb)
-                loss = task_loss(head(feats), yb, task, weight)
+                loss = task_loss(head(feats), yb, task, weight, recipe.label_smoothing)
                 if recipe.fedprox_mu > 0:
                     assert prox_ref is not None
                     prox = sum(((p - r) ** 2).sum() for p, r in zip(params, prox_ref, strict=True))
@@ -128,9 +193,12 @@ def train_classifier(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss.detach()) * len(idx)
+                if sched is not None:
+                    sched.step()
+                total_loss += float(loss.detach()) * len(idx)
                 count += len(idx)
-            last = total / max(count, 1)
+            last = total_loss / max(count, 1)
+    backbone.set_drop_path(0.0)
     backbone.eval()
     head.eval()
     return {"train_loss": last}

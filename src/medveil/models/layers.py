@@ -84,7 +84,12 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x))."""
+    """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x)).
+
+    ``drop_path``: stochastic depth while training (each sample's residual branch is dropped with
+    this probability and the kept ones scaled by 1 / (1 - p)); a plain attribute, not in the
+    state dict, 0 by default (then no random number is drawn).
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
@@ -92,10 +97,18 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.norm2 = layer_norm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = 0.0
+
+    def _branch(self, y: torch.Tensor) -> torch.Tensor:  # (B, N, D), some samples zeroed
+        if not self.training or self.drop_path <= 0.0:
+            return y
+        keep = 1.0 - self.drop_path
+        mask = (torch.rand(y.shape[0], 1, 1, device=y.device) < keep).to(y.dtype)
+        return y * mask / keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D)
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self._branch(self.attn(self.norm1(x)))
+        return x + self._branch(self.mlp(self.norm2(x)))
 
 
 def sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:

@@ -105,6 +105,21 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
         self.apply(init_weights_mae)
 
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth for training: block i drops its branches with rate * i / (depth - 1)."""
+        n = len(self.blocks)
+        for i, blk in enumerate(self.blocks):
+            blk.drop_path = rate * i / max(1, n - 1)
+
+    def layer_of(self, name: str) -> int:
+        """Depth of a parameter for layer-wise learning-rate decay: 0 for the embedding (patch
+        projection, cls token, position table), i + 1 for ``blocks.i``, depth + 1 above them."""
+        if name.startswith(("patch_embed", "cls_token", "pos_embed")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return len(self.blocks) + 1
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """[0, 1] pixels -> mean/std normalised pixels, (B, C, H, W)."""
         return (x - self.input_mean) / self.input_std

@@ -15,7 +15,7 @@ Layout written by :func:`create_pki` (``medveil certs create``)::
 
 Flower authenticates a SuperNode by its EC key (``--auth-supernode-private-key`` on the site,
 ``flwr supernode register KEY.pub`` on the coordinator, ``--enable-supernode-auth`` on the
-SuperLink); TLS authenticates the server to the sites. Flower 1.41 has no client certificates
+SuperLink); TLS authenticates the server to the sites. Flower 1.42 (like 1.41) has no client certificates
 (mTLS), so a site certificate is only used for the site's local runtime API.
 """
 

@@ -1,4 +1,5 @@
-"""Waits that flwr 1.41 hard-codes for slow wide-area links, shortened for MedVeil's processes.
+"""Waits that flwr (1.41, 1.42) hard-codes for slow wide-area links, shortened for MedVeil's
+processes.
 
 - An idle SuperNode asks the SuperLink for work every 3 s, and checks for its ClientApp's reply
   every 0.5 s (``start_client_internal``): :func:`fast_supernode_poll` makes these
@@ -10,8 +11,9 @@
   always lands in that gap. :func:`fast_object_pulls` retries after 0.05 s, doubling up to 0.2 s,
   still giving up only after Flower's own 2 h limit.
 
-Both change module-level defaults of the pinned flwr version (``flwr==1.41.0``) in the calling
-process only; if flwr's internals move, they do nothing (the waits stay Flower's).
+Both change module-level defaults of the pinned flwr version (``flwr==1.42.0``; the same knobs
+as 1.41) in the calling process only; if flwr's internals move, they do nothing (the waits stay
+Flower's).
 """
 
 from __future__ import annotations

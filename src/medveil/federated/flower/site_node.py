@@ -1,9 +1,10 @@
 """A SuperNode whose ClientApps start warm:
 ``python -m medveil.federated.flower.site_node <flower-supernode arguments>``.
 
-Flower 1.41 answers every message with a fresh ``flwr-clientapp`` process, started by a SuperExec:
-~4 s of CPU importing flwr, torch and medveil before the site's code runs, for every message, at
-every site. And an idle SuperNode asks the SuperLink for work every 3 s (fixed in flwr 1.41).
+Flower 1.42 (as 1.41) answers every message with a fresh ``flwr-clientapp`` process, started by a
+SuperExec: ~4 s of CPU importing flwr, torch and medveil before the site's code runs, for every
+message, at every site. And an idle SuperNode asks the SuperLink for work every 3 s (fixed in
+flwr 1.41 and 1.42).
 This launcher runs Flower's own SuperNode (``--isolation process``) and, as its child, a SuperExec
 (Flower's loop) that has imported all of that once and forks a child per
 message (copy-on-write, so nothing is imported again); the child runs Flower's ``run_clientapp``

@@ -1,0 +1,38 @@
+"""One TOML writer and reader, one unknown-key check, for every config MedVeil reads."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from medveil.config_io import dataclass_from_dict, dumps_toml, read_toml, reject_unknown
+from medveil.errors import ConfigError
+from medveil.models import ViTConfig
+
+
+def test_dumps_toml_round_trips_awkward_strings_and_tables(tmp_path):
+    d = {"seed": 3, "name": 'say "hi"\\n\tnew\nline é', "ratio": 1e-6, "big": float("inf"), "on": True,
+         "sizes": [1, 2], "model": {"depth": 4, "path": "C:\\data\\x.npz"},
+         "clients": [{"name": "a"}, {"name": "b", "sample": "bloodmnist"}]}
+    text = dumps_toml(d)
+    assert tomllib.loads(text) == d
+    (tmp_path / "c.toml").write_text(text)
+    assert read_toml(tmp_path / "c.toml") == d
+
+
+def test_read_toml_errors_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        read_toml(tmp_path / "missing.toml")
+    (tmp_path / "bad.toml").write_text("seed = = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        read_toml(tmp_path / "bad.toml")
+
+
+def test_unknown_keys_named_with_the_known_ones():
+    with pytest.raises(ConfigError, match=r"\[local\]: unknown key\(s\) epocs, lrr \(known: epochs, lr\)"):
+        reject_unknown({"epocs": 1, "lrr": 2, "lr": 3}, ["epochs", "lr"], "[local]")
+    reject_unknown({"lr": 3}, ["epochs", "lr"], "[local]")
+    with pytest.raises(ConfigError, match="ViT config: unknown key.*embed_dimm"):
+        dataclass_from_dict(ViTConfig, {"embed_dimm": 8}, "ViT config")
+    assert dataclass_from_dict(ViTConfig, {"depth": 2}, "ViT config").depth == 2
