@@ -11,13 +11,18 @@ R*E epochs):
   local_only   each client alone, ViT from random init, R*E epochs
   centralised  all labelled data pooled, one backbone + per-client heads, R*E epochs (upper bound)
   mim_only     the stage-0 backbone (the paper's baseline), evaluated by (ii) only
+  alone_small_cnn / alone_resnet18   what a hospital does instead: a small CNN / ResNet-18 from
+               scratch on exactly its own train images, its own recipe (medveil.evaluate.site_alone)
+  published    MedMNIST v2 ResNet-18 (28), all train images, GPU: a reference row, not a run
   +cal         meduniverse / fedavg with head calibration ([federation] calibrate_heads: after the
                last stage the clients refit their heads on the final backbone); same backbone,
                so (ii) is that of the method without it
 Evaluations: (i) the model with the client's own head on its test split; (ii) the backbone
 fine-tuned (same recipe for all) and linearly probed (logistic regression on frozen features).
 LODO: for each held-out dataset, pretrain on a pool of the five others, federate them, then
-probe / fine-tune on the held-out dataset; compared with that stage-0 MIM backbone.
+probe / fine-tune on the held-out dataset; compared with that stage-0 MIM backbone and with the
+held-out site alone (small CNN on its own train images).
+Cost: CPU-minutes per seed for every method, all sites together (workers run 1 thread each).
 Statistics: mean +/- std over seeds; paired two-sided Wilcoxon signed-rank and paired t-test
 over (dataset, seed) pairs (medveil.evaluate.stats).
 
@@ -48,7 +53,7 @@ from typing import Any
 import torch
 
 from medveil.evaluate.probe import backbone_eval
-from medveil.evaluate.stats import format_mean_std, mean_std, paired_tests
+from medveil.evaluate.site_alone import SiteAloneRecipe, train_site_alone
 from medveil.federated.baselines import centralised, local_only
 from medveil.federated.config import FederationConfig, config_from_dict
 from medveil.federated.curation import make_curator
@@ -57,9 +62,12 @@ from medveil.federated.stages import Federation, prepare, run_stages
 from medveil.io import jsonable, write_json_atomic
 from medveil.federated.server import Server
 from medveil.federated.training import derive_seed
+from medveil.models.cnn import CNN_ARCHS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from meduniverse_tables import CALIBRATED, DATASETS, tables  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DATASETS = ("bloodmnist", "organamnist", "retinamnist", "breastmnist", "pneumoniamnist", "ham10000")
 FEDERATED = {  # method -> config overrides
     "meduniverse": {"federation": {"strategy": "distill"}},
     "fedavg": {"federation": {"strategy": "fedavg"}},
@@ -75,8 +83,9 @@ CENTRAL_VERSION = 2
 # Head calibration ([federation] calibrate_heads, the shipped configs' setting): a job of its own
 # ("calibrated") that runs the federation again with it, for MedUniverse and FedAvg. It leaves
 # the backbone unchanged, so the probe / fine-tune numbers of the seed job hold for it too.
-CALIBRATED = {"meduniverse+cal": "meduniverse", "fedavg+cal": "fedavg"}
 CALIBRATED_VERSION = 1
+# Version 2 of a LODO fold adds the held-out site alone (small CNN); version-1 folds are rerun.
+LODO_VERSION = 2
 
 QUICK: dict[str, Any] = {  # patch 7 at 28 px (4x4 tokens): fast enough for 3 seeds + LODO on 2 cores
     "seeds": 3,
@@ -202,6 +211,21 @@ def run_calibrated(setting: dict[str, Any], data_dir: Path, seed: int, log: list
     return result
 
 
+def run_alone(setting: dict[str, Any], data_dir: Path, seed: int, log: list[str]) -> dict[str, Any]:
+    """Each site alone: a small CNN and a ResNet-18 from scratch on exactly the train images it
+    holds in the federation (same splits, same test images), with their CPU-seconds."""
+    cfg = make_config(setting, data_dir, seed, DATASETS)
+    clients = prepare(cfg).clients
+    result: dict[str, Any] = {}
+    for arch in CNN_ARCHS:
+        result[f"alone_{arch}"] = {c.name: {"universal": train_site_alone(arch, c, SiteAloneRecipe(),
+                                                                          derive_seed(seed, "alone"))}
+                                   for c in clients}
+        cpu = sum(m["universal"]["cpu_seconds"] for m in result[f"alone_{arch}"].values())
+        log.append(f"seed {seed} alone {arch}: {cpu / 60:.1f} CPU-min for all six sites")
+    return result
+
+
 def run_lodo(setting: dict[str, Any], data_dir: Path, seed: int, held: str) -> dict[str, Any]:
     """Federate (distill) on the five other datasets; probe / fine-tune the held-out one."""
     others = tuple(n for n in DATASETS if n != held)
@@ -217,6 +241,8 @@ def run_lodo(setting: dict[str, Any], data_dir: Path, seed: int, held: str) -> d
     return {
         "mim_only": backbone_eval(cfg.model.to_dict(), mim_state, target, recipe, s)[held],
         "meduniverse": backbone_eval(cfg.model.to_dict(), fed.server.backbone_state(), target, recipe, s)[held],
+        # the held-out hospital alone: a small CNN on its own train images, its own recipe
+        "alone_small_cnn": {"finetune": train_site_alone("small_cnn", target[0], SiteAloneRecipe(), s)},
     }
 
 
@@ -228,7 +254,8 @@ def run_job(job: tuple[str, int, str], setting: dict[str, Any], data_dir: Path,
     kind, seed, held = job
     key = jsonable({"job": list(job), "setting": setting, "data_dir": str(data_dir),
                     **({"version": CENTRAL_VERSION} if kind == "central" else {}),
-                    **({"version": CALIBRATED_VERSION} if kind == "calibrated" else {})})
+                    **({"version": CALIBRATED_VERSION} if kind == "calibrated" else {}),
+                    **({"version": LODO_VERSION} if kind == "lodo" else {})})
     path = cache / f"{kind}-{seed}{'-' + held if held else ''}.json" if cache else None
     if path is not None and path.is_file():
         stored = json.loads(path.read_text())
@@ -242,6 +269,8 @@ def run_job(job: tuple[str, int, str], setting: dict[str, Any], data_dir: Path,
         result = run_central(setting, data_dir, seed, log)
     elif kind == "calibrated":
         result = run_calibrated(setting, data_dir, seed, log)
+    elif kind == "alone":
+        result = run_alone(setting, data_dir, seed, log)
     else:
         result = run_lodo(setting, data_dir, seed, held)
         log = [f"LODO seed {seed} held-out {held}: {time.time() - t:.0f}s"]
@@ -249,77 +278,6 @@ def run_job(job: tuple[str, int, str], setting: dict[str, Any], data_dir: Path,
     if path is not None:
         write_json_atomic(path, {"key": key, "result": result, "log": log, "seconds": seconds})
     return result, log, seconds
-
-
-def cell(results: list[dict[str, Any]], method: str, dataset: str, kind: str, metric: str) -> list[float]:
-    out = []
-    for r in results:
-        m = r.get(method, {}).get(dataset, {}).get(kind)
-        out.append(float("nan") if m is None or m.get(metric) is None else float(m[metric]))
-    return out
-
-
-def tables(results: list[dict[str, Any]], lodo: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-    lines: list[str] = []
-    summary: dict[str, Any] = {"per_dataset": {}, "tests": {}, "lodo": {}}
-    rows = [("meduniverse+cal", "universal"), ("fedavg+cal", "universal"),
-            ("meduniverse", "universal"), ("fedavg", "universal"), ("fedprox", "universal"),
-            ("relay", "universal"), ("local_only", "universal"), ("centralised", "universal"),
-            ("mim_only", "probe"), ("meduniverse", "probe"), ("fedavg", "probe"), ("fedprox", "probe"),
-            ("relay", "probe"),
-            ("mim_only", "finetune"), ("meduniverse", "finetune"), ("fedavg", "finetune")]
-    for metric in ("acc", "bacc"):
-        lines.append(f"\n{metric} (%), mean ± std over {len(results)} seeds; (i) universal = model + own "
-                     f"head, (ii) probe / finetune of the backbone")
-        header = f"{'method':<16}{'eval':<11}" + "".join(f"{d[:12]:>15}" for d in DATASETS) + f"{'mean':>9}"
-        lines += [header, "-" * len(header)]
-        for method, kind in rows:
-            cells = [cell(results, method, d, kind, metric) for d in DATASETS]
-            means = [mean_std(c)[0] for c in cells]
-            overall = sum(means) / len(means)
-            summary["per_dataset"].setdefault(metric, {})[f"{method}/{kind}"] = {
-                d: dict(zip(("mean", "std"), mean_std(c), strict=True)) for d, c in zip(DATASETS, cells, strict=True)}
-            lines.append(f"{method:<16}{kind:<11}" + "".join(f"{format_mean_std(c):>15}" for c in cells)
-                         + f"{overall * 100:>9.1f}")
-    lines.append("\nPaired tests over (dataset, seed) pairs, two-sided (Wilcoxon signed-rank; paired t-test)")
-    comparisons = [(("meduniverse", "universal"), (b, "universal")) for b in
-                   ("fedavg", "fedprox", "relay", "local_only", "centralised")]
-    comparisons += [(("meduniverse+cal", "universal"), (b, "universal")) for b in
-                    ("centralised", "fedavg+cal", "local_only", "meduniverse")]
-    comparisons += [(("meduniverse", k), ("mim_only", k)) for k in ("probe", "finetune")]
-    for metric in ("acc", "bacc"):
-        for (ma, ka), (mb, kb) in comparisons:
-            a = [x for d in DATASETS for x in cell(results, ma, d, ka, metric)]
-            b = [x for d in DATASETS for x in cell(results, mb, d, kb, metric)]
-            t = paired_tests(a, b)
-            key = f"{metric}: {ma}/{ka} vs {mb}/{kb}"
-            summary["tests"][key] = t
-            lines.append(f"{key:<58} n={t['n']:>2} diff {t['mean_diff'] * 100:+6.2f} pts  "
-                         f"W/L {t['wins']}/{t['losses']}  Wilcoxon p={t['wilcoxon_p']:.4f}  t-test p={t['t_p']:.4f}")
-    for cal, plain in CALIBRATED.items():  # the model the clients received = the seed job's universal model
-        pairs = [(r[cal][d]["before_calibration"]["acc"], r[plain][d]["universal"]["acc"])
-                 for r in results if cal in r for d in DATASETS]
-        same = sum(abs(a - b) < 1e-9 for a, b in pairs)
-        summary["tests"][f"{cal}: received model == {plain} universal"] = {"same": same, "n": len(pairs)}
-        lines.append(f"{cal}: the received (uncalibrated) model's accuracy equals {plain}'s universal one "
-                     f"on {same}/{len(pairs)} (dataset, seed) pairs")
-    if lodo:
-        lines.append("\nLeave-one-dataset-out: backbone federated on the other five, evaluated on the held-out "
-                     "dataset (acc %, mean ± std over seeds)")
-        held = sorted({row["held"] for row in lodo}, key=DATASETS.index)
-        for kind in ("probe", "finetune"):
-            for method in ("mim_only", "meduniverse"):
-                vals = {h: [r[method][kind]["acc"] for r in lodo if r["held"] == h] for h in held}
-                summary["lodo"][f"{method}/{kind}"] = {h: mean_std(v) for h, v in vals.items()}
-                lines.append(f"{method:<16}{kind:<11}" + "".join(f"{h[:12]:>14} {format_mean_std(v):>13}"
-                                                                 for h, v in vals.items()))
-            a = [r["meduniverse"][kind]["acc"] for r in lodo]
-            b = [r["mim_only"][kind]["acc"] for r in lodo]
-            t = paired_tests(a, b)
-            summary["tests"][f"lodo acc: meduniverse/{kind} vs mim_only/{kind}"] = t
-            lines.append(f"  paired over (held-out, seed), n={t['n']}: diff {t['mean_diff'] * 100:+.2f} pts, "
-                         f"Wilcoxon p={t['wilcoxon_p']:.4f}, t-test p={t['t_p']:.4f}")
-    return "\n".join(lines), summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or REPO / "benchmarks" / "results" / f"meduniverse{'_quick' if args.quick else ''}.json"
     cache = args.work or REPO / "benchmarks" / "results" / "jobs" / f"meduniverse{'_quick' if args.quick else ''}"
     t0 = time.time()
-    jobs = [(kind, seed, "") for seed in seeds for kind in ("seed", "central", "calibrated")]
+    jobs = [(kind, seed, "") for seed in seeds for kind in ("seed", "central", "calibrated", "alone")]
     if not args.no_lodo:
         jobs += [("lodo", seed, held) for seed in seeds[:args.lodo_seeds or len(seeds)]
                  for held in setting["lodo_heldout"]]
@@ -370,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                 log += done[futures[future]][1]
                 print("\n".join(done[futures[future]][1]), flush=True)
     results = [{**done[("seed", s, "")][0], "centralised": done[("central", s, "")][0],
-                **done[("calibrated", s, "")][0]} for s in seeds]
+                **done[("calibrated", s, "")][0], **done[("alone", s, "")][0]} for s in seeds]
     lodo = [{"seed": j[1], "held": j[2], **done[j][0]} for j in jobs if j[0] == "lodo"]
     text, summary = tables(results, lodo)
     elapsed = time.time() - t0

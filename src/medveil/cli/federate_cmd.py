@@ -34,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     ev.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     ev.add_argument("--no-finetune", action="store_true", help="linear probes only (faster)")
+    ev.add_argument("--site-alone", default="small_cnn,resnet18", metavar="ARCHS",
+                    help="the CNNs each site trains alone on its own train images, for comparison: "
+                         "small_cnn, resnet18, both (the default, comma-separated) or none")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's)")
     ev.set_defaults(func=run_evaluate)
@@ -70,7 +73,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from medveil.evaluate.federated_run import evaluate_run, format_table
 
     _set_threads(args.threads)
-    result = evaluate_run(args.run_dir, finetune=not args.no_finetune, progress=not args.quiet)
+    archs = tuple(a for a in args.site_alone.split(",") if a and a != "none")
+    result = evaluate_run(args.run_dir, finetune=not args.no_finetune, progress=not args.quiet,
+                          site_alone_archs=archs)
     print(format_table(result))
     print(f"written: {args.run_dir / 'evaluation.json'}")
     return 0

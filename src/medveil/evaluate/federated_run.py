@@ -2,8 +2,11 @@
 
 For each dataset of the run: (i) the universal model with its own head; (ii) the final backbone
 fine-tuned and linearly probed with the run's ``[evaluation]`` recipe, next to the MIM-only
-stage-0 backbone (the paper's baseline) under the identical recipe. Clients' data are rebuilt
-from the run's ``config.toml`` (same seed, same splits). Writes ``RUN_DIR/evaluation.json``.
+stage-0 backbone (the paper's baseline) under the identical recipe; (iii) what each site
+reaches alone: a small CNN and a ResNet-18 trained from scratch on exactly its own train images
+(:mod:`.site_alone`), with their CPU cost, and the published MedMNIST v2 ResNet-18 figure where
+there is one. Clients' data are rebuilt from the run's ``config.toml`` (same seed, same splits).
+Writes ``RUN_DIR/evaluation.json``.
 """
 
 from __future__ import annotations
@@ -15,17 +18,23 @@ from tqdm.auto import tqdm
 
 from medveil.errors import MedVeilError
 from medveil.evaluate.probe import backbone_eval, universal_eval
+from medveil.evaluate.site_alone import PUBLISHED_NOTE, published_row, site_alone
 from medveil.federated.config import load_config
 from medveil.federated.engine import COMPLETE, load_stage
 from medveil.io import write_json_atomic
 from medveil.federated.server import load_universal
 from medveil.federated.sites import build_sites
 from medveil.federated.training import derive_seed
+from medveil.models.cnn import CNN_ARCHS
 from medveil.models.mae import DECODER_PREFIXES
 
 
-def evaluate_run(run_dir: str | Path, finetune: bool = True, progress: bool = True) -> dict[str, Any]:
+def evaluate_run(run_dir: str | Path, finetune: bool = True, progress: bool = True,
+                 site_alone_archs: tuple[str, ...] = CNN_ARCHS) -> dict[str, Any]:
     out = Path(run_dir)
+    unknown = [a for a in site_alone_archs if a not in CNN_ARCHS]
+    if unknown:
+        raise MedVeilError(f"--site-alone: unknown CNN {unknown[0]!r} (choose from {', '.join(CNN_ARCHS)} or none)")
     if not (out / COMPLETE).is_file():
         raise MedVeilError(f"{out}: not a complete federated run (no '{COMPLETE}' marker; "
                            f"finish it with `medveil federate --out {out} --resume`)")
@@ -45,12 +54,16 @@ def evaluate_run(run_dir: str | Path, finetune: bool = True, progress: bool = Tr
         else:
             result[name] = backbone_eval(cfg.model.to_dict(), state, clients, recipe, seed,
                                          ev.probe_C, ev.probe_max_iter, finetune)
+    if site_alone_archs:
+        result["site_alone"] = site_alone(clients, derive_seed(cfg.seed, "site-alone"), site_alone_archs)
+    result["published"] = {c.name: published_row(c) for c in clients}
     write_json_atomic(out / "evaluation.json", result)
     return result
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """Plain-text table: one row per dataset, accuracy / AUC of every evaluation."""
+    """Plain-text table: one row per dataset, accuracy / AUC of every evaluation, then what each
+    site reaches alone (accuracy, balanced accuracy, CPU-minutes) and the published figure."""
     cols = [("universal", None, "universal")]
     for kind in ("probe", "finetune"):
         cols += [(src, kind, f"{src} {kind}") for src in ("final", "mim_only")]
@@ -63,6 +76,16 @@ def format_table(result: dict[str, Any]) -> str:
             m = result[src][n] if kind is None else result[src][n].get(kind)
             cells.append("-" if m is None else f"acc {m['acc']:.3f} auc {_f(m.get('auc'))}")
         lines.append(f"{n:<16}" + "".join(f"{c:>22}" for c in cells))
+    alone = {k: v for k, v in result.get("site_alone", {}).items() if k != "recipe"}
+    if alone or result.get("published"):
+        lines += ["", "each site alone, on exactly its own train images (acc / bacc / CPU-min); "
+                  f"published: {PUBLISHED_NOTE}",
+                  f"{'dataset':<16}" + "".join(f"{arch:>26}" for arch in alone) + f"{'published':>12}"]
+        for n in names:
+            cells = [f"{m[n]['acc']:.3f} / {m[n]['bacc']:.3f} / {m[n]['cpu_seconds'] / 60:.1f}"
+                     for m in alone.values()]
+            pub = result.get("published", {}).get(n)
+            lines.append(f"{n:<16}" + "".join(f"{c:>26}" for c in cells) + f"{_f(pub):>12}")
     return "\n".join(lines)
 
 

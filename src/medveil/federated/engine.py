@@ -166,6 +166,9 @@ def summary_table(metrics: dict[str, Any]) -> str:
         lines.append(f"{name:<16}{m['acc']:>8.3f}{m['bacc']:>8.3f}"
                      f"{(auc if auc is not None else float('nan')):>8.3f}"
                      f"{b['down'] / 1e6:>10.1f}{b['up'] / 1e6:>8.1f}")
+    cpu = [s.get("cpu_seconds") for s in metrics["stages"]]
+    if all(c is not None for c in cpu):
+        lines.append(f"CPU time of this process (in-process: server and all sites): {sum(cpu) / 60:.1f} min")
     rejected = sum(len(s.get("rejected", [])) for s in metrics["stages"])
     if rejected:
         lines.append(f"{rejected} client update(s) rejected (see metrics.json)")

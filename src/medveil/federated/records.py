@@ -5,7 +5,7 @@ them back, so a run folder written before these classes existed still resumes). 
 ``None`` (or an empty optional dict) is left out of the JSON, as the untyped records did.
 
 Stage 0 (``kind = "pretrain"``): ``pool_size``, ``init_checkpoint`` (when one was loaded),
-``mim_loss`` (per-epoch mean MAE loss), ``seconds``.
+``mim_loss`` (per-epoch mean MAE loss), ``seconds``, ``cpu_seconds``.
 
 Stages 1.. (``kind = "federated"``): ``strategy``, ``schedule``, ``participants`` (sampled, in
 config order), ``clients`` (name -> :class:`SiteStageRecord`), ``rejected`` (updates never
@@ -13,7 +13,8 @@ aggregated, with the reason), ``absent`` (client -> why it missed the stage), ``
 curation: its clients and the curator's own numbers), ``calibration`` (the last stage with
 ``calibrate_heads``: calibrated / rejected / absent), ``evaluation`` (when its clients evaluated
 its universal model: ``pending`` / ``next stage`` / ``own round``, :mod:`.stage_evaluation`),
-``evaluate_next`` (while pending: who still owes it), ``seconds`` and ``phase_seconds``.
+``evaluate_next`` (while pending: who still owes it), ``seconds``, ``cpu_seconds`` (this
+process's CPU time: in-process, the server and every site together) and ``phase_seconds``.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class StageRecord:
     evaluation: str | None = None
     evaluate_next: list[str] | None = None
     seconds: float | None = None
+    cpu_seconds: float | None = None  # this process's CPU time (in-process: server and every site)
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -103,6 +105,8 @@ class StageRecord:
                 out["init_checkpoint"] = self.init_checkpoint
             out["mim_loss"] = list(self.mim_loss or [])
             out["seconds"] = self.seconds
+            if self.cpu_seconds is not None:
+                out["cpu_seconds"] = self.cpu_seconds
             return out
         out.update({"strategy": self.strategy, "schedule": self.schedule,
                     "participants": list(self.participants),
@@ -117,6 +121,8 @@ class StageRecord:
         if self.evaluate_next is not None:
             out["evaluate_next"] = list(self.evaluate_next)
         out["seconds"] = self.seconds
+        if self.cpu_seconds is not None:
+            out["cpu_seconds"] = self.cpu_seconds
         out["phase_seconds"] = dict(self.phase_seconds)
         return out
 
@@ -125,7 +131,7 @@ class StageRecord:
         if d.get("kind") == PRETRAIN:
             return cls(stage=int(d["stage"]), kind=PRETRAIN, pool_size=d.get("pool_size"),
                        init_checkpoint=d.get("init_checkpoint"), mim_loss=list(d.get("mim_loss", [])),
-                       seconds=d.get("seconds"))
+                       seconds=d.get("seconds"), cpu_seconds=d.get("cpu_seconds"))
         return cls(
             stage=int(d["stage"]), kind=str(d.get("kind", FEDERATED)), strategy=d.get("strategy"),
             schedule=d.get("schedule"), participants=list(d.get("participants", [])),
@@ -135,7 +141,7 @@ class StageRecord:
             absent={str(a["client"]): str(a["reason"]) for a in d.get("absent", [])},
             curation=list(d.get("curation", [])), calibration=d.get("calibration"),
             evaluation=d.get("evaluation"), evaluate_next=d.get("evaluate_next"), seconds=d.get("seconds"),
-            phase_seconds=dict(d.get("phase_seconds", {})))
+            cpu_seconds=d.get("cpu_seconds"), phase_seconds=dict(d.get("phase_seconds", {})))
 
 
 def stages_to_json(stages: list[StageRecord]) -> list[dict[str, Any]]:

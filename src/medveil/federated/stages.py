@@ -96,7 +96,7 @@ def prepare(cfg: FederationConfig, client_fit: LocalFit = local_fit,
 
 def run_pretraining(fed: Federation, progress: bool = True) -> StageRecord:
     """Stage 0: optional MAE/MedMAE checkpoint, then MIM pretraining on the pool."""
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     record = StageRecord.pretraining(len(fed.server.pool))
     if fed.cfg.init_checkpoint:
         from medveil.models.checkpoint import load_vit_checkpoint
@@ -105,7 +105,7 @@ def run_pretraining(fed: Federation, progress: bool = True) -> StageRecord:
         record.init_checkpoint = {"path": report.path, "notes": report.notes}
     result = fed.server.pretrain(fed.cfg.pretrain, derive_seed(fed.cfg.seed, 0, "pretrain"), progress)
     record.mim_loss = list(result["mim_loss"])
-    record.seconds = time.time() - t0
+    record.seconds, record.cpu_seconds = time.time() - t0, time.process_time() - c0
     return record
 
 
@@ -244,7 +244,7 @@ def run_stage(fed: Federation, stage: int, progress: bool = True, previous: Stag
     stage's first training round (:mod:`.stage_evaluation`). ``last``: the run's final stage,
     evaluated in a round of its own; any other stage leaves its evaluation to the next one.
     """
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     present = fed.transport.available(stage)
     names = sample_participants(fed, stage, present)
     record = StageRecord.federated(stage, fed.curator.name, fed.schedule, names)
@@ -274,7 +274,7 @@ def run_stage(fed: Federation, stage: int, progress: bool = True, previous: Stag
         _evaluate_own_round(fed, record, evaluated)
     else:
         stage_evaluation.mark_pending(record, evaluated)
-    record.seconds = time.time() - t0
+    record.seconds, record.cpu_seconds = time.time() - t0, time.process_time() - c0
     return record
 
 
