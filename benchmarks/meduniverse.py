@@ -22,7 +22,7 @@ fine-tuned (same recipe for all) and linearly probed (logistic regression on fro
 LODO: for each held-out dataset, pretrain on a pool of the five others, federate them, then
 probe / fine-tune on the held-out dataset; compared with that stage-0 MIM backbone and with the
 held-out site alone (small CNN on its own train images).
-Cost: CPU-minutes per seed for every method, all sites together (workers run 1 thread each).
+Cost: CPU-minutes per seed for every method's training, all sites together (process CPU time).
 Statistics: mean +/- std over seeds; paired two-sided Wilcoxon signed-rank and paired t-test
 over (dataset, seed) pairs (medveil.evaluate.stats).
 
@@ -86,6 +86,8 @@ CENTRAL_VERSION = 2
 CALIBRATED_VERSION = 1
 # Version 2 of a LODO fold adds the held-out site alone (small CNN); version-1 folds are rerun.
 LODO_VERSION = 2
+# Version 2 of a seed job records each method's training CPU time ("_cpu"); version-1 jobs are rerun.
+SEED_VERSION = 2
 
 QUICK: dict[str, Any] = {  # patch 7 at 28 px (4x4 tokens): fast enough for 3 seeds + LODO on 2 cores
     "seeds": 3,
@@ -151,11 +153,13 @@ def run_seed(setting: dict[str, Any], data_dir: Path, seed: int, log: list[str])
     timing = {"pretrain": pre.seconds}
     log.append(f"seed {seed}: pretrain {pre.seconds:.0f}s, MIM loss {pre.mim_loss[0]:.3f} -> "
                f"{pre.mim_loss[-1]:.3f}")
+    cpu = {"pretrain": pre.cpu_seconds}  # CPU-seconds of training only (evaluation (ii) apart)
     for method, overrides in FEDERATED.items():
         t = time.time()
         mcfg = make_config(setting, data_dir, seed, DATASETS, overrides)
         fed = fork(base, mcfg, stage0)
         stages = run_stages(fed, 1, mcfg.federation.rounds + 1, progress=False)
+        cpu[method] = sum(s.cpu_seconds or 0.0 for s in stages)
         last = stages[-1].clients
         per = backbone_eval(mcfg.model.to_dict(), fed.server.backbone_state(), base.clients, recipe_eval,
                             eval_seed, cfg.evaluation.probe_C, finetune=method in FINETUNED)
@@ -168,11 +172,12 @@ def run_seed(setting: dict[str, Any], data_dir: Path, seed: int, log: list[str])
             n: dict(stages[-1].clients[n].bytes) for n in last}
         timing[method] = time.time() - t
     budget = replace(cfg.local, epochs=cfg.federation.rounds * cfg.local.epochs, fedprox_mu=0.0)
-    t = time.time()
+    t, c = time.time(), time.process_time()
     results["local_only"] = {n: {"universal": m} for n, m in
                              local_only(cfg.model, base.clients, budget, derive_seed(seed, "local")).items()}
-    timing["local_only"] = time.time() - t
+    timing["local_only"], cpu["local_only"] = time.time() - t, time.process_time() - c
     results["_timing"] = timing
+    results["_cpu"] = cpu
     log.append(f"seed {seed}: done in {time.time() - t0:.0f}s "
                + ", ".join(f"{k} {v:.0f}s" for k, v in timing.items()))
     return results
@@ -255,7 +260,8 @@ def run_job(job: tuple[str, int, str], setting: dict[str, Any], data_dir: Path,
     key = jsonable({"job": list(job), "setting": setting, "data_dir": str(data_dir),
                     **({"version": CENTRAL_VERSION} if kind == "central" else {}),
                     **({"version": CALIBRATED_VERSION} if kind == "calibrated" else {}),
-                    **({"version": LODO_VERSION} if kind == "lodo" else {})})
+                    **({"version": LODO_VERSION} if kind == "lodo" else {}),
+                    **({"version": SEED_VERSION} if kind == "seed" else {})})
     path = cache / f"{kind}-{seed}{'-' + held if held else ''}.json" if cache else None
     if path is not None and path.is_file():
         stored = json.loads(path.read_text())

@@ -94,21 +94,22 @@ def tables(results: list[dict[str, Any]], lodo: list[dict[str, Any]]) -> tuple[s
 
 
 def cost_lines(results: list[dict[str, Any]], summary: dict[str, Any]) -> list[str]:
-    """CPU-minutes per seed, all sites together (1-thread workers: wall = CPU). A federated
-    method's cost includes the shared stage-0 pretraining; the evaluation (ii) is not counted."""
+    """CPU-minutes per seed of each method's training, all sites together (process CPU time; a
+    federated method's includes the shared stage-0 pretraining; evaluation (ii) is not counted)."""
     cost: dict[str, list[float]] = {}
     for r in results:
-        t = r.get("_timing", {})
+        c = r.get("_cpu", {})
         for m in FEDERATED:
-            if m in t:
-                cost.setdefault(m, []).append((t[m] + t.get("pretrain", 0.0)) / 60)
-        if "local_only" in t:
-            cost.setdefault("local_only", []).append(t["local_only"] / 60)
+            if m in c:
+                cost.setdefault(m, []).append((c[m] + (c.get("pretrain") or 0.0)) / 60)
+        if "local_only" in c:
+            cost.setdefault("local_only", []).append(c["local_only"] / 60)
         for arch in ("alone_small_cnn", "alone_resnet18"):
             if arch in r:
                 cost.setdefault(arch, []).append(sum(r[arch][d]["universal"]["cpu_seconds"]
                                                      for d in DATASETS if d in r[arch]) / 60)
     summary["cpu_minutes_per_seed"] = {m: mean_std(v) for m, v in cost.items()}
-    out = ["\nCost: CPU-minutes per seed, all six sites together (federated: with stage-0 pretraining)"]
+    out = ["\nCost: CPU-minutes per seed of training, all six sites together (federated: with stage-0 "
+           "pretraining)"]
     out += [f"{m:<20}{mean_std(v)[0]:>8.1f}" for m, v in cost.items()]
     return out

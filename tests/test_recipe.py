@@ -32,8 +32,13 @@ def test_policies_follow_the_modality():
     fundus = policy_for("colour fundus", ["grade 0", "grade 1"])
     assert fundus.hflip and not fundus.vflip and fundus.contrast <= 0.05  # colour is diagnostic
     assert policy_for("dermoscopy", ["nv"], "none") is NO_AUGMENT
-    with pytest.raises(ValueError, match="augment must be"):
+    flips = policy_for("dermoscopy", ["nv"], "flip")
+    assert flips == AugmentPolicy(hflip=True, vflip=True)  # flips alone, nothing else
+    assert policy_for("abdominal CT (axial)", ORGAN, "flip").is_identity
+    with pytest.raises(ConfigError, match="augment must be"):
         policy_for("dermoscopy", ["nv"], "strong")
+    for unknown in ("unknown", "DX", "CR/DX"):  # a DICOM code or no catalogue entry: never mirrored
+        assert not policy_for(unknown, ["a", "b"]).hflip
 
 
 def test_augmentation_is_seeded_and_stays_in_range():

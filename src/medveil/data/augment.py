@@ -3,8 +3,10 @@
 Small datasets need augmentation more than anything else (a ViT or CNN trained on 2000 images
 without it memorises them). What is safe depends on the images:
 
-- a horizontal flip swaps left and right, so it is off whenever a class name says "left" or
-  "right" (OrganMNIST's kidney-left / kidney-right ...) and for chest X-rays (the heart's side);
+- a horizontal flip swaps left and right, so it is on only for modalities known to have no
+  side (microscopy, pathology, dermoscopy, fundus, ultrasound, OCT) and off whenever a class
+  name says "left" or "right" (OrganMNIST's kidney-left / kidney-right ...); CT, X-ray and any
+  modality the rules do not know (a DICOM code, "unknown") are never mirrored;
 - colour is diagnostic in stained microscopy, pathology, dermoscopy and fundus photographs, so
   their brightness / contrast jitter is mild and hue or saturation are never touched;
 - cells, tissue and skin lesions have no up or down: vertical flips and any rotation are fine;
@@ -24,7 +26,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-AUGMENT_MODES = ("none", "auto")
+from medveil.errors import ConfigError
+
+AUGMENT_MODES = ("none", "flip", "auto")
 
 
 @dataclass(frozen=True)
@@ -81,21 +85,24 @@ def _signs(n: int, gen: torch.Generator) -> torch.Tensor:
 
 NO_AUGMENT = AugmentPolicy()
 ORIENTATION_FREE = ("microscopy", "pathology", "dermoscopy")  # no up, down, left or right
+MIRROR_OK = ORIENTATION_FREE + ("fundus", "ultrasound", "oct")  # no anatomical side in the label
 COLOUR_DIAGNOSTIC = ("microscopy", "pathology", "dermoscopy", "fundus")
-LATERAL = ("chest x-ray",)  # left and right are anatomy: never mirrored
 
 
 def policy_for(modality: str, class_names: list[str] | tuple[str, ...], mode: str = "auto") -> AugmentPolicy:
-    """The augmentation for a dataset: ``none``, or ``auto`` (the rules of the module docstring)."""
+    """The augmentation for a dataset: ``none``; ``flip`` (only the flips the rules allow); ``auto``
+    (flips, random resized crop, rotation, brightness / contrast: the rules of the module docstring)."""
     if mode == "none":
         return NO_AUGMENT
-    if mode != "auto":
-        raise ValueError(f"augment must be one of {', '.join(AUGMENT_MODES)}, got {mode!r}")
+    if mode not in ("flip", "auto"):
+        raise ConfigError(f"augment must be one of {', '.join(AUGMENT_MODES)}, got {mode!r}")
     m = modality.lower()
     names = " ".join(class_names).lower()
-    lateral = "left" in names or "right" in names or any(k in m for k in LATERAL)
+    lateral = "left" in names or "right" in names or not any(k in m for k in MIRROR_OK)
     free = any(k in m for k in ORIENTATION_FREE)
     colour = any(k in m for k in COLOUR_DIAGNOSTIC)
+    if mode == "flip":
+        return AugmentPolicy(hflip=not lateral, vflip=free and not lateral)
     return AugmentPolicy(hflip=not lateral, vflip=free and not lateral, crop_scale=(0.7, 1.0),
                          rotate_deg=180.0 if free and not lateral else 10.0,
                          brightness=0.05 if colour else 0.15, contrast=0.05 if colour else 0.15)

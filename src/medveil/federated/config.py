@@ -68,8 +68,9 @@ class EvaluationOptions:
     probe_max_iter: int = 1000
 
     def finetune_recipe(self, local: TrainRecipe) -> TrainRecipe:
-        """The clients' recipe (weight decay, head lr, class weighting) with these epochs / lr /
-        batch size and no FedProx term."""
+        """The clients' recipe (weight decay, head lr, class weighting, augmentation, schedule,
+        label smoothing, layer decay, drop path) with these epochs / lr / batch size and no
+        FedProx term."""
         return replace(local, epochs=self.finetune_epochs, lr=self.finetune_lr,
                        batch_size=self.finetune_batch_size, fedprox_mu=0.0)
 
@@ -169,8 +170,10 @@ def validate(cfg: FederationConfig, where: str = "config", remote_clients: bool 
         raise ConfigError(f"{where}: [federation] client_fraction must be in (0, 1]")
     if cfg.local.epochs < 1 or cfg.local.batch_size < 1 or cfg.pretrain.batch_size < 1:
         raise ConfigError(f"{where}: epochs and batch sizes of [local] / [pretrain] must be >= 1")
-    if cfg.local.class_weighting not in ("none", "balanced"):
-        raise ConfigError(f"{where}: [local] class_weighting must be 'none' or 'balanced'")
+    try:
+        cfg.local.check()
+    except ConfigError as err:
+        raise ConfigError(f"{where}: [local] {err}") from None
     make_curator(fed.strategy, cfg.curation)  # checks the [curation] values the strategy uses
     cfg.model.validate()
     if remote_clients:

@@ -1,8 +1,8 @@
 """When the clients evaluate a stage's universal model: in the next stage's training round.
 
 After stage s's curation the universal model is what stage s+1 sends out for training, so a
-client evaluates it on its test split right before training on it (``FitJob.evaluate``: same
-message, same round) instead of in a round of its own: one message round per stage instead of
+client evaluates it on its test split right before training on it (``ClientJob.evaluate_first``:
+same message, same round) instead of in a round of its own: one message round per stage instead of
 two (over Flower each round costs seconds of fixed latency). Stage s's record is then
 ``"evaluation": "pending"`` until stage s+1 fills its clients' ``test`` metrics in
 (``"evaluation": "next stage"``). Clients due for evaluation but not training first in stage s+1
