@@ -133,3 +133,27 @@ def test_cnn_shapes_and_site_alone(tmp_path):
     b = train_site_alone("small_cnn", clients[0], recipe, seed=0)
     assert a["acc"] == b["acc"] and a["n"] == len(clients[0].x_test) and a["cpu_seconds"] > 0
     assert published_row(clients[0]) is None
+
+
+def test_evaluate_rejects_an_unknown_site_alone_cnn(tmp_path):
+    from medveil.errors import MedVeilError
+    from medveil.evaluate.federated_run import evaluate_run
+
+    with pytest.raises(MedVeilError, match="--site-alone: unknown CNN 'vgg'"):
+        evaluate_run(tmp_path, site_alone_archs=("vgg",))
+
+
+def test_evaluate_puts_the_site_alone_beside_the_universal_model(tmp_path, capsys):
+    import json
+
+    from medveil.cli.main import main
+    from medveil.federated.engine import run_federation
+
+    run_federation(tiny_config(tmp_path, "fedavg", rounds=1), tmp_path / "run", progress=False)
+    assert main(["evaluate", str(tmp_path / "run"), "--no-finetune", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "each site alone" in out and "small_cnn" in out and "published" in out
+    result = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    alone = result["site_alone"]["small_cnn"]
+    assert set(alone) == {"alpha", "beta"} and all(0 <= m["acc"] <= 1 and m["cpu_seconds"] > 0 for m in alone.values())
+    assert result["published"] == {"alpha": None, "beta": None}  # no published figure for these sets

@@ -31,7 +31,7 @@ from medveil.federated import stage_evaluation
 from medveil.federated.client import CALIBRATE, EVALUATE, FIT, ClientJob, LocalFit, local_fit
 from medveil.federated.config import FederationConfig
 from medveil.federated.curation import Curator, make_curator
-from medveil.federated.messages import FitInstructions, message_nbytes
+from medveil.federated.messages import EvalReport, FitInstructions, message_nbytes
 from medveil.federated.records import StageRecord
 from medveil.federated.server import Server
 from medveil.federated.sites import ClientData, build_sites, load_pool
@@ -153,7 +153,7 @@ def _evaluate_owed_alone(fed: Federation, record: StageRecord, previous: StageRe
                                      **reports.absent})
 
 
-def _reports(exchange: Exchange) -> dict:
+def _reports(exchange: Exchange) -> dict[str, EvalReport]:
     return {n: r.report for n, r in exchange.replies.items() if r.report is not None}
 
 
