@@ -234,3 +234,19 @@ def test_demo_run_small(tiny_gan, tmp_path):
                        invert_steps=1, progress=False)
     assert summary["verify_passed"] and summary["k"] == 3 and summary["n_members"] == 12
     assert (tmp_path / "demo" / "release" / "labels.csv").is_file()
+
+
+def test_cli_paths_are_the_current_folders_and_people_are_counted(tiny_gan, tmp_path, capsys, monkeypatch):
+    """A path on the command line is relative to where the command runs (not to the CSV), and
+    the summary counts people and images apart."""
+    patients = [f"P{i // 2}" for i in range(14)]  # 7 patients, two images each
+    _write_folder(tmp_path / "f2", 14, patients)
+    monkeypatch.chdir(tmp_path)
+    args = ["anonymize", "--images", "f2/imgs", "--labels", "f2/labels.csv", "--id-column", "image",
+            "--label-column", "grade", "--patient-column", "patient", "--out", "out", "--gan",
+            str(tiny_gan), *FAST, "--k", "3"]
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "made from 14 images of 7 people" in out, out
+    assert verify_release(tmp_path / "out").passed

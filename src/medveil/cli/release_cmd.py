@@ -22,7 +22,9 @@ def _add_data_args(p: argparse.ArgumentParser, prefix: str = "", required: bool 
     dash = f"--{prefix}-" if prefix else "--"
     what = f"{prefix} " if prefix else ""
     p.add_argument(f"{dash}images", type=Path, metavar="DIR",
-                   help=f"folder of the {what}images (with {dash}labels)")
+                   help=f"folder of the {what}images (with {dash}labels); relative to the current "
+                        "folder, like every path on the command line (file names inside the CSV "
+                        "are relative to this folder)")
     p.add_argument(f"{dash}labels", type=Path, metavar="CSV",
                    help=f"CSV with one row per {what}image: id, label [, patient]")
     p.add_argument(f"{dash}data", type=Path, metavar="PATH",
@@ -144,8 +146,8 @@ def load_images_arg(args: argparse.Namespace, prefix: str = "", default_split: s
     if data is not None:
         is_npz = Path(data).suffix.lower() == ".npz"
         dataset = load_dataset(data, **({} if is_npz else cols))
-    elif labels is not None:
-        dataset = load_dataset(labels, image_dir=images, **cols)
+    elif labels is not None:  # a command-line path is the current folder's, not the CSV's
+        dataset = load_dataset(labels, image_dir=None if images is None else Path(images).absolute(), **cols)
     elif images is not None:
         dataset = load_dataset(images, **cols)
     else:
@@ -197,7 +199,9 @@ def run_anonymize(args: argparse.Namespace) -> int:
         models = load_models(args.gan, args.encoder, device)
     result = anonymize(data, models, args.out, cfg, overwrite=args.overwrite, progress=progress)
     rep = result.report
-    print(f"medveil: released {rep['n_images']} images of {rep['n_members']} people "
+    people = (f"{rep['n_members']} people" if rep.get("n_patients") is None
+              else f"{rep['n_members']} images of {rep['n_patients']} people")
+    print(f"medveil: released {rep['n_images']} images made from {people} "
           f"(k={rep['k']}, grouping {cfg.grouping}"
           f"{' within labels' if cfg.stratify_labels else ''}, by {rep['group_by']}) to "
           f"{result.release.release_dir}")
