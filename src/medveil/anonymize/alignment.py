@@ -57,11 +57,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from medveil.errors import ConfigError
 from medveil.generative.latent_opt import frozen, warmup_cosine_lr
 from medveil.models.features import FeatureNet
+from medveil.progress import bar as progress_bar
 
 GRAM_SCALES = ("mean", "sum")
 DEFAULT_LAMBDA_C = 1e2
@@ -274,8 +274,7 @@ def align_groups(
     device = next(G.parameters()).device
     t0 = time.perf_counter()
     outs: list[dict[str, torch.Tensor]] = []
-    bar = tqdm(total=len(which), desc="align", unit="group",
-               disable=(not progress) if progress is not None else None)
+    bar = progress_bar(total=len(which), desc="align", unit="group", disable=progress is False)
     layout = channels_last(G, content_net, style_net) if memory_channels_last else nullcontext()
     with layout:
         for start in range(0, len(which), batch_size):

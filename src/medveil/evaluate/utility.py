@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from medveil.data.tensors import to_tensor
 from medveil.metrics import accuracy, quadratic_kappa
 from medveil.models.small_cnn import SmallCNN
+from medveil.progress import bar as progress_bar
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,7 @@ def utility_scores(
     """
     results: dict[str, dict[str, Any]] = {}
     jobs = [(name, seed) for name in train_sets for seed in cfg.seeds]
-    bar = tqdm(total=len(jobs), desc="utility", unit="model",
-               disable=(not progress) if progress is not None else None)
+    bar = progress_bar(total=len(jobs), desc="utility", unit="model", disable=progress is False)
     test_cache: dict[tuple[int, int], torch.Tensor] = {}
     for name, (images, labels) in train_sets.items():
         size, channels = images.shape[1], images.shape[3]

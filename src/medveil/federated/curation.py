@@ -47,13 +47,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from medveil.errors import ConfigError
 from medveil.federated.rebuild import build_backbone, build_head
 from medveil.federated.messages import ClientUpdate, StateDict
 from medveil.federated.server import Server, require_pool
 from medveil.federated.training import batch_indices, extract_features, predict_logits, seeded
+from medveil.progress import bar as progress_bar
 
 STRATEGIES = ("distill", "relay", "fedavg")
 DEFAULT_SCHEDULE = {"distill": "parallel", "relay": "sequential", "fedavg": "parallel"}
@@ -236,8 +236,8 @@ class DistillCurator(Curator):
         server.heads.train()
         mim_total = 0.0
         with seeded(seed):
-            for idx in tqdm(steps[:n_steps], desc="curation: distill", leave=False,
-                            disable=None if progress else True):
+            for idx in progress_bar(steps[:n_steps], desc="curation: distill", leave=False,
+                                    disable=not progress):
                 x = pool[idx].to(device)
                 f = model.forward_features(x)
                 loss = sum(distill_kl(server.heads[n](f), t[idx].to(device), p.tau, server.registry[n].task)

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from medveil.errors import DataError, MedVeilError
 from medveil.federated.messages import FitInstructions, JoinRequest, StateDict
@@ -23,6 +22,7 @@ from medveil.federated.training import batch_indices, new_head, seeded
 from medveil.federated.updates import Spec, state_spec
 from medveil.models import MaskedAutoencoderViT, ViTConfig, VisionTransformer
 from medveil.models.checkpoint import save_checkpoint
+from medveil.progress import bar as progress_bar
 
 UNIVERSAL_FORMAT = "medveil-universal-1"
 
@@ -94,8 +94,8 @@ class Server:
         losses: list[float] = []
         model.train()
         with seeded(seed):
-            for _ in tqdm(range(recipe.epochs), desc="stage 0: MIM pretraining", leave=False,
-                          disable=None if progress else True):
+            for _ in progress_bar(range(recipe.epochs), desc="stage 0: MIM pretraining", leave=False,
+                                  disable=not progress):
                 total_loss, count = 0.0, 0
                 for idx in batch_indices(len(self.pool), recipe.batch_size, gen):
                     loss, _, _ = model(self.pool[idx].to(device), mask_ratio=recipe.mask_ratio)

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from medveil.errors import MedVeilError
 from medveil.federated import stage_evaluation
@@ -39,6 +38,7 @@ from medveil.federated.training import derive_seed
 from medveil.federated.transport import Exchange, LocalTransport, Transport
 from medveil.federated.updates import Rejection, screen_updates
 from medveil.progress import timed
+from medveil.progress import bar as progress_bar
 
 log = logging.getLogger("medveil.federated")
 
@@ -254,8 +254,7 @@ def run_stage(fed: Federation, stage: int, progress: bool = True, previous: Stag
     fused = set(owed) & set(groups[0] if groups else [])
     if previous is not None and owed:
         _evaluate_owed_alone(fed, record, previous, owed, fused, present)
-    bar = tqdm(total=len(names), desc=f"stage {stage}: clients", leave=False,
-               disable=None if progress else True)
+    bar = progress_bar(total=len(names), desc=f"stage {stage}: clients", leave=False, disable=not progress)
     for gi, group in enumerate(groups):
         _train_group(fed, record, gi, group, previous, fused, progress)
         bar.update(len(group))
@@ -284,8 +283,8 @@ def run_stages(fed: Federation, start: int, end: int, progress: bool = True,
     """Stages start..end-1 (stage 0 = pretraining); appends each stage's record to ``stages``."""
     stages = [] if stages is None else stages
     total = fed.cfg.federation.rounds + 1
-    for stage in tqdm(range(start, end), desc="federate", initial=start, total=total,
-                      disable=None if progress else True):
+    for stage in progress_bar(range(start, end), desc="federate", initial=start, total=total,
+                              disable=not progress):
         if stage == 0:
             stages.append(run_pretraining(fed, progress))
         else:

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from medveil.errors import ConfigError
 from medveil.generative.checkpoint import (
@@ -40,6 +39,7 @@ from medveil.generative.train import EpochSampler
 from medveil.models.encoder import Encoder, EncoderConfig
 from medveil.models.features import FeatureNet, build_feature_net
 from medveil.models.stylegan2 import Generator
+from medveil.progress import bar as progress_bar
 
 ENCODER_FORMAT = "medveil-restyle-encoder/1"
 RESUMABLE_FIELDS = ("steps", "log_every", "checkpoint_every")
@@ -204,7 +204,7 @@ class EncoderTrainer:
         t0, acc, n = time.perf_counter(), {}, 0
         with frozen(self.G, self.fnet):
             self.encoder.train()
-            bar = tqdm(total=cfg.steps, initial=self.step, desc="encoder", disable=self.progress is False)
+            bar = progress_bar(total=cfg.steps, initial=self.step, desc="encoder", disable=self.progress is False)
             while self.step < cfg.steps:
                 logs = self.train_step()
                 acc = {k: acc.get(k, 0.0) + v for k, v in logs.items()}

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from medveil.errors import ConfigError, DataError
 from medveil.generative.checkpoint import load_checkpoint
 from medveil.io import save_torch_atomic
 from medveil.models.features import CONV_FORMAT, DEFAULT_WIDTHS, ConvFeatureNet, as_rgb, load_conv_feature_net
+from medveil.progress import bar as progress_bar
 
 
 @dataclass
@@ -112,8 +112,8 @@ def train_feature_net(images: torch.Tensor, labels: torch.Tensor | None, out_pat
     for epoch in range(start_epoch, cfg.epochs):
         perm = torch.randperm(N, generator=gen)
         total, steps = 0.0, 0
-        for idx in tqdm(perm.split(bs), desc=f"feature net {epoch + 1}/{cfg.epochs}",
-                        disable=not progress, leave=False):
+        for idx in progress_bar(perm.split(bs), desc=f"feature net {epoch + 1}/{cfg.epochs}",
+                                disable=not progress, leave=False):
             if len(idx) < 2:
                 continue
             x = images[idx]

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-from tqdm.auto import tqdm
 
 from medveil.data.tensors import convert_channels
 from medveil.errors import ConfigError, DataError
@@ -33,6 +32,7 @@ from medveil.generative.latent_opt import frozen, warmup_cosine_lr
 from medveil.models.encoder import Encoder
 from medveil.models.features import FeatureNet, build_feature_net
 from medveil.models.stylegan2 import Generator
+from medveil.progress import bar as progress_bar
 
 DEFAULT_FEATURE_NET = "random-conv:seed=0"
 
@@ -151,7 +151,7 @@ def project(images: torch.Tensor, G: Generator, fnet: FeatureNet, w_init: torch.
     ws_out, recon_out = [], []
     with frozen(G, fnet):
         batches = list(zip(images.split(cfg.batch_size), w_init.split(cfg.batch_size)))
-        bar = tqdm(total=len(batches) * cfg.steps, desc="project", disable=progress is False, leave=False)
+        bar = progress_bar(total=len(batches) * cfg.steps, desc="project", disable=progress is False, leave=False)
         for x, w0 in batches:
             x = x.to(device)
             targets = ReconTargets(x, fnet)

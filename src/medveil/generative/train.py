@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from medveil.errors import ConfigError
 from medveil.generative.augment import AdaptiveP, augment
@@ -40,6 +39,7 @@ from medveil.generative.figures import plot_curves, read_metrics, save_grid
 from medveil.generative.throughput import count_flops, throughput_report
 from medveil.models.stylegan2 import Generator
 from medveil.models.stylegan2_discriminator import Discriminator
+from medveil.progress import bar as progress_bar
 
 Evaluator = Callable[[Generator], dict[str, Any]]
 
@@ -274,8 +274,8 @@ class GANTrainer:
             self.metrics_path.unlink(missing_ok=True)
         save_train_config(cfg, self.run_dir / "config.toml")
 
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="gan", unit="step",
-                   disable=(not self.progress) if self.progress is not None else None)
+        bar = progress_bar(total=cfg.steps, initial=self.step, desc="gan", unit="step",
+                           disable=self.progress is False)
         window: dict[str, float] = {}
         n_window, t_train, n_train, t0 = 0, 0.0, 0, time.perf_counter()
         last_eval: dict[str, Any] = {}
