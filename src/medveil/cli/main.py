@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "model_cmd",
     "anonymize_cmd",
     "federate_cmd",
+    "predict_cmd",
     "site_cmd",
     "gan_cmd",
     "release_cmd",
