@@ -22,7 +22,6 @@ benchmarks/results/recipe_validation.json.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 import time
@@ -34,14 +33,15 @@ import torch
 
 from medveil.evaluate.site_alone import SiteAloneRecipe, train_site_alone
 from medveil.data import load_dataset, to_tensor
-from medveil.federated.config import load_config
-from medveil.federated.sites import ClientData, build_sites
+from medveil.federated.sites import ClientData
 from medveil.federated.training import derive_seed, new_head, predict_logits, seeded, train_classifier
 from medveil.io import write_json_atomic
 from medveil.metrics import classification_metrics
 from medveil.models import VisionTransformer
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shipped import MEDMNIST6, REPO, shipped_sites  # noqa: E402
+
 VARIANTS = {
     "plain": {},
     "flip_cos": {"augment": "flip", "schedule": "cosine", "warmup_epochs": 1.0},
@@ -68,7 +68,7 @@ def with_validation(c: ClientData, spec, cfg, cap: int = 1000) -> ClientData:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=Path, default=REPO / "src" / "medveil" / "configs" / "medmnist6.toml")
+    p.add_argument("--config", type=Path, default=MEDMNIST6)
     p.add_argument("--sites", default="bloodmnist,organamnist", help="client names of the config (comma-separated)")
     p.add_argument("--model", default="vit", choices=("vit", "small_cnn", "resnet18"))
     p.add_argument("--variants", help="comma-separated (default: every variant of the model)")
@@ -76,12 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "recipe_validation.json")
     args = p.parse_args(argv)
-    os.environ.setdefault("MEDVEIL_DATA_ROOT", str(REPO.parent / "shared" / "data"))
-    torch.set_num_threads(args.threads)
-    cfg = load_config(args.config)
-    wanted = args.sites.split(",")
-    clients, _ = build_sites([c for c in cfg.clients if c.name in wanted], cfg.data, cfg.model.img_size,
-                             cfg.model.in_chans, cfg.seed)
+    cfg, clients = shipped_sites(args.config, args.threads, args.sites.split(","))
     results: dict[str, dict[str, dict]] = {}
     t0 = time.time()
     table = VARIANTS if args.model == "vit" else CNN_VARIANTS

@@ -12,36 +12,30 @@ benchmarks/results/site_alone.json. Needs the real data (MEDVEIL_DATA_ROOT or ..
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 from medveil.evaluate.site_alone import PUBLISHED_NOTE, SiteAloneRecipe, published_row, train_site_alone
-from medveil.federated.config import load_config
-from medveil.federated.sites import build_sites
 from medveil.federated.training import derive_seed
 from medveil.io import write_json_atomic
 from medveil.models.cnn import CNN_ARCHS
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shipped import MEDMNIST6, REPO, shipped_sites  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=Path, default=REPO / "src" / "medveil" / "configs" / "medmnist6.toml")
+    p.add_argument("--config", type=Path, default=MEDMNIST6)
     p.add_argument("--archs", default=",".join(CNN_ARCHS))
     p.add_argument("--epochs", type=int, default=SiteAloneRecipe.epochs)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "site_alone.json")
     args = p.parse_args(argv)
-    os.environ.setdefault("MEDVEIL_DATA_ROOT", str(REPO.parent / "shared" / "data"))
-    torch.set_num_threads(args.threads)
-    cfg = load_config(args.config)
-    clients, _ = build_sites(cfg.clients, cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.seed)
+    cfg, clients = shipped_sites(args.config, args.threads)
     recipe = SiteAloneRecipe(epochs=args.epochs)
     results: dict[str, dict[str, dict]] = {}
     t0 = time.time()

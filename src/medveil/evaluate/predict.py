@@ -14,7 +14,6 @@ import csv
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from medveil.data import load_dataset, to_tensor
@@ -52,26 +51,23 @@ def predict(model: str | Path, data: str | Path, task: str, out: str | Path, spl
     if labelled and ds.num_classes != entry.num_classes:
         raise DataError(f"{data}: its labels have {ds.num_classes} classes, task {task!r} has "
                         f"{entry.num_classes} ({', '.join(entry.class_names)})")
-    probs = []
-    for start in progress_bar(range(0, len(images), BATCH), desc=f"predict {task}", disable=not progress):
-        x = to_tensor(images[start:start + BATCH], size=cfg.img_size, channels=cfg.in_chans)
-        logits = universal.predict(task, x)
-        probs.append(torch.sigmoid(logits) if entry.task == Task.MULTILABEL.value else torch.softmax(logits, 1))
-    p = torch.cat(probs).numpy() if probs else np.zeros((0, entry.num_classes), np.float32)
+    multilabel = entry.task == Task.MULTILABEL.value
+    batches = [universal.predict(task, to_tensor(images[i:i + BATCH], size=cfg.img_size, channels=cfg.in_chans))
+               for i in progress_bar(range(0, len(images), BATCH), desc=f"predict {task}", disable=not progress)]
+    logits = torch.cat(batches) if batches else torch.zeros(0, entry.num_classes)
+    p = (torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)).numpy()
     ids = [str(i) for i in (part.ids if part.ids is not None else range(len(images)))]
     names = list(entry.class_names)
     with atomic_file(out, "w") as fh:
         writer = csv.writer(fh)
         writer.writerow(["id", "predicted", *[f"prob_{n}" for n in names]])
         for i, row in zip(ids, p, strict=True):
-            pred = ";".join(n for n, q in zip(names, row, strict=True) if q > 0.5) \
-                if entry.task == Task.MULTILABEL.value else names[int(row.argmax())]
+            pred = (";".join(n for n, q in zip(names, row, strict=True) if q > 0.5) if multilabel
+                    else names[int(row.argmax())])
             writer.writerow([i, pred, *[f"{q:.6f}" for q in row]])
     summary: dict[str, Any] = {"images": len(images), "split": split, "converted": converted,
                                "from_shape": [h, w, c], "to_shape": [cfg.img_size, cfg.img_size, cfg.in_chans],
                                "out": str(out)}
     if labelled and len(images):
-        logits = np.log(np.clip(p, 1e-12, 1.0)) if entry.task != Task.MULTILABEL.value \
-            else np.log(np.clip(p, 1e-12, 1)) - np.log(np.clip(1 - p, 1e-12, 1))
-        summary["metrics"] = classification_metrics(entry.task, part.labels, logits)
+        summary["metrics"] = classification_metrics(entry.task, part.labels, logits.numpy())
     return summary

@@ -28,13 +28,13 @@ from medveil.federated.training import (
     balanced_weights,
     batch_indices,
     derive_seed,
+    lr_schedule,
     new_head,
     param_groups,
     predict_logits,
     seeded,
     task_loss,
     train_classifier,
-    warmup_cosine,
 )
 from medveil.metrics import classification_metrics
 from medveil.models import ViTConfig, VisionTransformer
@@ -67,10 +67,7 @@ def centralised(cfg: ViTConfig, backbone_state: StateDict, clients: list[ClientD
     recipe.check()
     _, groups = param_groups(backbone, heads, recipe)
     opt = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    steps = recipe.epochs * math.ceil(len(owner) / recipe.batch_size)
-    warm = round(recipe.warmup_epochs * steps / max(1, recipe.epochs))
-    sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, steps, warm))
-             if recipe.schedule == "cosine" else None)
+    sched = lr_schedule(opt, recipe, math.ceil(len(owner) / recipe.batch_size))
     weights = [balanced_weights(d.y_train, d.num_classes, d.task) if recipe.class_weighting == "balanced"
                else None for d in clients]
     policies = [d.augmentation(recipe.augment) for d in clients]  # each client's images, its own policy

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from medveil.errors import DataError, MedVeilError
 from medveil.federated.messages import FitInstructions, JoinRequest, StateDict
-from medveil.federated.training import batch_indices, new_head, seeded
+from medveil.federated.training import batch_indices, new_head, seeded, warmup_cosine
 from medveil.federated.updates import Spec, state_spec
 from medveil.models import MaskedAutoencoderViT, ViTConfig, VisionTransformer
 from medveil.models.checkpoint import save_checkpoint
@@ -81,15 +81,9 @@ class Server:
         device = next(model.parameters()).device
         steps_per_epoch = math.ceil(len(self.pool) / recipe.batch_size)
         total, warm = recipe.epochs * steps_per_epoch, recipe.warmup_epochs * steps_per_epoch
-
-        def lr_lambda(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
                                 betas=(0.9, 0.95), weight_decay=recipe.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, total, warm))
         gen = torch.Generator().manual_seed(seed)
         losses: list[float] = []
         model.train()

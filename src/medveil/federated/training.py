@@ -86,6 +86,15 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+def lr_schedule(opt: torch.optim.Optimizer, recipe: TrainRecipe,
+                steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """The recipe's per-step schedule over ``recipe.epochs`` (None for a constant rate)."""
+    if recipe.schedule != "cosine":
+        return None
+    total, warm = recipe.epochs * steps_per_epoch, round(recipe.warmup_epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, total, warm))
+
+
 def task_loss(logits: torch.Tensor, y: torch.Tensor, task: Task | str,
               weight: torch.Tensor | None = None, smoothing: float = 0.0) -> torch.Tensor:
     """logits (B, C); y (B,) int or (B, C) {0,1} for multi-label -> scalar loss.
@@ -165,11 +174,7 @@ def train_classifier(
     gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator().manual_seed(derive_seed(seed, "augment"))
     use_aug = augment is not None and recipe.augment != "none" and not augment.is_identity
-    steps_per_epoch = math.ceil(len(x) / recipe.batch_size)
-    sched = None
-    if recipe.schedule == "cosine":
-        total, warm = recipe.epochs * steps_per_epoch, round(recipe.warmup_epochs * steps_per_epoch)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, total, warm))
+    sched = lr_schedule(opt, recipe, math.ceil(len(x) / recipe.batch_size))
     backbone.set_drop_path(recipe.drop_path if train_backbone else 0.0)
     backbone.train(train_backbone)
     head.train()

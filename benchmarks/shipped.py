@@ -1,0 +1,27 @@
+"""The sites of a shipped config exactly as `medveil federate --config CONFIG` builds them (same
+seed, same splits), for the benchmarks that measure what users of that config get."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from medveil.federated.config import FederationConfig, load_config
+from medveil.federated.sites import ClientData, build_sites
+
+REPO = Path(__file__).resolve().parents[1]
+MEDMNIST6 = REPO / "src" / "medveil" / "configs" / "medmnist6.toml"
+
+
+def shipped_sites(config: Path, threads: int, names: list[str] | None = None
+                  ) -> tuple[FederationConfig, list[ClientData]]:
+    """(config, its clients' private splits); ``names``: only these clients. Bare dataset names
+    resolve under ``$MEDVEIL_DATA_ROOT``, else ``../shared/data``."""
+    os.environ.setdefault("MEDVEIL_DATA_ROOT", str(REPO.parent / "shared" / "data"))
+    torch.set_num_threads(threads)
+    cfg = load_config(config)
+    specs = [c for c in cfg.clients if names is None or c.name in names]
+    clients, _ = build_sites(specs, cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.seed)
+    return cfg, clients
