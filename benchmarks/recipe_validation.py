@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shipped import MEDMNIST6, REPO, shipped_sites  # noqa: E402
 
 VARIANTS = {
-    "plain": {},
+    "plain": {"augment": "none", "schedule": "constant", "warmup_epochs": 0.0},
     "flip_cos": {"augment": "flip", "schedule": "cosine", "warmup_epochs": 1.0},
     "auto_cos": {"augment": "auto", "schedule": "cosine", "warmup_epochs": 1.0},
     "full": {"augment": "auto", "schedule": "cosine", "warmup_epochs": 1.0, "label_smoothing": 0.1,
@@ -73,10 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="vit", choices=("vit", "small_cnn", "resnet18"))
     p.add_argument("--variants", help="comma-separated (default: every variant of the model)")
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--stem", choices=("patch", "conv"), help="ViT stem (default: the config's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "recipe_validation.json")
     args = p.parse_args(argv)
     cfg, clients = shipped_sites(args.config, args.threads, args.sites.split(","))
+    if args.stem:
+        cfg = replace(cfg, model=replace(cfg.model, stem=args.stem))
     results: dict[str, dict[str, dict]] = {}
     t0 = time.time()
     table = VARIANTS if args.model == "vit" else CNN_VARIANTS
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault(c.name, {})[variant] = m
             print(f"{c.name:<12}{variant:<9} val acc {m['acc']:.3f}  bacc {m['bacc']:.3f}  "
                   f"{m['cpu_seconds'] / 60:.1f} CPU-min", flush=True)
-    what = (f"ViT of {args.config.name} from random init, {args.epochs} epochs" if args.model == "vit"
+    what = (f"ViT of {args.config.name} ({cfg.model.stem} stem) from random init, {args.epochs} epochs"
+            if args.model == "vit"
             else f"{args.model} alone (site-alone recipe)")
     lines = [f"validation split of each dataset (<= 1000 images), {what}; val acc / bacc",
              f"{'site':<12}" + "".join(f"{v:>16}" for v in variants)]
@@ -114,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     write_json_atomic(args.out, {"config": str(args.config), "model": args.model, "epochs": args.epochs,
+                                 "stem": cfg.model.stem,
                                  "variants": {v: table[v] for v in variants},
                                  "threads": args.threads, "machine": platform.platform(),
                                  "command": " ".join(sys.argv), "elapsed_s": time.time() - t0,

@@ -36,7 +36,7 @@ def tiny_config(folder: Path, strategy: str = "fedavg", rounds: int = 2, **secti
     b = make_npz(folder / "beta.npz", 2, 40, colour=True, seed=2)
     raw = {
         "seed": 3,
-        "model": TINY_MODEL,
+        "model": dict(TINY_MODEL),
         "data": {"pool_fraction": 0.25},
         "pretrain": {"epochs": 1, "batch_size": 16},
         "federation": {"strategy": strategy, "rounds": rounds},

@@ -15,7 +15,7 @@ from medveil.errors import ConfigError, DataError, MedVeilError
 from medveil.federated.client import local_fit
 from medveil.federated.config import dump_toml, load_config
 from medveil.federated.engine import run_federation
-from medveil.federated.server import load_universal
+from medveil.federated.universal import load_universal
 from medveil.federated.sites import build_sites, load_pool
 
 from fed_helpers import make_npz, tiny_config
@@ -25,8 +25,15 @@ def model_tensors(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_run_folder_and_resume_identical_to_uninterrupted(tmp_path):
-    cfg = tiny_config(tmp_path, strategy="distill", rounds=2)
+RECIPES = {"default": {},
+           # the convolutional stem with flips + warm-up / cosine (issue 18's recipe levers)
+           "conv_flip_cos": {"model": {"stem": "conv"},
+                             "local": {"augment": "flip", "schedule": "cosine", "warmup_epochs": 0.5}}}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_run_folder_and_resume_identical_to_uninterrupted(tmp_path, recipe):
+    cfg = tiny_config(tmp_path, strategy="distill", rounds=2, **RECIPES[recipe])
     full = run_federation(cfg, tmp_path / "full", progress=False)
     run = tmp_path / "full"
     for name in ("config.toml", "metrics.json", "model.pt", "accuracy_by_stage.png", "complete"):

@@ -61,3 +61,25 @@ def test_predict_converts_other_sizes_and_refuses_bad_input(run, tmp_path, capsy
     err = capsys.readouterr().err
     assert "not a readable universal model" in err and err.count("\n") == 1
     assert not (tmp_path / "q.csv").exists() and not (tmp_path / "r.csv").exists()
+
+
+def test_predict_a_folder_of_plain_images_without_labels(run, tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "scans"
+    (folder / "ward2").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.jpg", "ward2/c.png"):
+        Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(folder / name)  # grey, 40 px
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "scans.csv"
+    assert main(["predict", str(run / "run" / "model.pt"), str(folder), "--task", "beta", "--out", str(out),
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    rows = list(csv.DictReader(out.open()))
+    assert [r["id"] for r in rows] == ["a", "b", "ward2/c"]
+    assert "converted 3 images" in printed and "acc " not in printed  # no labels: no metrics
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(run / "run" / "model.pt"), str(tmp_path / "empty"), "--task", "beta",
+                 "--out", str(tmp_path / "e.csv")]) == 2
+    assert "no image files" in capsys.readouterr().err

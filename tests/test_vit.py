@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
 from medveil.errors import MedVeilError
 from medveil.models import MaskedAutoencoderViT, ViTConfig, VisionTransformer
 from medveil.models.checkpoint import load_vit_checkpoint, read_checkpoint, save_checkpoint
+from medveil.models.hf_layout import from_hf as hf_to_mae_keys
 from medveil.models.layers import sincos_pos_embed
 
 
@@ -172,38 +171,6 @@ def test_encoder_state_dict_round_trip():
 
 
 # ---- against transformers' ViT-MAE (independent implementation) -------------------------------
-def hf_to_mae_keys(hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers ViTMAE / ViT names -> MAE models_mae.py names (both old and new HF spellings)."""
-    rename = [
-        (r"^(vit\.)?embeddings\.cls_token$", "cls_token"),
-        (r"^(vit\.)?embeddings\.position_embeddings$", "pos_embed"),
-        (r"^(vit\.)?embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
-        (r"^(vit\.)?(encoder\.layer|layers)\.(\d+)\.", r"blocks.\3."),
-        (r"^decoder\.decoder_layers\.(\d+)\.", r"decoder_blocks.\1."),
-        (r"^(vit\.)?layernorm\.", "norm."),
-        (r"^decoder\.", ""),
-        (r"layernorm_before", "norm1"),
-        (r"layernorm_after", "norm2"),
-        (r"attention\.(output\.dense|o_proj)", "attn.proj"),
-        (r"intermediate\.dense", "mlp.fc1"),
-        (r"(?<!mlp\.)output\.dense", "mlp.fc2"),
-    ]
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in hf_sd.items():
-        for pattern, repl in rename:
-            key = re.sub(pattern, repl, key)
-        m = re.match(r"(.*)\.attention\.(?:attention\.)?(query|key|value|q_proj|k_proj|v_proj)\.(weight|bias)$", key)
-        if m:
-            which = {"query": "q", "key": "k", "value": "v"}.get(m[2], m[2][0])
-            qkv.setdefault(f"{m[1]}.attn.qkv.{m[3]}", {})[which] = value
-            continue
-        out[key] = value
-    for key, parts in qkv.items():
-        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    return out
-
-
 def hf_mae(cfg: ViTConfig):
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
@@ -362,3 +329,76 @@ def test_cli_load_check(tmp_path, capsys):
     args = parser.parse_args(["model", "load-check", str(tmp_path / "missing.pth")])
     with pytest.raises(MedVeilError, match="checkpoint not found"):
         args.func(args)
+
+
+# ---- convolutional stem (ViTConfig.stem = "conv") --------------------------------------------
+@pytest.mark.parametrize("img_size,patch,in_chans", [(16, 4, 3), (28, 4, 1), (32, 8, 3), (16, 2, 3), (28, 7, 3),
+                                                     (18, 6, 1)])
+def test_conv_stem_shapes_and_own_keys(img_size, patch, in_chans):
+    cfg = small_cfg(img_size=img_size, patch_size=patch, in_chans=in_chans, stem="conv")
+    vit = VisionTransformer(cfg, num_classes=3)
+    tokens = vit.embed(vit.normalize(torch.rand(2, in_chans, img_size, img_size)))
+    assert tokens.shape == (2, cfg.num_patches, cfg.embed_dim)
+    assert vit(torch.rand(2, in_chans, img_size, img_size)).shape == (2, 3)
+    keys = set(vit.state_dict())
+    stem_keys = {k for k in keys if k.startswith("patch_embed.")}
+    assert "patch_embed.proj.weight" not in keys  # a public checkpoint's projection cannot load into it
+    n_convs = 1 + ((patch & -patch).bit_length() - 1)  # full resolution, then one per factor 2
+    assert vit.patch_embed.stem_proj.kernel_size == (patch >> (n_convs - 1),) * 2
+    assert stem_keys == {f"patch_embed.stem.{i}.{m}.{w}" for i in range(n_convs) for m, w in
+                         (("conv", "weight"), ("norm", "weight"), ("norm", "bias"))} | \
+        {"patch_embed.stem_proj.weight", "patch_embed.stem_proj.bias"}
+    # the transformer keeps the timm / MAE names
+    patch_cfg = small_cfg(img_size=img_size, patch_size=patch, in_chans=in_chans)
+    assert keys - stem_keys == set(expected_keys(patch_cfg, decoder=False, head=True)) - {
+        "patch_embed.proj.weight", "patch_embed.proj.bias"}
+    assert {vit.layer_of(k) for k in stem_keys} == {0}  # layer-wise decay treats it as the embedding
+    with pytest.raises(MedVeilError, match="stem"):
+        small_cfg(stem="resnet").validate()
+
+
+@pytest.mark.parametrize("stem", ["conv", "patch"])
+def test_masked_pixels_cannot_reach_visible_tokens(stem):
+    """Whatever a masked patch holds, the encoder's output (every visible token and the cls
+    token) is bit-identical, and its gradient with respect to masked pixels is exactly zero."""
+    torch.manual_seed(0)
+    cfg = small_cfg(stem=stem)
+    mae = MaskedAutoencoderViT(cfg).eval()
+    x = torch.randn(3, 3, 16, 16)
+    noise = torch.rand(3, cfg.num_patches)
+    latent, mask, _ = mae.forward_encoder(x, 0.75, noise)
+    pixel_mask = mae.unpatchify(mask.unsqueeze(-1).expand(-1, -1, 16 * 3)).bool()  # (B, C, H, W)
+    x2 = torch.where(pixel_mask, torch.randn_like(x) * 5, x)
+    assert not torch.equal(x, x2)
+    latent2, _, _ = mae.forward_encoder(x2, 0.75, noise)
+    assert torch.equal(latent, latent2)
+    xg = x.clone().requires_grad_(True)
+    mae.forward_encoder(xg, 0.75, noise)[0].sum().backward()
+    assert torch.count_nonzero(xg.grad[pixel_mask]) == 0
+    assert torch.count_nonzero(xg.grad[~pixel_mask]) > 0
+    if stem == "conv":  # without the blanking the overlapping stem would leak: the test can fail
+        leaky = mae.keep(mae.embed(x2), mae.mask_from_noise(noise, 0.75)[0])
+        assert not torch.equal(leaky, mae.keep(mae.embed(x), mae.mask_from_noise(noise, 0.75)[0]))
+
+
+def test_conv_stem_mae_trains_and_round_trips_encoder():
+    torch.manual_seed(0)
+    cfg = small_cfg(stem="conv")
+    mae = MaskedAutoencoderViT(cfg)
+    imgs = torch.rand(8, 3, 16, 16)
+    opt = torch.optim.AdamW(mae.parameters(), lr=3e-3)
+    noise = torch.rand(8, 16)
+    losses = []
+    for _ in range(25):
+        loss, _, _ = mae(imgs, noise=noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    vit = VisionTransformer(cfg)
+    vit.load_state_dict(mae.encoder_state_dict())
+    mae.eval()
+    x = torch.rand(2, 3, 16, 16)
+    latent, _, _ = mae.forward_encoder(mae.normalize(x), mask_ratio=0.0)
+    torch.testing.assert_close(vit.forward_features(x), latent[:, 0])

@@ -64,11 +64,41 @@ def release_step(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return run(out / "k-anonymous", gan_dir=out / "gan", gan_steps=args.gan_steps)
 
 
+def predict_step(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The universal model's blood task on the BloodMNIST sample's test split -> a CSV."""
+    from medveil.data.samples import sample_path
+    from medveil.evaluate.predict import predict
+
+    if not (out / "federated" / "model.pt").is_file():
+        federate_step(args, out)
+    csv = out / "predictions_blood.csv"
+    s = predict(out / "federated" / "model.pt", sample_path("bloodmnist"), "blood", csv, overwrite=True,
+                progress=False)
+    print(f"predicted {s['images']} images -> {csv}; accuracy {s['metrics']['acc']:.3f}")
+    return {"csv": str(csv), "images": s["images"], "acc": s["metrics"]["acc"]}
+
+
+def report_step(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """One HTML page per result: the federated run and the release (open them in a browser)."""
+    from medveil.report.run_report import build_report
+
+    pages = {}
+    for name in ("federated", "k-anonymous"):
+        if (out / name).is_dir():
+            page = out / f"report_{name}.html"
+            build_report(out / name, page, overwrite=True)
+            pages[name] = str(page)
+            print(f"report: {page}")
+    return pages
+
+
 STEPS: list[Step] = [
     Step("samples", "load the shipped sample datasets", samples_step),
     Step("federate", "federate the six samples into one universal ViT", federate_step),
     Step("gan", "train a tiny StyleGAN2 on the RetinaMNIST sample", gan_step),
     Step("release", "k = 5 anonymous synthetic release of that sample, verified", release_step),
+    Step("predict", "apply the universal model's blood task to new images (a CSV)", predict_step),
+    Step("report", "an HTML page for the federated run and one for the release", report_step),
 ]
 
 

@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "load-check",
         help="load a MAE / MedMAE / timm / medveil checkpoint into our ViT and report what fitted",
     )
-    check.add_argument("checkpoint", help="a .pth / .pt / .safetensors file")
+    check.add_argument("checkpoint", help="a .pth / .pt / .safetensors file, or a transformers folder "
+                       "(config.json + model.safetensors / pytorch_model.bin)")
     check.add_argument("--preset", choices=sorted(PRESETS),
                        help="model shape (default: the config stored in a medveil checkpoint, else base16)")
     check.add_argument("--img-size", type=int, help="input size in pixels (pos-embed grid is resized)")

@@ -11,7 +11,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "predict",
         help="apply one task of a universal model (a run's model.pt) to images: one CSV row per image",
         description="Writes id, predicted class and one probability per class for every image of DATA "
-                    "(a MedMNIST .npz split, a folder with a CSV, DICOM files); prints the metrics when "
+                    "(a MedMNIST .npz split, a folder with a CSV, DICOM files, a folder of plain images); prints the metrics when "
                     "DATA has labels of the task's classes. Images of another size or channel count "
                     "are converted (and counted).",
     )

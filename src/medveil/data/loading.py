@@ -62,7 +62,13 @@ def load_dataset(
             dataset.modality = modality
         return dataset
     if p.is_dir():
-        raise DataError(f"{p}: no CSV of labels and no .dcm files in this folder")
+        from medveil.data.dicom_folder import read_plain_images
+
+        _reject(p, options, allowed=("size", "modality"), kind="image folders without a CSV")
+        dataset = read_plain_images(p, size=_square(size))
+        if modality is not None:
+            dataset.modality = modality
+        return dataset
     raise DataError(f"{p}: not a dataset MedVeil can read (.npz, image folder + CSV, DICOM)")
 
 

@@ -22,7 +22,7 @@ from medveil.evaluate.site_alone import PUBLISHED_NOTE, published_row, site_alon
 from medveil.federated.config import load_config
 from medveil.federated.engine import COMPLETE, load_stage
 from medveil.io import write_json_atomic
-from medveil.federated.server import load_universal
+from medveil.federated.universal import load_universal
 from medveil.federated.sites import build_sites
 from medveil.federated.training import derive_seed
 from medveil.models.cnn import CNN_ARCHS

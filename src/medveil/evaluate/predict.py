@@ -19,7 +19,7 @@ import torch
 from medveil.data import load_dataset, to_tensor
 from medveil.data.dataset import Task
 from medveil.errors import ConfigError, DataError, MedVeilError
-from medveil.federated.server import load_universal
+from medveil.federated.universal import load_universal
 from medveil.io import atomic_file
 from medveil.metrics import classification_metrics
 from medveil.progress import bar as progress_bar

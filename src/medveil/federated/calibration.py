@@ -33,9 +33,10 @@ from medveil.federated.training import TrainRecipe, balanced_weights, extract_fe
 
 
 def fit_linear_head(features: torch.Tensor, y: torch.Tensor, num_classes: int, task: Task | str,
-                    class_weighting: str = "none", max_iter: int = 500) -> StateDict:
+                    class_weighting: str = "none", max_iter: int = 500, C: float = 1.0) -> StateDict:
     """Head {"weight": (C, D), "bias": (C,)} minimising the weighted task loss of ``features``
-    (N, D) plus ||W||^2 / (2 N), on standardised features, folded back to raw features."""
+    (N, D) plus ||W||^2 / (2 N C) (``C``: scikit-learn's inverse L2 strength), on standardised
+    features, folded back to raw features."""
     f = features.double()
     mu, sigma = f.mean(0), f.std(0, unbiased=False).clamp(min=1e-6)
     z = (f - mu) / sigma
@@ -48,7 +49,7 @@ def fit_linear_head(features: torch.Tensor, y: torch.Tensor, num_classes: int, t
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = task_loss(z @ w.T + b, y, task, weight) + (w * w).sum() / (2 * n)
+        loss = task_loss(z @ w.T + b, y, task, weight) + (w * w).sum() / (2 * n * C)
         loss.backward()
         return loss
 

@@ -26,7 +26,7 @@ from medveil.errors import ConfigError, MedVeilError
 from medveil.federated.client import LocalFit, local_fit
 from medveil.federated.config import FederationConfig, dump_toml, load_config
 from medveil.federated.records import StageRecord, stages_from_json, stages_to_json
-from medveil.federated.server import TaskEntry
+from medveil.federated.universal import TaskEntry
 from medveil.federated.stages import Federation, prepare, run_stages
 from medveil.federated.transport import Transport
 from medveil.io import jsonable, write_json_atomic, write_text_atomic

@@ -19,13 +19,10 @@ import torch.nn as nn
 from medveil.errors import DataError, MedVeilError
 from medveil.federated.messages import FitInstructions, JoinRequest, StateDict
 from medveil.federated.training import batch_indices, new_head, seeded, warmup_cosine
+from medveil.federated.universal import TaskEntry, UniversalModel
 from medveil.federated.updates import Spec, state_spec
 from medveil.models import MaskedAutoencoderViT, ViTConfig, VisionTransformer
-from medveil.models.checkpoint import save_checkpoint
 from medveil.progress import bar as progress_bar
-
-UNIVERSAL_FORMAT = "medveil-universal-1"
-
 
 @dataclass
 class PretrainRecipe:
@@ -37,16 +34,6 @@ class PretrainRecipe:
     weight_decay: float = 0.05
     mask_ratio: float = 0.75
     warmup_epochs: int = 1
-
-
-@dataclass
-class TaskEntry:
-    """Task registry row: what one head predicts."""
-
-    name: str
-    num_classes: int
-    task: str
-    class_names: list[str]
 
 
 def clone_state(state: StateDict) -> StateDict:
@@ -166,53 +153,8 @@ class Server:
             self.heads[n].load_state_dict(head_state, strict=True)
 
     def save_universal(self, path: Path) -> Path:
-        """Write the universal model (backbone, heads, registry; no decoder, no pool) atomically.
-
-        The file is a regular MedVeil ViT checkpoint (``medveil.models.checkpoint``): any ViT
-        loader reads its backbone; heads and registry live in ``extra``.
-        """
+        """Write the universal model (backbone, heads, registry; no decoder, no pool) atomically
+        in the ``model.pt`` layout of :mod:`medveil.federated.universal`."""
         backbone = VisionTransformer(self.cfg, num_classes=0)
         backbone.load_state_dict(self.model.encoder_state_dict(), strict=True)
-        extra = {"universal": UNIVERSAL_FORMAT,
-                 "heads": {n: clone_state(h.state_dict()) for n, h in self.heads.items()},
-                 "registry": {n: asdict(e) for n, e in self.registry.items()}}
-        return save_checkpoint(path, backbone, self.cfg, extra=extra)
-
-
-@dataclass
-class UniversalModel:
-    """A loaded universal model: backbone + heads + registry."""
-
-    cfg: ViTConfig
-    backbone: VisionTransformer
-    heads: dict[str, nn.Linear]
-    registry: dict[str, TaskEntry]
-
-    @torch.no_grad()
-    def predict(self, task: str, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, C) of one task's head for images (N, C_in, H, W) in [0, 1] (see ``to_tensor``)."""
-        if task not in self.heads:
-            raise MedVeilError(f"no task {task!r} in this universal model (tasks: {', '.join(self.heads)})")
-        return self.heads[task](self.backbone.forward_features(x))
-
-
-def load_universal(path: Path) -> UniversalModel:
-    """Read a file written by :meth:`Server.save_universal` (``model.pt`` of a run)."""
-    if not path.is_file():
-        raise MedVeilError(f"universal model not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise MedVeilError(f"{path}: not a readable universal model ({type(err).__name__})") from None
-    extra = obj.get("extra") if isinstance(obj, dict) else None
-    if not isinstance(extra, dict) or extra.get("universal") != UNIVERSAL_FORMAT:
-        raise MedVeilError(f"{path}: not a MedVeil universal model ({UNIVERSAL_FORMAT})")
-    cfg = ViTConfig.from_dict(obj["cfg"])
-    backbone = VisionTransformer(cfg, num_classes=0)
-    backbone.load_state_dict(obj["model"], strict=True)
-    registry = {n: TaskEntry(**e) for n, e in extra["registry"].items()}
-    heads = {}
-    for n, e in registry.items():
-        heads[n] = nn.Linear(cfg.embed_dim, e.num_classes)
-        heads[n].load_state_dict(extra["heads"][n], strict=True)
-    return UniversalModel(cfg, backbone.eval(), heads, registry)
+        return UniversalModel(self.cfg, backbone, dict(self.heads.items()), dict(self.registry)).save(path)

@@ -2,7 +2,10 @@
 
 Accepted files: ``.pth`` / ``.pt`` (``torch.load`` with ``weights_only=True``) or
 ``.safetensors``, holding a state dict directly or wrapped as ``{'model': sd}`` /
-``{'state_dict': sd}``; keys may carry a ``module.`` (DataParallel / DDP) prefix.
+``{'state_dict': sd}``; keys may carry a ``module.`` (DataParallel / DDP) prefix. A folder
+written by ``transformers`` (``save_pretrained``: ``model.safetensors`` or ``pytorch_model.bin``)
+is accepted too, and a state dict in transformers' ViT / ViT-MAE names is mapped to timm / MAE
+names (:mod:`medveil.models.hf_layout`).
 Adaptations, each reported as a note: position-embedding grids resized (bicubic, as MAE's
 ``interpolate_pos_embed``) when the image size differs; an RGB patch projection summed over
 channels for grey models; decoder keys dropped when loading into a plain encoder; a head of the
@@ -12,6 +15,7 @@ wrong size skipped. Anything else that does not fit raises a one-line :class:`Me
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,12 +28,13 @@ import torch.nn.functional as F
 
 from medveil.errors import MedVeilError
 from medveil.io import save_torch_atomic
+from medveil.models.hf_layout import from_hf, is_hf_layout, vit_config_from_hf
 from medveil.models.vit import ViTConfig, VisionTransformer
 
 CHECKPOINT_FORMAT = "medveil-vit-1"
 WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
 DECODER_PREFIXES = ("mask_token", "decoder_")
-HEAD_PREFIXES = ("head.",)
+HEAD_PREFIXES = ("head.", "heads.")  # heads.<task>.*: an exported universal model
 POS_EMBED_KEYS = ("pos_embed", "decoder_pos_embed")
 
 
@@ -54,27 +59,48 @@ class LoadReport:
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Read a checkpoint file -> (state dict with plain timm/MAE keys, stored ViT config or None)."""
-    path = Path(path)
+    """Read a checkpoint file (or transformers folder) -> (state dict with plain timm/MAE keys,
+    stored ViT config or None)."""
+    sd, cfg, _ = _read(Path(path))
+    return sd, cfg
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, str]:
+    """(state dict in timm/MAE names, stored ViT config or None, "timm" or "transformers")."""
+    hf_cfg: dict[str, Any] | None = None
+    if path.is_dir():
+        found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
+        if not found:
+            raise MedVeilError(f"{path}: a folder without model.safetensors or pytorch_model.bin")
+        if (path / "config.json").is_file():
+            try:
+                hf_cfg = vit_config_from_hf(json.loads((path / "config.json").read_text()))
+            except (ValueError, TypeError, KeyError) as err:
+                raise MedVeilError(f"{path / 'config.json'}: not a transformers ViT config ({err})") from err
+        path = found[0]
     if not path.is_file():
         raise MedVeilError(f"checkpoint not found: {path}")
     obj = _load_file(path)
     cfg = obj.get("cfg") if isinstance(obj, Mapping) and isinstance(obj.get("cfg"), Mapping) else None
     sd = _unwrap(obj, path)
     sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
-    return sd, (dict(cfg) if cfg is not None else None)
+    if is_hf_layout(sd):
+        return from_hf(sd), hf_cfg, "transformers"
+    return sd, (dict(cfg) if cfg is not None else None), "timm"
 
 
 def _load_file(path: Path) -> Any:
     if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
         try:
-            from safetensors.torch import load_file
-        except ImportError as err:  # pragma: no cover - safetensors ships with transformers
-            raise MedVeilError(f"{path}: reading .safetensors needs the 'safetensors' package") from err
-        try:
-            return load_file(str(path))
+            with safe_open(str(path), framework="pt") as fh:
+                sd = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+                meta = fh.metadata() or {}
         except Exception as err:
             raise MedVeilError(f"{path}: not a readable safetensors file ({type(err).__name__})") from err
+        # an export of ours carries its ViT config as JSON metadata (medveil.federated.universal)
+        return {"model": sd, "cfg": json.loads(meta["cfg"])} if "cfg" in meta else sd
     try:
         # MAE training checkpoints also pickle their argparse.Namespace of arguments
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -122,8 +148,10 @@ def load_vit_checkpoint(
     strict_backbone: every encoder tensor of the model must be present in the checkpoint
     (head and decoder may be absent and stay at their init).
     """
-    sd, _ = read_checkpoint(path)
+    sd, _, layout = _read(Path(path))
     report = LoadReport(path=str(path))
+    if layout == "transformers":
+        report.notes.append("transformers ViT names mapped to timm / MAE names (query, key, value fused)")
     target = model.state_dict()
     if not any(k in target and _is_backbone(k) for k in sd):
         sample = ", ".join(sorted(sd)[:2])

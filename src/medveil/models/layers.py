@@ -51,6 +51,61 @@ class PatchEmbed(nn.Module):
         return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)  # (B, L, D)
 
 
+class ConvStem(nn.Module):
+    """Overlapping-convolution patch embedding (Xiao et al. 2021, "Early convolutions help
+    transformers see better"): (B, C, H, W) -> (B, L, D) on the same token grid as ``PatchEmbed``.
+
+    One 3x3 convolution at full resolution, then one stride-2 3x3 convolution per factor 2 of the
+    patch size p (channels doubling, e.g. 48, 96, 192 for D = 192, p = 4), each with GroupNorm and
+    GELU, then a projection to D whose kernel and stride are what is left of p (1x1 for a power of
+    two; 7x7 stride 7 for p = 7). The convolutions overlap neighbouring patches: that is the
+    locality a ViT lacks on small data, and why MAE must blank masked patches in pixel space
+    before this stem (``MaskedAutoencoderViT``).
+    Keys are its own (``patch_embed.stem.{i}.conv`` / ``.norm``, ``patch_embed.stem_proj``), so a
+    public checkpoint's ``patch_embed.proj`` never loads into it by mistake. GroupNorm, not
+    BatchNorm: no running statistics to average across sites or to drift between train and eval.
+    """
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        n_down = (patch_size & -patch_size).bit_length() - 1  # factors of 2 in p
+        rest = patch_size >> n_down
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        base = max(embed_dim >> (patch_size.bit_length() - 1), 8)  # D / 2^floor(log2 p): D / 4 for p = 4
+        widths = [base << i for i in range(n_down + 1)]  # e.g. 48, 96, 192 (D = 192, p = 4); 24 (D = 96, p = 7)
+        layers, c_in = [], in_chans
+        for i, width in enumerate(widths):
+            layers.append(ConvNormAct(c_in, width, stride=1 if i == 0 else 2))
+            c_in = width
+        self.stem = nn.Sequential(*layers)
+        self.stem_proj = nn.Conv2d(c_in, embed_dim, kernel_size=rest, stride=rest)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, C, H, W = x.shape
+        if H != self.img_size or W != self.img_size or C != self.in_chans:
+            raise DataError(f"model expects images ({self.in_chans}, {self.img_size}, {self.img_size}), "
+                            f"got ({C}, {H}, {W}); resize with medveil.data.to_tensor(size=, channels=)")
+        x = self.stem_proj(self.stem(x))  # (B, D, h, w)
+        return x.flatten(2).transpose(1, 2)  # (B, L, D), row-major like PatchEmbed
+
+
+class ConvNormAct(nn.Module):
+    """3x3 convolution (padding 1, no bias) -> GroupNorm (8 groups, or 1) -> GELU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.norm = nn.GroupNorm(8 if c_out % 8 == 0 else 1, c_out)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection and SDPA."""
 

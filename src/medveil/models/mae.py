@@ -3,6 +3,12 @@
 Random ``mask_ratio`` of the patches are dropped, the encoder sees only the visible ones, a light
 decoder reconstructs every patch, and the loss is the MSE on the masked patches only (targets
 normalised per patch when ``cfg.norm_pix_loss``).
+
+Masked patches are blanked in pixel space (set to 0, the mean colour after normalisation)
+before the patch embedding, so that an overlapping stem (``ViTConfig.stem = "conv"``) cannot
+carry a masked pixel into a visible token (SimMIM-style blanking, MAE-style encoder on the
+visible tokens only). With the linear patch stem each token sees its own patch only and the
+blanking changes nothing (x * 1 is exact).
 """
 
 from __future__ import annotations
@@ -60,26 +66,45 @@ class MaskedAutoencoderViT(VisionTransformer):
         x: (B, L, D); noise: optional (B, L) uniform scores (lowest are kept).
         Returns visible tokens (B, L_keep, D), mask (B, L) with 1 = masked, ids_restore (B, L).
         """
-        B, L, D = x.shape
-        len_keep = int(L * (1 - mask_ratio))
+        B, L, _ = x.shape
         if noise is None:
             noise = torch.rand(B, L, device=x.device)
+        ids_keep, ids_restore, mask = MaskedAutoencoderViT.mask_from_noise(noise, mask_ratio)
+        return MaskedAutoencoderViT.keep(x, ids_keep), mask, ids_restore
+
+    @staticmethod
+    def mask_from_noise(noise: torch.Tensor, mask_ratio: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """noise (B, L) -> ids_keep (B, L_keep), ids_restore (B, L), mask (B, L) with 1 = masked."""
+        B, L = noise.shape
+        len_keep = int(L * (1 - mask_ratio))
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :len_keep]
-        x_visible = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
-        mask = torch.ones(B, L, device=x.device)
+        mask = torch.ones(B, L, device=noise.device)
         mask[:, :len_keep] = 0
-        mask = torch.gather(mask, 1, ids_restore)
-        return x_visible, mask, ids_restore
+        return ids_shuffle[:, :len_keep], ids_restore, torch.gather(mask, 1, ids_restore)
+
+    @staticmethod
+    def keep(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) tokens -> the kept ones (B, L_keep, D), in ``ids_keep`` order."""
+        return torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+    def blank_masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels (B, C, H, W) with every masked patch (mask (B, L), 1 = masked) set to 0."""
+        p, h = self.cfg.patch_size, self.cfg.grid_size
+        keep = (1.0 - mask).view(-1, 1, h, 1, h, 1).expand(-1, 1, h, p, h, p)
+        return x * keep.reshape(x.shape[0], 1, h * p, h * p)
 
     # ---- encoder / decoder ---------------------------------------------------------------
     def forward_encoder(
         self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised pixels (B, C, H, W) -> latent (B, 1+L_keep, D), mask (B, L), ids_restore (B, L)."""
-        tokens = self.embed(x)  # (B, L, D)
-        tokens, mask, ids_restore = self.random_masking(tokens, mask_ratio, noise)
+        if noise is None:
+            noise = torch.rand(x.shape[0], self.cfg.num_patches, device=x.device)
+        ids_keep, ids_restore, mask = self.mask_from_noise(noise, mask_ratio)
+        tokens = self.embed(self.blank_masked(x, mask))  # (B, L, D), no masked pixel in any token
+        tokens = self.keep(tokens, ids_keep)  # (B, L_keep, D)
         latent = self.encode(self.prepend_cls(tokens))
         return latent, mask, ids_restore
 

@@ -16,10 +16,12 @@ import torch.nn as nn
 
 from medveil.config_io import dataclass_from_dict
 from medveil.errors import ConfigError
-from medveil.models.layers import Block, PatchEmbed, init_weights_mae, layer_norm, sincos_pos_embed
+from medveil.models.layers import Block, ConvStem, PatchEmbed, init_weights_mae, layer_norm, sincos_pos_embed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+GREY_MEAN, GREY_STD = (0.449,), (0.226,)  # the ImageNet channel averages, for 1-channel models
+STEMS = {"patch": PatchEmbed, "conv": ConvStem}
 
 
 @dataclass
@@ -35,6 +37,10 @@ class ViTConfig:
     decoder_depth: int = 2
     decoder_num_heads: int = 4
     norm_pix_loss: bool = True
+    # "patch": the timm / MAE linear patch projection (public checkpoints load into it);
+    # "conv": overlapping 3x3 convolutions to the same token grid (layers.ConvStem, own keys),
+    # the locality a ViT lacks when a site holds a few thousand images
+    stem: str = "patch"
 
     @classmethod
     def tiny(cls, img_size: int = 32, in_chans: int = 3) -> ViTConfig:
@@ -69,6 +75,8 @@ class ViTConfig:
                                  (self.decoder_embed_dim, self.decoder_num_heads, "decoder_embed_dim")):
             if dim % heads or dim % 4:
                 raise ConfigError(f"{what} {dim} must be divisible by its head count {heads} and by 4")
+        if self.stem not in STEMS:
+            raise ConfigError(f"stem must be one of {sorted(STEMS)}, got {self.stem!r}")
         if self.in_chans not in (1, 3):
             raise ConfigError(f"in_chans must be 1 or 3, got {self.in_chans}")
 
@@ -83,7 +91,7 @@ class VisionTransformer(nn.Module):
         self.embed_dim = cfg.embed_dim
         self.num_classes = num_classes
         D = cfg.embed_dim
-        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D)
+        self.patch_embed = STEMS[cfg.stem](cfg.img_size, cfg.patch_size, cfg.in_chans, D)
         L = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         # fixed sin-cos table, stored in the state dict like MAE does
@@ -92,16 +100,18 @@ class VisionTransformer(nn.Module):
         self.norm = layer_norm(D)
         self.head: nn.Module = nn.Linear(D, num_classes) if num_classes > 0 else nn.Identity()
 
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.in_chans == 3 else ((0.449,), (0.226,))
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.in_chans == 3 else (GREY_MEAN, GREY_STD)
         self.register_buffer("input_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("input_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         assert self.pos_embed.shape[1] == 1 + L
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # patch projection initialised like a Linear on the flattened patch (MAE)
-        nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(self.embed_dim, -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        # patch projection initialised like a Linear on the flattened patch (MAE); the conv
+        # stem keeps PyTorch's (Kaiming-uniform) convolution init
+        if isinstance(self.patch_embed, PatchEmbed):
+            nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(self.embed_dim, -1))
+            nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.normal_(self.cls_token, std=0.02)
         self.apply(init_weights_mae)
 

@@ -9,12 +9,19 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from medveil.io import save_figure  # noqa: E402
 
 
 def plot_stage_curves(stages: list[dict[str, Any]], path: Path, metric: str = "acc") -> Path:
     """Per-client test ``metric`` of the universal model after each stage (forgetting curves)."""
+    save_figure(stage_curves_figure(stages, metric), path, dpi=120)
+    return path
+
+
+def stage_curves_figure(stages: list[dict[str, Any]], metric: str = "acc") -> Figure:
+    """The figure of :func:`plot_stage_curves`, not saved."""
     series: dict[str, tuple[list[int], list[float]]] = {}
     for s in stages:
         for name, info in s.get("clients", {}).items():
@@ -39,5 +46,4 @@ def plot_stage_curves(stages: list[dict[str, Any]], path: Path, metric: str = "a
         ax.legend(fontsize=8, loc="best")
         ax.set_xticks(sorted({x for xs, _ in series.values() for x in xs}))
     fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    return path
+    return fig
