@@ -216,3 +216,36 @@ def test_killed_site_is_absent_then_rejoins_after_server_restart(deployment):
     assert stages[2]["absent"] == [] and stages[2]["rejected"] == []
     assert sorted(stages[2]["curation"][0]["clients"]) == ["alpha", "beta", "gamma"]
     assert "test" in stages[2]["clients"]["gamma"]
+
+
+def test_differential_privacy_over_flower_equals_in_process(deployment):
+    """[privacy] dp = true over Flower: each site trains with DP-SGD from its own secret and keeps
+    its ledger in its own state folder; with the same secrets, the in-process engine gives the
+    same weights and the same epsilon per site and stage."""
+    from medveil.federated.dp_site import DPSites
+
+    pilot, root = deployment["pilot"], deployment["root"]
+    raw = {**federation_raw(deployment["pool"], None), "privacy": {"dp": True, "target_epsilon": 8.0}}
+    remote = write_remote_config(root / "coordinator-dp.toml", raw)
+    out = root / "run-flower-dp"
+    status = pilot.run(remote, out, timeout=RUN_TIMEOUT, stage_timeout=120.0, join_timeout=60.0)
+    assert status == "finished:completed", pilot.procs.log_tail("superlink", 40)
+    flower = json.loads((out / "metrics.json").read_text())
+    assert set(flower["privacy"]) == set(SITES) and all(v["epsilon"] <= 8.0 for v in flower["privacy"].values())
+
+    local_root = root / "dp-local-sites"
+    for name in SITES:  # the sites' secrets, as if the same hospitals ran the in-process engine
+        secret = next((pilot.workdir / f"site_{name}" / "privacy").glob(f"*/{name}/secret"))
+        (local_root / name).mkdir(parents=True)
+        (local_root / name / "secret").write_text(secret.read_text())
+    local_cfg = config_from_dict({**federation_raw(deployment["pool"], deployment["files"]),
+                                  "privacy": raw["privacy"]}, root)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = run_federation(local_cfg, root / "run-local-dp", progress=False,
+                               client_fit=DPSites(local_cfg.privacy, local_root, local_cfg.federation.rounds))
+    finally:
+        torch.set_num_threads(threads)
+    assert local["privacy"] == flower["privacy"]
+    assert max_abs_diff(load_model(out / "model.pt"), load_model(root / "run-local-dp" / "model.pt")) <= 1e-6

@@ -42,3 +42,16 @@ def test_bar_without_a_terminal_logs_and_disable_silences(capsys):
     with timed(totals, "fit"):
         pass
     assert set(totals) == {"fit"} and totals["fit"] >= 0
+
+
+def test_a_long_inner_phase_prints_its_tenths(monkeypatch):
+    """An inner phase (leave=False) that runs long (MIM pretraining: minutes) is not silent."""
+    from medveil import progress
+
+    monkeypatch.setattr(progress, "LONG_PHASE", 0.0)
+    out = io.StringIO()
+    for _ in progress.LogBar(range(20), desc="stage 0: MIM pretraining", leave=False, stream=out):
+        pass
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 11 and lines[0].startswith("medveil: stage 0: MIM pretraining: 5% (1/20)")
+    assert lines[-1].startswith("medveil: stage 0: MIM pretraining: 100% (20/20)")

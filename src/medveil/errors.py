@@ -30,6 +30,11 @@ class UpdateRejected(MedVeilError):
     """A client update that must not be aggregated (NaN/Inf, wrong shapes, wrong keys)."""
 
 
+class SiteRefused(MedVeilError):
+    """A site declines a stage's work on its own terms (e.g. its privacy budget): the server
+    records it absent from that stage with this reason."""
+
+
 def at(where: str) -> str:
     """``"where: "`` to start an error message with its place, or nothing when it has none."""
     return f"{where}: " if where else ""

@@ -21,11 +21,14 @@ def timed(totals: dict[str, float], key: str) -> Iterator[None]:
         totals[key] = totals.get(key, 0.0) + time.perf_counter() - t0
 
 
+LONG_PHASE = 30.0  # seconds after which an inner phase's bar prints its tenths too
+
+
 class LogBar:
     """A progress bar for a log file: with no terminal, tqdm would print nothing for minutes, so
     this prints one line ``medveil: DESC: 40% (4/10), 12.3 s`` to stderr after the first step and
     at every 10 % of the work (``leave=False`` bars, the inner phases of a longer job: only when
-    they end). Supports the
+    they end, or at their tenths once they have run ``LONG_PHASE`` seconds). Supports the
     parts of tqdm's interface MedVeil uses: iteration, ``update``, ``set_postfix``, ``close``,
     context manager."""
 
@@ -62,7 +65,8 @@ class LogBar:
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        if self.leave and self.total:
+        # an inner phase (leave=False) speaks at its tenths too once it has run LONG_PHASE seconds
+        if self.total and (self.leave or time.perf_counter() - self.t0 >= LONG_PHASE):
             tenth = int(10 * self.n / self.total)
             if tenth > self._shown:
                 self._shown = tenth
@@ -72,7 +76,7 @@ class LogBar:
         if self._closed:
             return
         self._closed = True
-        if not self.leave or not self.total or self._shown < 10:
+        if not self.total or self._shown < 10:
             print(self._line() + (" (done)" if not self.total or self.n >= self.total else " (stopped)"),
                   file=self.stream, flush=True)
 

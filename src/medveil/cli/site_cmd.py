@@ -269,7 +269,7 @@ def run_site_start(args: argparse.Namespace) -> int:
     home = args.state / "flwr"
     cmd = launch.supernode_command(site, args.server, args.data, args.runtime_port, threads=args.threads,
                                    device=args.device, data_root=args.data_root,
-                                   app_runtime=args.app_runtime)
+                                   app_runtime=args.app_runtime, state_dir=str(args.state.resolve() / "privacy"))
     if args.print:
         _show(cmd, launch.flower_settings(home))
         return 0

@@ -16,6 +16,7 @@ sample = "bloodmnist"           # or: path = "data/bloodmnist.npz" (relative to 
 [local]                         # client fine-tuning (TrainRecipe; fedprox_mu)
 [curation]                      # CurationParams (tau, lam, mim_mu, init, relay_alpha ...)
 [evaluation]                    # fine-tune / linear-probe recipe of `medveil evaluate`
+[privacy]                       # DP-SGD for every site's training (PrivacyOptions; off by default)
 ```
 A relative ``path`` is taken from the config file's folder when it exists there, else it is a
 name under ``$MEDVEIL_DATA_ROOT`` (:mod:`medveil.data.roots`). A missing dataset, an unknown
@@ -35,6 +36,7 @@ from typing import Any
 from medveil.config_io import dumps_toml, read_toml, reject_unknown
 from medveil.errors import ConfigError
 from medveil.federated.curation import DEFAULT_SCHEDULE, STRATEGIES, CurationParams, make_curator
+from medveil.federated.privacy import PrivacyOptions
 from medveil.federated.server import PretrainRecipe
 from medveil.federated.sites import ClientSpec, SiteOptions
 from medveil.federated.training import TrainRecipe
@@ -88,6 +90,7 @@ class FederationConfig:
     local: TrainRecipe = field(default_factory=TrainRecipe)
     curation: CurationParams = field(default_factory=CurationParams)
     evaluation: EvaluationOptions = field(default_factory=EvaluationOptions)
+    privacy: PrivacyOptions = field(default_factory=PrivacyOptions)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,7 +99,7 @@ class FederationConfig:
 SECTIONS: dict[str, type] = {
     "model": ViTConfig, "data": SiteOptions, "pretrain": PretrainRecipe,
     "federation": FederationOptions, "local": TrainRecipe, "curation": CurationParams,
-    "evaluation": EvaluationOptions,
+    "evaluation": EvaluationOptions, "privacy": PrivacyOptions,
 }
 TOP_LEVEL = ("seed", "device", "init_checkpoint")
 
@@ -174,6 +177,12 @@ def validate(cfg: FederationConfig, where: str = "config", remote_clients: bool 
         cfg.local.check()
     except ConfigError as err:
         raise ConfigError(f"{where}: [local] {err}") from None
+    try:
+        cfg.privacy.check()
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    if cfg.privacy.dp and cfg.local.fedprox_mu > 0:
+        raise ConfigError(f"{where}: [privacy] dp = true cannot be combined with [local] fedprox_mu > 0")
     make_curator(fed.strategy, cfg.curation)  # checks the [curation] values the strategy uses
     cfg.model.validate()
     if remote_clients:

@@ -104,6 +104,10 @@ def run_federation(
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "config.toml").exists():
         write_text_atomic(out / "config.toml", dump_toml(cfg))
+    if cfg.privacy.dp and transport is None and client_fit is local_fit:
+        from medveil.federated.dp_site import DPSites
+
+        client_fit = DPSites(cfg.privacy, out / "sites", cfg.federation.rounds)
     fed = prepare(cfg, client_fit, transport)
     stages: list[StageRecord] = []
     start = 0
@@ -137,6 +141,8 @@ def finish_run(fed: Federation, out: Path, stages: list[StageRecord]) -> dict[st
         "registry": {n: {"task": e.task, "class_names": e.class_names} for n, e in registry.items()},
         "bytes_total": communication_totals(stage_json),
     }
+    if fed.cfg.privacy.dp:
+        metrics["privacy"] = privacy_spent(stage_json)
     fed.server.save_universal(out / "model.pt")
     plot_stage_curves(stage_json, out / "accuracy_by_stage.png")
     write_json_atomic(out / "metrics.json", metrics)
@@ -155,6 +161,17 @@ def communication_totals(stages: list[dict[str, Any]]) -> dict[str, dict[str, in
     return totals
 
 
+def privacy_spent(stages: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per client under DP: the (epsilon, delta) its ledger reported after its last trained stage."""
+    spent: dict[str, dict[str, float]] = {}
+    for s in stages:
+        for name, info in s.get("clients", {}).items():
+            fit = info.get("fit", {})
+            if "epsilon" in fit:
+                spent[name] = {"epsilon": fit["epsilon"], "delta": fit["delta"]}
+    return spent
+
+
 def summary_table(metrics: dict[str, Any]) -> str:
     """Final per-client test metrics and traffic of a run."""
     lines = [f"strategy {metrics['strategy']} ({metrics['schedule']}), "
@@ -169,6 +186,8 @@ def summary_table(metrics: dict[str, Any]) -> str:
     cpu = [s.get("cpu_seconds") for s in metrics["stages"]]
     if all(c is not None for c in cpu):
         lines.append(f"CPU time of this process (in-process: server and all sites): {sum(cpu) / 60:.1f} min")
+    for name, p in metrics.get("privacy", {}).items():
+        lines.append(f"{name}: differential privacy spent epsilon {p['epsilon']:.2f} at delta {p['delta']:.1e}")
     rejected = sum(len(s.get("rejected", [])) for s in metrics["stages"])
     if rejected:
         lines.append(f"{rejected} client update(s) rejected (see metrics.json)")

@@ -139,11 +139,19 @@ def model_card(universal: UniversalModel, run: dict[str, Any] | None, source: Pa
                   "- Full config (as `metrics.json` records it):", "", "```json",
                   json.dumps({k: conf.get(k) for k in ("model", "data", "pretrain", "federation", "local",
                                                        "curation") if k in conf}, indent=1), "```"]
-    privacy = (run or {}).get("config", {}).get("privacy")
-    lines += ["", "## Privacy", "",
-              (f"- Differential privacy settings: `{json.dumps(privacy)}`" if privacy else
-               "- No differential privacy: the weights each site sent were trained on its images without "
-               "a formal guarantee; they may reveal whether a given patient was in a site's training set."),
+    privacy = (run or {}).get("config", {}).get("privacy") or {}
+    spent = (run or {}).get("privacy", {})
+    if privacy.get("dp"):
+        dp_lines = [f"- Differential privacy (DP-SGD) at every site: target epsilon {privacy.get('target_epsilon')}, "
+                    f"clipping norm {privacy.get('max_grad_norm')}, {privacy.get('accountant', 'rdp').upper()} "
+                    f"accountant, trained parts: {privacy.get('trainable')}. Spent per site:", "",
+                    "| site | epsilon | delta |", "|---|---|---|"]
+        dp_lines += [f"| {n} | {v['epsilon']:.2f} | {v['delta']:.1e} |" for n, v in spent.items()]
+        dp_lines += ["", "- Covered: the weights each site sent. Not covered: the test metrics each site reported."]
+    else:
+        dp_lines = ["- No differential privacy: the weights each site sent were trained on its images without "
+                    "a formal guarantee; they may reveal whether a given patient was in a site's training set."]
+    lines += ["", "## Privacy", "", *dp_lines,
               "- The server never received a labelled image; its pretraining pool is unlabelled.", "",
               "## Intended use and limits", "",
               "- Research and evaluation of medical-imaging classifiers; not a medical device, not for diagnosis.",

@@ -266,7 +266,10 @@ def run_stage(fed: Federation, stage: int, progress: bool = True, previous: Stag
     # every joined client that is here evaluates the new universal model: now, or next stage
     evaluated = [n for n in fed.client_names
                  if n in fed.server.registry and n in present and n not in record.absent]
-    if last and fed.cfg.federation.calibrate_heads:  # clients refit their heads on the final backbone
+    if last and fed.cfg.federation.calibrate_heads and fed.cfg.privacy.dp:
+        record.calibration = {"skipped": "[privacy] dp: a head refit on private labels outside DP-SGD "
+                                         "would not be covered by the sites' privacy budget"}
+    elif last and fed.cfg.federation.calibrate_heads:  # clients refit their heads on the final backbone
         with timed(record.phase_seconds, "calibrate"):
             calibration_round(fed, record, evaluated)
     if last:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from medveil.errors import SiteRefused
 from medveil.federated.client import ClientJob, ClientReply, LocalFit, join_request, local_fit, serve
 from medveil.federated.messages import JoinRequest
 from medveil.federated.sites import ClientData
@@ -56,5 +57,11 @@ class LocalTransport:
         return join_request(self.by_name[name])
 
     def exchange(self, jobs: list[ClientJob], stage: int) -> Exchange:
-        return Exchange(replies={job.client_name: serve(self.by_name[job.client_name], job, self.device,
-                                                        self.client_fit) for job in jobs})
+        out = Exchange()
+        for job in jobs:
+            try:
+                out.replies[job.client_name] = serve(self.by_name[job.client_name], job, self.device,
+                                                     self.client_fit)
+            except SiteRefused as err:  # the site's own decision (privacy budget): absent, with why
+                out.absent[job.client_name] = f"site refused: {err}"
+        return out

@@ -85,17 +85,19 @@ def federated_page(run: Path, evaluation: dict[str, Any] | None = None) -> str:
 
 def _final_table(m: dict[str, Any], stages: list[dict[str, Any]]) -> str:
     last = stages[-1].get("clients", {})
+    dp = m.get("privacy", {})
     rows = []
     for name, fm in m.get("final", {}).items():
         before = last.get(name, {}).get("test_before_calibration", {})
         b = m.get("bytes_total", {}).get(name, {"down": 0, "up": 0})
         rows.append([name, fm.get("n"), fm.get("acc"), fm.get("bacc"), fm.get("auc"), before.get("acc"),
-                     f"{b['down'] / 1e6:.1f}", f"{b['up'] / 1e6:.1f}"])
+                     f"{b['down'] / 1e6:.1f}", f"{b['up'] / 1e6:.1f}",
+                     *([f"{dp[name]['epsilon']:.2f}" if name in dp else "-"] if dp else [])])
     cpu = [s.get("cpu_seconds") for s in stages]
     note = (f"CPU time of the run (all sites and the server, in-process): {sum(cpu) / 60:.1f} min"
             if cpu and all(c is not None for c in cpu) else "")
-    return (H.table(["site", "test images", "acc", "bal. acc", "AUC", "acc before calibration", "MB down",
-                     "MB up"], rows) + (H.para(note, "note") if note else ""))
+    header = ["site", "test images", "acc", "bal. acc", "AUC", "acc before calibration", "MB down", "MB up"]
+    return (H.table(header + (["DP epsilon spent"] if dp else []), rows) + (H.para(note, "note") if note else ""))
 
 
 def _baselines(ev: dict[str, Any]) -> str:

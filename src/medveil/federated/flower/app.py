@@ -38,7 +38,7 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from medveil.errors import ConfigError
+from medveil.errors import ConfigError, SiteRefused
 from medveil.federated.flower import codec
 
 log = logging.getLogger("medveil.federated")
@@ -152,9 +152,10 @@ def private_errors(handler):
             print(f"medveil site error: {err}", file=sys.stderr, flush=True)
             from flwr.common.constant import ErrorCode
 
-            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                 f"{type(err).__name__} at the site (details in the site's log)"),
-                           reply_to=message)
+            # a refusal is the site's own decision and names no private data: say it in full
+            said = f"SiteRefused: {err}" if isinstance(err, SiteRefused) else \
+                f"{type(err).__name__} at the site (details in the site's log)"
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, said), reply_to=message)
 
     return wrapped
 
@@ -168,6 +169,24 @@ def site_join(message: Message, context: Context) -> Message:
     return Message(codec.encode_join_request(join_request(site_data(context, site))), reply_to=message)
 
 
+def _site_fit(context: Context, site: dict[str, Any]):
+    """The site's training function: DP-SGD with its own ledger when the run asks for DP."""
+    from medveil.federated.client import local_fit
+
+    if not site.get("privacy", {}).get("dp"):
+        return local_fit
+    from medveil.federated.dp_site import DPSites, federation_key
+    from medveil.federated.privacy import PrivacyOptions
+
+    state = str(dict(context.node_config).get("state-dir", ""))
+    if not state:
+        raise ConfigError("this run uses differential privacy but the SuperNode has no node config "
+                          "'state-dir' for the site's privacy ledger (start it with `medveil site start`)")
+    opts = PrivacyOptions(**site["privacy"])
+    opts.check()
+    return DPSites(opts, Path(state) / federation_key(site), int(site["planned_stages"]))
+
+
 def _serve(message: Message, context: Context, evaluate_only: bool) -> Message:
     """The site's work for a ``train`` or ``evaluate`` message: ``client.serve``, as in-process."""
     from medveil.federated.client import CALIBRATE, EVALUATE, FIT, ClientJob, serve
@@ -179,7 +198,7 @@ def _serve(message: Message, context: Context, evaluate_only: bool) -> Message:
     else:  # calibrate: the last round refits the head only; evaluate: first report the received model
         job = ClientJob(ins, CALIBRATE if extra.get("calibrate") else FIT, int(extra["seed"]),
                         TrainRecipe(**extra["recipe"]), evaluate_first=bool(extra.get("evaluate")))
-    reply = serve(data, job, device=_device(context))
+    reply = serve(data, job, device=_device(context), fit=_site_fit(context, extra["site"]))
     content = (codec.encode_report(reply.report) if evaluate_only
                else codec.encode_update(reply.update, reply.report))
     return Message(content, reply_to=message)

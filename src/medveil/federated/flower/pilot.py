@@ -71,7 +71,8 @@ class LocalPilot:
         cmd = launch.supernode_command(site_files(self.pki, name), self.address,
                                        data if data is not None else self.sites[name],
                                        launch.free_port(), threads=self.threads, max_wait=max_wait,
-                                       app_runtime=self.app_runtime)
+                                       app_runtime=self.app_runtime,
+                                       state_dir=str(self.workdir / f"site_{name}" / "privacy"))
         return self.procs.start(f"site:{name}", cmd, self._site_log(name),
                                 launch.flower_env(self.workdir / f"site_{name}", self.extra_env),
                                 cwd=self.workdir)

@@ -40,7 +40,9 @@ def site_options(cfg: FederationConfig) -> dict[str, Any]:
     d = cfg.data
     return {"img_size": cfg.model.img_size, "in_chans": cfg.model.in_chans, "seed": cfg.seed,
             "pool_fraction": 0.0 if d.pool_path else d.pool_fraction, "max_train": d.max_train,
-            "max_test": d.max_test, "max_pool": d.max_pool}
+            "max_test": d.max_test, "max_pool": d.max_pool,
+            **({"privacy": dataclasses.asdict(cfg.privacy), "planned_stages": cfg.federation.rounds}
+               if cfg.privacy.dp else {})}
 
 
 class FlowerTransport:

@@ -1,0 +1,164 @@
+"""Differential privacy for a site's training: the ``[privacy]`` options and the site's ledger.
+
+A site trains with DP-SGD (per-example gradients clipped to ``max_grad_norm``, Gaussian noise of
+``noise_multiplier * max_grad_norm`` added to their sum, Poisson sampling of each batch with rate
+``batch_size / n``), through Opacus (the ``dp`` extra): :mod:`medveil.federated.dp_training`.
+
+The ledger is the site's own record of what it spent: one entry per stage it trained (the stage's
+number -> DP-SGD steps), with one noise multiplier and sampling rate for the whole run, composed by
+Opacus' RDP (default) or PRV accountant. It lives in the site's state folder (in-process: the
+run's ``sites/<name>/``; across machines: the site's ``--state-dir``), never on the server, and
+is written before the update leaves the site. A stage trained again after a crash (same stage,
+same site secret, hence the same noise) releases exactly the same update, so its entry is
+replaced, not added. Before training a stage, the site checks that the ledger plus that stage
+stays within ``target_epsilon``; if not, it refuses and the server records it absent with the
+reason.
+
+The noise multiplier, unless given, is the smallest that lets every planned stage (``rounds``
+stages of ``[local] epochs`` epochs) fit in ``target_epsilon`` (Opacus ``get_noise_multiplier``).
+``delta`` defaults to 1 / (10 n) for a site holding n training images.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medveil.errors import ConfigError
+from medveil.io import write_json_atomic
+
+ACCOUNTANTS = ("rdp", "prv")
+TRAINABLE = ("all", "head", "last_block", "norms_head")
+
+
+def require_opacus() -> None:
+    try:
+        import opacus  # noqa: F401
+    except ImportError:
+        raise ConfigError("[privacy] dp = true needs Opacus: pip install 'medveil[dp]'") from None
+
+
+@dataclass
+class PrivacyOptions:
+    """The ``[privacy]`` config section."""
+
+    dp: bool = False
+    target_epsilon: float = 8.0
+    delta: float = 0.0            # 0: 1 / (10 x the site's train count)
+    max_grad_norm: float = 1.0
+    noise_multiplier: float = 0.0  # 0: the smallest that fits every planned stage in the target
+    accountant: str = "rdp"       # "rdp" (Opacus RDPAccountant) or "prv" (PRVAccountant)
+    trainable: str = "all"        # under DP: all | head | last_block | norms_head
+
+    def check(self) -> None:
+        if not self.dp:
+            return
+        if not self.target_epsilon > 0 or math.isinf(self.target_epsilon):
+            raise ConfigError(f"[privacy] target_epsilon must be > 0 and finite, got {self.target_epsilon}")
+        if not 0 <= self.delta < 1:
+            raise ConfigError(f"[privacy] delta must be in [0, 1) (0: 1 / (10 n)), got {self.delta}")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"[privacy] max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.noise_multiplier < 0:
+            raise ConfigError(f"[privacy] noise_multiplier must be >= 0 (0: computed), got {self.noise_multiplier}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ConfigError(f"[privacy] accountant must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}")
+        if self.trainable not in TRAINABLE:
+            raise ConfigError(f"[privacy] trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
+        require_opacus()
+
+    def site_delta(self, n_train: int) -> float:
+        return self.delta if self.delta > 0 else 1.0 / (10 * max(n_train, 1))
+
+
+def make_accountant(kind: str) -> Any:
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    return RDPAccountant() if kind == "rdp" else PRVAccountant()
+
+
+def epsilon_of(history: list[tuple[float, float, int]], delta: float, kind: str) -> float:
+    """(epsilon, delta)-DP epsilon of DP-SGD runs composed: history of (noise, sample rate, steps)."""
+    if not history:
+        return 0.0
+    acc = make_accountant(kind)
+    acc.history = [tuple(h) for h in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def plan_noise(opts: PrivacyOptions, sample_rate: float, steps_per_stage: int, stages: int, delta: float) -> float:
+    """The noise multiplier for this site: the configured one, or the smallest that fits every
+    planned stage within ``target_epsilon``. One ConfigError line when even one stage would not fit."""
+    if opts.noise_multiplier > 0:
+        sigma = opts.noise_multiplier
+    else:
+        from opacus.accountants.utils import get_noise_multiplier
+
+        try:
+            sigma = float(get_noise_multiplier(target_epsilon=opts.target_epsilon, target_delta=delta,
+                                               sample_rate=sample_rate, steps=steps_per_stage * stages,
+                                               accountant=opts.accountant))
+        except ValueError as err:
+            raise ConfigError(f"[privacy] no noise multiplier reaches epsilon {opts.target_epsilon} "
+                              f"in {stages} stage(s) ({err})") from None
+    one = epsilon_of([(sigma, sample_rate, steps_per_stage)], delta, opts.accountant)
+    if one > opts.target_epsilon:
+        raise ConfigError(f"[privacy] noise multiplier {sigma:g} spends epsilon {one:.2f} in one stage, over the "
+                          f"target {opts.target_epsilon}; raise noise_multiplier or target_epsilon")
+    return sigma
+
+
+@dataclass
+class Ledger:
+    """A site's DP spending across the stages of one run (see the module docstring)."""
+
+    site: str
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    accountant: str
+    target_epsilon: float
+    stages: dict[int, int] = field(default_factory=dict)  # stage -> DP-SGD steps
+
+    def history(self, extra: dict[int, int] | None = None) -> list[tuple[float, float, int]]:
+        spent = {**self.stages, **(extra or {})}
+        return [(self.noise_multiplier, self.sample_rate, spent[s]) for s in sorted(spent)]
+
+    def epsilon(self, extra: dict[int, int] | None = None) -> float:
+        """Epsilon spent (plus ``extra`` stage -> steps, as if trained)."""
+        return epsilon_of(self.history(extra), self.delta, self.accountant)
+
+    def allows(self, stage: int, steps: int) -> tuple[bool, float]:
+        """(training ``stage`` with ``steps`` keeps within the target, the epsilon it would reach)."""
+        eps = self.epsilon({stage: steps})
+        return eps <= self.target_epsilon + 1e-9, eps
+
+    def record(self, stage: int, steps: int) -> None:
+        self.stages[stage] = steps
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stages"] = {str(k): v for k, v in self.stages.items()}
+        d["epsilon"] = self.epsilon()
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Ledger:
+        d = {k: v for k, v in d.items() if k != "epsilon"}
+        d["stages"] = {int(k): int(v) for k, v in d.get("stages", {}).items()}
+        return cls(**d)
+
+    def save(self, path: Path) -> None:
+        write_json_atomic(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: Path) -> Ledger | None:
+        if not path.is_file():
+            return None
+        try:
+            return cls.from_json(json.loads(path.read_text()))
+        except (ValueError, TypeError, KeyError) as err:
+            raise ConfigError(f"{path}: unreadable privacy ledger ({err}); it must not be deleted or edited") from None

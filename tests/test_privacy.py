@@ -1,0 +1,162 @@
+"""Differential privacy of the sites' training: the accountant against Opacus' own, the noise plan,
+the budget across stages (refusal, resume), DP-SGD on the ViT, and the config's bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from fed_helpers import tiny_config
+
+from medveil.errors import ConfigError
+from medveil.federated.config import load_config
+from medveil.federated.dp_site import DPSites
+from medveil.federated.dp_training import dp_plan, dp_train_classifier, set_trainable
+from medveil.federated.engine import run_federation
+from medveil.federated.export import export_model
+from medveil.federated.privacy import Ledger, PrivacyOptions, epsilon_of, plan_noise
+from medveil.federated.training import TrainRecipe, new_head
+from medveil.models import ViTConfig, VisionTransformer
+from medveil.report.run_report import build_report
+
+opacus = pytest.importorskip("opacus")
+
+
+@pytest.mark.parametrize("kind", ["rdp", "prv"])
+def test_ledger_epsilon_matches_opacus_accountant(kind):
+    """Stages composed by the ledger = Opacus' accountant stepped the same number of times."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    sigma, q, delta = 1.1, 0.05, 1e-4
+    ledger = Ledger("a", delta, sigma, q, kind, target_epsilon=100.0)
+    for stage, steps in ((1, 40), (2, 40), (3, 25)):
+        ledger.record(stage, steps)
+    acc = RDPAccountant() if kind == "rdp" else PRVAccountant()
+    for _ in range(105):
+        acc.step(noise_multiplier=sigma, sample_rate=q)
+    assert ledger.epsilon() == pytest.approx(acc.get_epsilon(delta=delta), rel=1e-6 if kind == "rdp" else 2e-2)
+    assert Ledger.from_json(json.loads(json.dumps(ledger.to_json()))) == ledger
+
+
+def test_noise_plan_fits_every_planned_stage_and_refuses_after():
+    opts = PrivacyOptions(dp=True, target_epsilon=3.0)
+    q, steps = 0.1, 30
+    sigma = plan_noise(opts, q, steps, stages=3, delta=1e-3)
+    ledger = Ledger("a", 1e-3, sigma, q, "rdp", target_epsilon=3.0)
+    for stage in (1, 2, 3):
+        ok, eps = ledger.allows(stage, steps)
+        assert ok, (stage, eps)
+        ledger.record(stage, steps)
+    assert 2.9 <= ledger.epsilon() <= 3.0  # the plan spends the budget, not more
+    ok, eps = ledger.allows(4, steps)
+    assert not ok and eps > 3.0
+    ledger.record(2, steps)  # a stage re-trained after a crash replaces its entry (same noise)
+    assert ledger.epsilon() <= 3.0
+
+
+def test_privacy_config_bad_input(tmp_path, monkeypatch):
+    for privacy, message in (({"dp": True, "target_epsilon": 0.0}, "target_epsilon must be > 0"),
+                             ({"dp": True, "accountant": "gdp"}, "accountant must be one of"),
+                             ({"dp": True, "trainable": "some"}, "trainable must be one of")):
+        with pytest.raises(ConfigError, match=message):
+            tiny_config(tmp_path, privacy=privacy)
+    with pytest.raises(ConfigError, match="fedprox"):
+        tiny_config(tmp_path, privacy={"dp": True}, local={"fedprox_mu": 0.1})
+    with pytest.raises(ConfigError, match="spends epsilon"):  # too little noise for even one stage
+        plan_noise(PrivacyOptions(dp=True, target_epsilon=1.0, noise_multiplier=0.3), 0.2, 50, 3, 1e-3)
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_opacus(name, *args, **kwargs):
+        if name == "opacus" or name.startswith("opacus."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_opacus)
+    with pytest.raises(ConfigError, match=r"pip install 'medveil\[dp\]'"):
+        tiny_config(tmp_path, privacy={"dp": True})
+
+
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_dp_sgd_trains_the_vit_and_freezes_what_has_no_per_example_gradient(stem):
+    torch.manual_seed(0)
+    cfg = ViTConfig(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2,
+                    decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, stem=stem)
+    vit, head = VisionTransformer(cfg), new_head(32, 3, 0)
+    names = set_trainable(vit, head, "all")
+    assert "cls_token" not in names and "pos_embed" not in names
+    assert any(n.startswith("patch_embed") for n in names) == (stem == "conv")
+    assert set_trainable(vit, head, "head") == []
+    assert set(set_trainable(vit, head, "last_block")) == {n for n, _ in vit.named_parameters()
+                                                             if n.startswith(("blocks.1.", "norm."))}
+    y = torch.arange(96) % 3
+    x = torch.rand(96, 1, 16, 16) * 0.3
+    for i, c in enumerate(y):
+        x[i, 0, 5 * c:5 * c + 5] += 0.7
+    before = {k: v.clone() for k, v in vit.state_dict().items()}
+    recipe = TrainRecipe(epochs=4, batch_size=16, lr=2e-3)
+    run = lambda: dp_train_classifier(vit, head, x, y, "multi-class", recipe,  # noqa: E731
+                                      PrivacyOptions(dp=True), noise_multiplier=0.5, secret_seed=7)
+    stats = run()
+    assert stats["steps"] == dp_plan(96, recipe)[1] == 4 * 6
+    assert torch.equal(vit.cls_token, before["cls_token"])  # frozen under DP
+    assert not torch.equal(vit.blocks[0].attn.qkv.weight, before["blocks.0.attn.qkv.weight"])
+    with torch.no_grad():
+        acc = (head(vit.forward_features(x)).argmax(1) == y).float().mean()
+    assert acc > 0.6, acc  # learns the bands through clipping and noise
+    assert all(p.requires_grad for n, p in vit.named_parameters() if n != "pos_embed")  # restored
+
+
+def tiny_dp_config(folder, **privacy):
+    return tiny_config(folder, "fedavg", rounds=2, privacy={"dp": True, **privacy},
+                       federation={"calibrate_heads": True}, local={"epochs": 1, "batch_size": 16, "lr": 1e-3})
+
+
+@pytest.mark.slow
+def test_federation_under_dp_spends_reports_and_resumes_identically(tmp_path):
+    cfg = tiny_dp_config(tmp_path, target_epsilon=4.0)
+    sites_a = tmp_path / "sites_a"
+    full = run_federation(cfg, tmp_path / "full", progress=False, client_fit=DPSites(cfg.privacy, sites_a, 2))
+    for name in ("alpha", "beta"):
+        eps = [s["clients"][name]["fit"]["epsilon"] for s in full["stages"][1:]]
+        assert eps[0] < eps[1] <= 4.0  # composed across stages, within the target
+        ledger = json.loads((sites_a / name / "privacy.json").read_text())
+        assert ledger["epsilon"] == pytest.approx(eps[1]) and set(ledger["stages"]) == {"1", "2"}
+        assert full["privacy"][name]["epsilon"] == pytest.approx(eps[1])
+    assert "skipped" in full["stages"][-1]["calibration"]  # no head refit outside DP-SGD
+    export_model(tmp_path / "full" / "model.pt", tmp_path / "export")  # the model card states the budget
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "Differential privacy (DP-SGD)" in card and f"| alpha | {full['privacy']['alpha']['epsilon']:.2f} |" in card
+    build_report(tmp_path / "full", tmp_path / "report.html")
+    assert "DP epsilon spent" in (tmp_path / "report.html").read_text()
+    # the same sites (same secrets), killed after stage 1 and resumed: the same model and budget
+    sites_b = tmp_path / "sites_b"
+    for name in ("alpha", "beta"):
+        (sites_b / name).mkdir(parents=True)
+        (sites_b / name / "secret").write_text((sites_a / name / "secret").read_text())
+    part = tmp_path / "part"
+    fit_b = DPSites(cfg.privacy, sites_b, 2)
+    assert run_federation(cfg, part, max_stages=2, progress=False, client_fit=fit_b)["complete"] is False
+    resumed = run_federation(load_config(part / "config.toml"), part, resume=True, progress=False, client_fit=fit_b)
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["model"]
+    b = torch.load(part / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["privacy"] == full["privacy"]
+    for name in ("alpha", "beta"):
+        assert json.loads((sites_b / name / "privacy.json").read_text()) == \
+            json.loads((sites_a / name / "privacy.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_site_over_budget_is_absent_with_the_reason(tmp_path):
+    q, steps = dp_plan(36, TrainRecipe(epochs=1, batch_size=16))  # alpha: 48 train images, 25 % pooled
+    one_stage = epsilon_of([(1.0, q, steps)], 1 / 360, "rdp")
+    cfg = tiny_dp_config(tmp_path, noise_multiplier=1.0, target_epsilon=1.2 * one_stage)
+    metrics = run_federation(cfg, tmp_path / "run", progress=False)  # default: RUN/sites/<name>/
+    assert (tmp_path / "run" / "sites" / "alpha" / "privacy.json").is_file()
+    stage2 = metrics["stages"][2]
+    reasons = {a["client"]: a["reason"] for a in stage2["absent"]}
+    assert "alpha" in reasons and "privacy budget" in reasons["alpha"], stage2["absent"]
+    assert metrics["privacy"]["alpha"]["epsilon"] <= cfg.privacy.target_epsilon
