@@ -38,7 +38,7 @@ def test_run_folder_and_resume_identical_to_uninterrupted(tmp_path, recipe):
     run = tmp_path / "full"
     for name in ("config.toml", "metrics.json", "model.pt", "accuracy_by_stage.png", "complete"):
         assert (run / name).is_file(), name
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["stage_000.pt", "stage_002.pt"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["stage_000.pt", "stage_002.pt", "updates.pt"]
     metrics = json.loads((run / "metrics.json").read_text())
     stage = metrics["stages"][1]
     assert stage["participants"] == ["alpha", "beta"]

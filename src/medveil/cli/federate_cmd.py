@@ -42,6 +42,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's)")
     ev.set_defaults(func=run_evaluate)
 
+    au = subparsers.add_parser(
+        "audit",
+        help="membership-inference audit of a finished run where its data is: loss and calibrated "
+             "attacks on each site's last update and on the universal model (AUC, TPR at low FPR)",
+        description="Members: each site's train images; non-members: half of its test images (the "
+                    "other half trains the attacker's reference model). Writes RUN_DIR/audit.json and "
+                    "RUN_DIR/audit_roc.png. Compare a run with [privacy] dp = true and one without.",
+    )
+    au.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    au.add_argument("--quiet", action="store_true", help="no progress")
+    au.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's)")
+    au.set_defaults(func=run_audit)
+
 
 def _set_threads(n: int | None) -> None:
     if n is not None:
@@ -79,4 +92,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
                           site_alone_archs=archs)
     print(format_table(result))
     print(f"written: {args.run_dir / 'evaluation.json'}")
+    return 0
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from medveil.evaluate.audit import audit_run, format_table
+
+    _set_threads(args.threads)
+    result = audit_run(args.run_dir, progress=not args.quiet)
+    print(format_table(result))
+    print(f"written: {args.run_dir / 'audit.json'}, {args.run_dir / 'audit_roc.png'}")
     return 0

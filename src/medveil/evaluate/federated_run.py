@@ -11,6 +11,7 @@ Writes ``RUN_DIR/evaluation.json``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,10 @@ def evaluate_run(run_dir: str | Path, finetune: bool = True, progress: bool = Tr
     if site_alone_archs:
         result["site_alone"] = site_alone(clients, derive_seed(cfg.seed, "site-alone"), site_alone_archs)
     result["published"] = {c.name: published_row(c) for c in clients}
+    metrics_path = out / "metrics.json"
+    spent = json.loads(metrics_path.read_text()).get("privacy") if metrics_path.is_file() else None
+    if spent:
+        result["privacy"] = spent  # per site: the (epsilon, delta) its ledger reported
     write_json_atomic(out / "evaluation.json", result)
     return result
 
@@ -86,6 +91,8 @@ def format_table(result: dict[str, Any]) -> str:
                      for m in alone.values()]
             pub = result.get("published", {}).get(n)
             lines.append(f"{n:<16}" + "".join(f"{c:>26}" for c in cells) + f"{_f(pub):>12}")
+    for n, p in result.get("privacy", {}).items():
+        lines.append(f"{n}: trained under differential privacy, epsilon {p['epsilon']:.2f} at delta {p['delta']:.1e}")
     return "\n".join(lines)
 
 

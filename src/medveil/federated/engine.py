@@ -5,6 +5,8 @@ its transport and nothing else changes).
 Run folder (RUN_DIR):
     config.toml            the resolved config (written first)
     checkpoints/stage_NNN.pt   after every stage (atomic); stage_000 (MIM-only) and the latest kept
+    checkpoints/updates.pt     the latest stage's accepted client updates, as the server received
+                           them (the target of `medveil audit`)
     metrics.json           per stage, per client: accuracy etc., bytes, rejected updates, absent
                            clients (remote transports); per stage: wall seconds in all and per
                            phase (fit / curate / evaluate) (at the end; :mod:`.records`)
@@ -29,7 +31,7 @@ from medveil.federated.records import StageRecord, stages_from_json, stages_to_j
 from medveil.federated.universal import TaskEntry
 from medveil.federated.stages import Federation, prepare, run_stages
 from medveil.federated.transport import Transport
-from medveil.io import jsonable, write_json_atomic, write_text_atomic
+from medveil.io import jsonable, save_torch_atomic, write_json_atomic, write_text_atomic
 from medveil.models.checkpoint import save_checkpoint
 
 log = logging.getLogger("medveil.federated")
@@ -44,6 +46,9 @@ def check_run_folder(out: Path, resume: bool) -> None:
         raise ConfigError(f"{out}: not empty; pass --resume to continue that run or choose another --out")
 
 
+UPDATES = "updates.pt"  # checkpoints/updates.pt: the latest stage's accepted client updates
+
+
 def _checkpoint_path(out: Path, stage: int) -> Path:
     return out / "checkpoints" / f"stage_{stage:03d}.pt"
 
@@ -53,6 +58,9 @@ def save_stage(fed: Federation, out: Path, stage: int, stages: list[StageRecord]
     extra = {"stage": stage, "heads": state["heads"], "registry": state["registry"],
              "metrics": jsonable(stages_to_json(stages)), "config": fed.cfg.to_dict(), "torch_rng": torch.get_rng_state()}
     save_checkpoint(_checkpoint_path(out, stage), fed.server.model, fed.cfg.model, extra=extra)
+    if fed.received:  # what the server received this stage: the target of `medveil audit`
+        save_torch_atomic(out / "checkpoints" / UPDATES, {
+            n: {"stage": u.stage, "backbone": u.backbone, "head": u.head} for n, u in fed.received.items()})
     for old in (out / "checkpoints").glob("stage_*.pt"):  # keep stage 0 (MIM-only) and the latest
         if old.name not in ("stage_000.pt", f"stage_{stage:03d}.pt"):
             old.unlink(missing_ok=True)

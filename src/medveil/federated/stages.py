@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from medveil.federated import stage_evaluation
 from medveil.federated.client import CALIBRATE, EVALUATE, FIT, ClientJob, LocalFit, local_fit
 from medveil.federated.config import FederationConfig
 from medveil.federated.curation import Curator, make_curator
-from medveil.federated.messages import EvalReport, FitInstructions, message_nbytes
+from medveil.federated.messages import ClientUpdate, EvalReport, FitInstructions, message_nbytes
 from medveil.federated.records import StageRecord
 from medveil.federated.server import Server
 from medveil.federated.sites import ClientData, build_sites, load_pool
@@ -54,6 +54,8 @@ class Federation:
     curator: Curator
     client_fit: LocalFit = local_fit
     transport: Transport | None = None
+    # the accepted updates of the stage being run (what the server saw; kept for `medveil audit`)
+    received: dict[str, ClientUpdate] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.transport is None:
@@ -196,6 +198,7 @@ def _train_group(fed: Federation, record: StageRecord, gi: int, group: list[str]
     with timed(record.phase_seconds, "curate"):
         curated = fed.curator.curate(server, accepted, derive_seed(seed, stage, gi, "curate"), progress)
     record.curation.append({"clients": [u.client_name for u in accepted], **curated})
+    fed.received.update({u.client_name: u for u in accepted})
 
 
 def calibration_round(fed: Federation, record: StageRecord, names: list[str]) -> None:
@@ -245,6 +248,7 @@ def run_stage(fed: Federation, stage: int, progress: bool = True, previous: Stag
     evaluated in a round of its own; any other stage leaves its evaluation to the next one.
     """
     t0, c0 = time.time(), time.process_time()
+    fed.received = {}
     present = fed.transport.available(stage)
     names = sample_participants(fed, stage, present)
     record = StageRecord.federated(stage, fed.curator.name, fed.schedule, names)

@@ -1,0 +1,167 @@
+"""``medveil audit RUN``: how well a membership-inference attacker does against what each site
+released. Run where the data is (in-process: the run's clients, rebuilt from its config).
+
+Members: the site's train images used in the federation; non-members: its held-out test images,
+split in two by a seeded draw, one half (R) for the attacker's reference model, the other (E) to
+score. Targets, per site: ``update``, the last model the site sent (what the server saw:
+``checkpoints/updates.pt``) and ``universal``, the final universal backbone with the site's own
+head (what everyone who gets the model sees).
+
+Attacks (scores: higher = "member"):
+- ``loss``: the example's loss under the target, negated (Yeom et al. 2018);
+- ``calibrated``: per-example difficulty calibration (Watson et al. 2022, the offline reference
+  of LiRA / RMIA): the loss under a reference model minus the loss under the target, where the
+  reference is the run's MIM-only backbone with a head fine-tuned, with the run's recipe, on R
+  (images the target never saw). An example that is hard for everyone scores low.
+
+Reported per site and target: ROC AUC and the TPR at 1 % and 0.1 % FPR (chance: 0.5, 0.01,
+0.001; with fewer than 1000 non-members the 0.1 % point is the lowest FPR measurable, said in
+``fpr_resolution``). Writes ``RUN/audit.json`` and ``RUN/audit_roc.png``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from medveil.data import Task
+from medveil.errors import MedVeilError
+from medveil.federated.config import load_config
+from medveil.federated.engine import COMPLETE, UPDATES, load_stage
+from medveil.federated.rebuild import build_backbone, build_head
+from medveil.federated.sites import ClientData, build_sites
+from medveil.federated.training import derive_seed, new_head, predict_logits, train_classifier
+from medveil.federated.universal import load_universal
+from medveil.io import save_figure, write_json_atomic
+from medveil.models.mae import DECODER_PREFIXES
+from medveil.progress import bar as progress_bar
+
+
+def example_losses(logits: torch.Tensor, y: torch.Tensor, task: Task | str) -> np.ndarray:
+    """(N,) loss of each example (no class weights: the attacker scores examples, not classes)."""
+    if Task(task) is Task.MULTILABEL:
+        return F.binary_cross_entropy_with_logits(logits, y.float(), reduction="none").mean(1).numpy()
+    return F.cross_entropy(logits, y.long(), reduction="none").numpy()
+
+
+def attack_metrics(member: np.ndarray, nonmember: np.ndarray) -> dict[str, Any]:
+    """ROC AUC, TPR at 1 % / 0.1 % FPR of scores (higher = member), and the curve (for the plot)."""
+    y = np.r_[np.ones(len(member)), np.zeros(len(nonmember))]
+    s = np.r_[member, nonmember]
+    fpr, tpr, _ = roc_curve(y, s)
+
+    def tpr_at(target: float) -> float:
+        ok = fpr <= target
+        return float(tpr[ok].max()) if ok.any() else 0.0
+
+    return {"auc": float(roc_auc_score(y, s)), "tpr_at_1pct_fpr": tpr_at(0.01), "tpr_at_0.1pct_fpr": tpr_at(0.001),
+            "n_members": int(len(member)), "n_nonmembers": int(len(nonmember)),
+            "fpr_resolution": 1.0 / max(len(nonmember), 1), "roc": (fpr.tolist(), tpr.tolist())}
+
+
+def split_nonmembers(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(reference half R, evaluation half E) of the held-out indices."""
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[: n // 2]), np.sort(order[n // 2:])
+
+
+def audit_site(data: ClientData, targets: dict[str, tuple[torch.nn.Module, torch.nn.Module]],
+               reference: tuple[torch.nn.Module, torch.nn.Module], eval_idx: np.ndarray) -> dict[str, Any]:
+    """Both attacks on every target of one site; members: its train split, non-members: E."""
+    x_out, y_out = data.x_test[eval_idx], data.y_test[eval_idx]
+    ref_in = example_losses(predict_logits(*reference, data.x_train), data.y_train, data.task)
+    ref_out = example_losses(predict_logits(*reference, x_out), y_out, data.task)
+    out: dict[str, Any] = {}
+    for name, (backbone, head) in targets.items():
+        l_in = example_losses(predict_logits(backbone, head, data.x_train), data.y_train, data.task)
+        l_out = example_losses(predict_logits(backbone, head, x_out), y_out, data.task)
+        out[name] = {"loss": attack_metrics(-l_in, -l_out), "calibrated": attack_metrics(ref_in - l_in, ref_out - l_out)}
+    return out
+
+
+def audit_run(run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    run = Path(run_dir)
+    if not (run / COMPLETE).is_file():
+        raise MedVeilError(f"{run}: not a complete federated run (no '{COMPLETE}' marker)")
+    cfg = load_config(run / "config.toml")
+    universal = load_universal(run / "model.pt")
+    updates_path = run / "checkpoints" / UPDATES
+    updates = torch.load(updates_path, map_location="cpu", weights_only=True) if updates_path.is_file() else {}
+    stage0 = load_stage(run / "checkpoints" / "stage_000.pt")
+    mim = {k: v for k, v in stage0["model"].items() if not k.startswith(DECODER_PREFIXES)}
+    clients, _ = build_sites(cfg.clients, cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.seed)
+    recipe = cfg.evaluation.finetune_recipe(cfg.local)
+    model_cfg = cfg.model.to_dict()
+    result: dict[str, Any] = {"run": str(run), "dp": cfg.privacy.dp, "sites": {},
+                              "chance": {"auc": 0.5, "tpr_at_1pct_fpr": 0.01, "tpr_at_0.1pct_fpr": 0.001},
+                              "reference": f"MIM-only backbone + head fine-tuned ({recipe.epochs} epochs) on half "
+                                           f"of each site's held-out images"}
+    for data in progress_bar(clients, desc="audit", disable=not progress):
+        seed = derive_seed(cfg.seed, data.name, "audit")
+        ref_idx, eval_idx = split_nonmembers(len(data.x_test), seed)
+        ref_backbone = build_backbone(model_cfg, mim)
+        ref_head = new_head(ref_backbone.embed_dim, data.num_classes, derive_seed(seed, "head"))
+        train_classifier(ref_backbone, ref_head, data.x_test[ref_idx], data.y_test[ref_idx], data.task, recipe,
+                         derive_seed(seed, "reference"), augment=data.augmentation(recipe.augment))
+        targets: dict[str, tuple[torch.nn.Module, torch.nn.Module]] = {}
+        if data.name in updates:
+            u = updates[data.name]
+            targets["update"] = (build_backbone(model_cfg, u["backbone"]),
+                                 build_head(u["head"], data.num_classes, f"{updates_path}: {data.name}"))
+        if data.name in universal.heads:
+            targets["universal"] = (universal.backbone, universal.heads[data.name])
+        result["sites"][data.name] = audit_site(data, targets, (ref_backbone, ref_head), eval_idx)
+        if data.name in updates:
+            result["sites"][data.name]["update_stage"] = int(updates[data.name]["stage"])
+    plot_roc(result, run / "audit_roc.png")
+    write_json_atomic(run / "audit.json", strip_curves(result))
+    return result
+
+
+def strip_curves(result: dict[str, Any]) -> dict[str, Any]:
+    """The result without the ROC points (they go to the figure, not the JSON)."""
+    sites = {name: {t: ({a: {k: v for k, v in m.items() if k != "roc"} for a, m in r.items()}
+                        if isinstance(r, dict) else r) for t, r in per.items()}
+             for name, per in result["sites"].items()}
+    return {**result, "sites": sites}
+
+
+def plot_roc(result: dict[str, Any], path: Path) -> Path:
+    from medveil.report.plots import plt
+
+    sites = result["sites"]
+    fig, axes = plt.subplots(1, max(1, len(sites)), figsize=(3.2 * max(1, len(sites)), 3.2), squeeze=False)
+    for ax, (name, per) in zip(axes[0], sites.items(), strict=False):
+        for target, attacks in per.items():
+            if not isinstance(attacks, dict):
+                continue
+            for attack, m in attacks.items():
+                fpr, tpr = m["roc"]
+                ax.loglog(np.maximum(fpr, 1e-4), np.maximum(tpr, 1e-4), label=f"{target} {attack} ({m['auc']:.2f})")
+        ax.loglog([1e-4, 1], [1e-4, 1], "k--", linewidth=0.8, label="chance")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("FPR")
+        ax.set_ylabel("TPR")
+        ax.legend(fontsize=6, loc="lower right")
+    fig.suptitle("membership inference" + (" (DP)" if result.get("dp") else " (no DP)"), fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"membership inference on {result['run']} ({'with' if result['dp'] else 'without'} DP); "
+             "chance: AUC 0.5, TPR@1%FPR 0.01, TPR@0.1%FPR 0.001",
+             f"{'site':<14}{'target':<11}{'attack':<12}{'AUC':>7}{'TPR@1%':>9}{'TPR@0.1%':>10}{'members':>9}{'non':>6}"]
+    for name, per in result["sites"].items():
+        for target, attacks in per.items():
+            if not isinstance(attacks, dict):
+                continue
+            for attack, m in attacks.items():
+                lines.append(f"{name:<14}{target:<11}{attack:<12}{m['auc']:>7.3f}{m['tpr_at_1pct_fpr']:>9.3f}"
+                             f"{m['tpr_at_0.1pct_fpr']:>10.3f}{m['n_members']:>9}{m['n_nonmembers']:>6}")
+    return "\n".join(lines)

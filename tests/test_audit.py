@@ -1,0 +1,73 @@
+"""medveil audit: membership inference where the answer is known (a memorising model is found
+out, an untrained one is not), and on a finished run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from fed_helpers import tiny_config
+
+from medveil.cli.main import main
+from medveil.evaluate.audit import attack_metrics, audit_site, example_losses, split_nonmembers
+from medveil.federated.engine import run_federation
+from medveil.federated.sites import ClientData
+from medveil.federated.training import TrainRecipe, new_head, train_classifier
+from medveil.data import Task
+from medveil.models import ViTConfig, VisionTransformer
+
+
+def test_attack_metrics_on_known_scores():
+    rng = np.random.default_rng(0)
+    perfect = attack_metrics(np.full(200, 1.0) + rng.random(200), rng.random(2000) - 1.0)
+    assert perfect["auc"] == 1.0 and perfect["tpr_at_1pct_fpr"] == 1.0 and perfect["tpr_at_0.1pct_fpr"] == 1.0
+    blind = attack_metrics(rng.random(2000), rng.random(2000))
+    assert abs(blind["auc"] - 0.5) < 0.03 and blind["tpr_at_1pct_fpr"] < 0.03
+    ref, ev = split_nonmembers(11, 3)
+    assert len(ref) == 5 and len(ev) == 6 and not set(ref) & set(ev)
+
+
+def toy_site(n: int = 32) -> ClientData:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2 * n, 1, 16, 16, generator=g)
+    y = torch.randint(0, 4, (2 * n,), generator=g)  # random labels: only memorising fits them
+    return ClientData("toy", Task.MULTICLASS, list("abcd"), "unknown", "toy", x[:n], y[:n], x[n:], y[n:])
+
+
+def test_a_memorising_model_is_found_and_an_untrained_one_is_not():
+    torch.manual_seed(0)
+    data = toy_site()
+    cfg = ViTConfig(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2,
+                    decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    untrained = (VisionTransformer(cfg).eval(), new_head(32, 4, 1))
+    memoriser = (VisionTransformer(cfg), new_head(32, 4, 2))
+    train_classifier(*memoriser, data.x_train, data.y_train, data.task, TrainRecipe(epochs=80, batch_size=8, lr=2e-3), 0)
+    assert float(example_losses(torch.zeros(1, 4), torch.tensor([0]), data.task)[0]) == pytest.approx(np.log(4))
+    eval_idx = np.arange(len(data.x_test))
+    out = audit_site(data, {"memoriser": memoriser, "untrained": untrained}, untrained, eval_idx)
+    assert out["memoriser"]["loss"]["auc"] > 0.9 and out["memoriser"]["calibrated"]["auc"] > 0.9
+    assert abs(out["untrained"]["loss"]["auc"] - 0.5) < 0.2
+    assert out["untrained"]["calibrated"]["auc"] == 0.5  # target = reference: every score is 0
+
+
+@pytest.mark.slow
+def test_audit_a_finished_run(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, "fedavg", rounds=1)
+    run_federation(cfg, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "checkpoints" / "updates.pt").is_file()  # what the server received
+    assert main(["audit", str(tmp_path / "run"), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "alpha" in text and "calibrated" in text and "universal" in text and "update" in text
+    report = json.loads((tmp_path / "run" / "audit.json").read_text())
+    for name in ("alpha", "beta"):
+        site = report["sites"][name]
+        assert site["update_stage"] == 1
+        for target in ("update", "universal"):
+            for attack in ("loss", "calibrated"):
+                m = site[target][attack]
+                assert 0.0 <= m["auc"] <= 1.0 and 0.0 <= m["tpr_at_1pct_fpr"] <= 1.0 and "roc" not in m
+    assert (tmp_path / "run" / "audit_roc.png").stat().st_size > 5000
+    (tmp_path / "half").mkdir()
+    assert main(["audit", str(tmp_path / "half")]) == 2
