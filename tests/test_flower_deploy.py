@@ -235,7 +235,7 @@ def test_differential_privacy_over_flower_equals_in_process(deployment):
 
     local_root = root / "dp-local-sites"
     for name in SITES:  # the sites' secrets, as if the same hospitals ran the in-process engine
-        secret = next((pilot.workdir / f"site_{name}" / "privacy").glob(f"*/{name}/secret"))
+        secret = pilot.workdir / f"site_{name}" / "privacy" / name / "secret"
         (local_root / name).mkdir(parents=True)
         (local_root / name / "secret").write_text(secret.read_text())
     local_cfg = config_from_dict({**federation_raw(deployment["pool"], deployment["files"]),

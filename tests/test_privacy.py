@@ -23,36 +23,44 @@ from medveil.report.run_report import build_report
 opacus = pytest.importorskip("opacus")
 
 
+def entry(stage, steps, model="m0", noise=1.1, rate=0.05):
+    return {"stage": stage, "model": model, "noise": noise, "rate": rate, "steps": steps}
+
+
 @pytest.mark.parametrize("kind", ["rdp", "prv"])
 def test_ledger_epsilon_matches_opacus_accountant(kind):
-    """Stages composed by the ledger = Opacus' accountant stepped the same number of times."""
+    """Releases composed by the ledger = Opacus' accountant stepped the same number of times."""
     from opacus.accountants import PRVAccountant, RDPAccountant
 
-    sigma, q, delta = 1.1, 0.05, 1e-4
-    ledger = Ledger("a", delta, sigma, q, kind, target_epsilon=100.0)
+    delta = 1e-4
+    ledger = Ledger("a", delta, kind, target_epsilon=100.0)
     for stage, steps in ((1, 40), (2, 40), (3, 25)):
-        ledger.record(stage, steps)
+        ledger.record(entry(stage, steps))
     acc = RDPAccountant() if kind == "rdp" else PRVAccountant()
     for _ in range(105):
-        acc.step(noise_multiplier=sigma, sample_rate=q)
+        acc.step(noise_multiplier=1.1, sample_rate=0.05)
     assert ledger.epsilon() == pytest.approx(acc.get_epsilon(delta=delta), rel=1e-6 if kind == "rdp" else 2e-2)
     assert Ledger.from_json(json.loads(json.dumps(ledger.to_json()))) == ledger
 
 
-def test_noise_plan_fits_every_planned_stage_and_refuses_after():
-    opts = PrivacyOptions(dp=True, target_epsilon=3.0)
+@pytest.mark.parametrize("kind", ["rdp", "prv"])
+def test_noise_plan_fits_every_planned_stage_and_refuses_after(kind):
+    opts = PrivacyOptions(dp=True, target_epsilon=3.0, accountant=kind)
     q, steps = 0.1, 30
     sigma = plan_noise(opts, q, steps, stages=3, delta=1e-3)
-    ledger = Ledger("a", 1e-3, sigma, q, "rdp", target_epsilon=3.0)
+    ledger = Ledger("a", 1e-3, kind, target_epsilon=3.0)
     for stage in (1, 2, 3):
-        ok, eps = ledger.allows(stage, steps)
+        ok, eps = ledger.allows(entry(stage, steps, noise=sigma, rate=q))
         assert ok, (stage, eps)
-        ledger.record(stage, steps)
-    assert 2.9 <= ledger.epsilon() <= 3.0  # the plan spends the budget, not more
-    ok, eps = ledger.allows(4, steps)
+        ledger.record(entry(stage, steps, noise=sigma, rate=q))
+    assert 2.7 <= ledger.epsilon() <= 3.0  # the plan spends the budget, not more
+    ok, eps = ledger.allows(entry(4, steps, noise=sigma, rate=q))
     assert not ok and eps > 3.0
-    ledger.record(2, steps)  # a stage re-trained after a crash replaces its entry (same noise)
-    assert ledger.epsilon() <= 3.0
+    before = ledger.epsilon()
+    ledger.record(entry(2, steps, noise=sigma, rate=q))  # stage 2 again from the same model: the same update
+    assert ledger.epsilon() == before and len(ledger.entries) == 3
+    ok, _ = ledger.allows(entry(2, steps, model="another", noise=sigma, rate=q))  # another model: a new release
+    assert not ok
 
 
 def test_privacy_config_bad_input(tmp_path, monkeypatch):
@@ -63,6 +71,8 @@ def test_privacy_config_bad_input(tmp_path, monkeypatch):
             tiny_config(tmp_path, privacy=privacy)
     with pytest.raises(ConfigError, match="fedprox"):
         tiny_config(tmp_path, privacy={"dp": True}, local={"fedprox_mu": 0.1})
+    with pytest.raises(ConfigError, match="class_weighting = 'none'"):  # weights from every private label
+        tiny_config(tmp_path, privacy={"dp": True}, local={"class_weighting": "balanced"})
     with pytest.raises(ConfigError, match="spends epsilon"):  # too little noise for even one stage
         plan_noise(PrivacyOptions(dp=True, target_epsilon=1.0, noise_multiplier=0.3), 0.2, 50, 3, 1e-3)
     import builtins
@@ -109,9 +119,37 @@ def test_dp_sgd_trains_the_vit_and_freezes_what_has_no_per_example_gradient(stem
     assert all(p.requires_grad for n, p in vit.named_parameters() if n != "pos_embed")  # restored
 
 
+def test_one_examples_clipped_gradient_does_not_depend_on_the_others():
+    """The per-example gradient Opacus clips is the same alone or in any batch (no batch norm, no
+    class weights renormalised over the batch)."""
+    from opacus import GradSampleModule
+
+    from medveil.federated.dp_training import _Classifier, per_example_loss
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2,
+                    decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, stem="conv")
+    vit, head = VisionTransformer(cfg), new_head(32, 3, 0)
+    set_trainable(vit, head, "all")
+    model = GradSampleModule(_Classifier(vit, head), loss_reduction="sum")
+    x, y = torch.rand(6, 1, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def grads(idx):
+        model.zero_grad(set_to_none=True)
+        for p in model.parameters():
+            p.grad_sample = None
+        per_example_loss(model(x[idx]), y[idx], "multi-class", 0.1).sum().backward()
+        return [p.grad_sample[list(idx).index(0)].clone() for p in model.parameters() if p.requires_grad]
+
+    alone, batch = grads([0]), grads([3, 0, 5, 1])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(alone, batch, strict=True))
+    model._close()
+
+
 def tiny_dp_config(folder, **privacy):
     return tiny_config(folder, "fedavg", rounds=2, privacy={"dp": True, **privacy},
-                       federation={"calibrate_heads": True}, local={"epochs": 1, "batch_size": 16, "lr": 1e-3})
+                       federation={"calibrate_heads": True},
+                       local={"epochs": 1, "batch_size": 16, "lr": 1e-3, "schedule": "cosine", "warmup_epochs": 0.5})
 
 
 @pytest.mark.slow
@@ -123,7 +161,8 @@ def test_federation_under_dp_spends_reports_and_resumes_identically(tmp_path):
         eps = [s["clients"][name]["fit"]["epsilon"] for s in full["stages"][1:]]
         assert eps[0] < eps[1] <= 4.0  # composed across stages, within the target
         ledger = json.loads((sites_a / name / "privacy.json").read_text())
-        assert ledger["epsilon"] == pytest.approx(eps[1]) and set(ledger["stages"]) == {"1", "2"}
+        assert ledger["epsilon"] == pytest.approx(eps[1]) and [e["stage"] for e in ledger["entries"]] == [1, 2]
+        assert "train_loss" not in full["stages"][1]["clients"][name]["fit"]  # only public parameters leave
         assert full["privacy"][name]["epsilon"] == pytest.approx(eps[1])
     assert "skipped" in full["stages"][-1]["calibration"]  # no head refit outside DP-SGD
     export_model(tmp_path / "full" / "model.pt", tmp_path / "export")  # the model card states the budget
@@ -153,6 +192,9 @@ def test_federation_under_dp_spends_reports_and_resumes_identically(tmp_path):
 def test_a_site_over_budget_is_absent_with_the_reason(tmp_path):
     q, steps = dp_plan(36, TrainRecipe(epochs=1, batch_size=16))  # alpha: 48 train images, 25 % pooled
     one_stage = epsilon_of([(1.0, q, steps)], 1 / 360, "rdp")
+    with pytest.raises(ConfigError, match="custom client_fit"):  # DP is never skipped silently
+        run_federation(tiny_dp_config(tmp_path), tmp_path / "custom", progress=False,
+                       client_fit=lambda *a, **k: None)
     cfg = tiny_dp_config(tmp_path, noise_multiplier=1.0, target_epsilon=1.2 * one_stage)
     metrics = run_federation(cfg, tmp_path / "run", progress=False)  # default: RUN/sites/<name>/
     assert (tmp_path / "run" / "sites" / "alpha" / "privacy.json").is_file()
@@ -160,3 +202,25 @@ def test_a_site_over_budget_is_absent_with_the_reason(tmp_path):
     reasons = {a["client"]: a["reason"] for a in stage2["absent"]}
     assert "alpha" in reasons and "privacy budget" in reasons["alpha"], stage2["absent"]
     assert metrics["privacy"]["alpha"]["epsilon"] <= cfg.privacy.target_epsilon
+
+
+def test_a_flower_site_keeps_its_own_privacy_terms(tmp_path):
+    """Over Flower the coordinator proposes; the site decides: no head refit outside DP-SGD, and
+    with its own --max-epsilon no training without DP and a ceiling that the run cannot raise."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("flwr")
+    from medveil.errors import SiteRefused
+    from medveil.federated.dp_site import DPSites
+    from medveil.federated.flower.app import _site_fit
+
+    dp_site = {"privacy": {"dp": True, "target_epsilon": 8.0}, "planned_stages": 2}
+    ctx = SimpleNamespace(node_config={"state-dir": str(tmp_path), "max-epsilon": 2.0})
+    with pytest.raises(SiteRefused, match="outside DP-SGD"):
+        _site_fit(ctx, dp_site, calibrate=True)
+    with pytest.raises(SiteRefused, match="only with differential privacy"):
+        _site_fit(ctx, {}, calibrate=False)
+    fit = _site_fit(ctx, dp_site, calibrate=False)
+    assert isinstance(fit, DPSites) and fit.target == 2.0  # the stricter of 8 (run) and 2 (site)
+    with pytest.raises(ConfigError, match="state-dir"):
+        _site_fit(SimpleNamespace(node_config={}), dp_site, calibrate=False)

@@ -98,6 +98,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sstart.add_argument("--retry-for", type=float, default=180.0, metavar="SECONDS",
                         help="keep retrying when the coordinator refuses activation, e.g. after a "
                              "crash (Flower expires the old session ~60 s later) (default: %(default)s)")
+    sstart.add_argument("--max-epsilon", type=float, default=0.0, metavar="EPS",
+                        help="this site's own privacy ceiling: train only with differential privacy and never "
+                             "past this epsilon, whatever the coordinator asks (default: 0, the run's settings)")
     _state(sstart, "site")
     sstart.add_argument("--print", action="store_true", help="print the command instead of running it")
     sstart.set_defaults(func=run_site_start)
@@ -269,7 +272,8 @@ def run_site_start(args: argparse.Namespace) -> int:
     home = args.state / "flwr"
     cmd = launch.supernode_command(site, args.server, args.data, args.runtime_port, threads=args.threads,
                                    device=args.device, data_root=args.data_root,
-                                   app_runtime=args.app_runtime, state_dir=str(args.state.resolve() / "privacy"))
+                                   app_runtime=args.app_runtime, state_dir=str(args.state.resolve() / "privacy"),
+                                   max_epsilon=args.max_epsilon)
     if args.print:
         _show(cmd, launch.flower_settings(home))
         return 0

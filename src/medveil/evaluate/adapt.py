@@ -18,6 +18,7 @@ when present), which tells whether federation helped this new site.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,7 +198,7 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def check_task_name(name: str) -> str:
-    if not name or any(c in name for c in "/\\\n") or name.startswith("."):
-        raise MedVeilError(f"--name {name!r}: use a plain task name (letters, digits, - or _)")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise MedVeilError(f"--name {name!r}: use a plain task name (letters, digits, '.', '-' or '_')")
     return name
 

@@ -91,7 +91,10 @@ def audit_run(run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     cfg = load_config(run / "config.toml")
     universal = load_universal(run / "model.pt")
     updates_path = run / "checkpoints" / UPDATES
-    updates = torch.load(updates_path, map_location="cpu", weights_only=True) if updates_path.is_file() else {}
+    try:
+        updates = torch.load(updates_path, map_location="cpu", weights_only=True) if updates_path.is_file() else {}
+    except Exception as err:  # noqa: BLE001 - any unreadable file is one line to the user
+        raise MedVeilError(f"{updates_path}: unreadable ({type(err).__name__})") from None
     stage0 = load_stage(run / "checkpoints" / "stage_000.pt")
     mim = {k: v for k, v in stage0["model"].items() if not k.startswith(DECODER_PREFIXES)}
     clients, _ = build_sites(cfg.clients, cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.seed)
@@ -102,6 +105,9 @@ def audit_run(run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
                               "reference": f"MIM-only backbone + head fine-tuned ({recipe.epochs} epochs) on half "
                                            f"of each site's held-out images"}
     for data in progress_bar(clients, desc="audit", disable=not progress):
+        if len(data.x_test) < 4:
+            raise MedVeilError(f"{data.source}: site {data.name!r} has {len(data.x_test)} held-out images; "
+                               f"the audit needs at least 4 (half for the reference model, half to score)")
         seed = derive_seed(cfg.seed, data.name, "audit")
         ref_idx, eval_idx = split_nonmembers(len(data.x_test), seed)
         ref_backbone = build_backbone(model_cfg, mim)
@@ -118,6 +124,8 @@ def audit_run(run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
         result["sites"][data.name] = audit_site(data, targets, (ref_backbone, ref_head), eval_idx)
         if data.name in updates:
             result["sites"][data.name]["update_stage"] = int(updates[data.name]["stage"])
+        else:  # absent, refused or rejected in the last stage with an accepted update
+            result["sites"][data.name]["update_missing"] = f"no accepted update of {data.name!r} in {updates_path}"
     plot_roc(result, run / "audit_roc.png")
     write_json_atomic(run / "audit.json", strip_curves(result))
     return result

@@ -178,11 +178,10 @@ def validate(cfg: FederationConfig, where: str = "config", remote_clients: bool 
     except ConfigError as err:
         raise ConfigError(f"{where}: [local] {err}") from None
     try:
-        cfg.privacy.check()
+        cfg.privacy.check(need_opacus=not remote_clients)  # a Flower coordinator runs no DP-SGD
+        cfg.privacy.check_recipe(cfg.local.class_weighting, cfg.local.fedprox_mu)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
-    if cfg.privacy.dp and cfg.local.fedprox_mu > 0:
-        raise ConfigError(f"{where}: [privacy] dp = true cannot be combined with [local] fedprox_mu > 0")
     make_curator(fed.strategy, cfg.curation)  # checks the [curation] values the strategy uses
     cfg.model.validate()
     if remote_clients:

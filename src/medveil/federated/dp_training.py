@@ -10,14 +10,18 @@ the fixed sin-cos position table (never trained), and the linear patch projectio
 ``conv`` stem trains (convolutions and GroupNorm have per-example gradients).
 
 Batches are Poisson samples (each image in with probability q = batch_size / n, ``round(1 / q)``
-steps per epoch), as the accountant assumes. The loss is the plain mean of per-example losses
-(class weights are fixed per class, never renormalised over the batch, so one example's clipped
-gradient does not depend on the others). Randomness (sampling, noise, augmentation) comes from a
-seed the site derives from its own secret: the server cannot reproduce the noise.
+steps per epoch; an empty batch still takes its noisy step), as the accountant assumes. The loss
+is the plain mean of unweighted per-example losses, so one example's clipped gradient does not
+depend on the others (class weights computed from the private labels are refused under DP).
+Randomness (sampling, noise, augmentation) comes from 63-bit seeds hashed from the site's secret:
+the server, which knows every public seed, cannot reproduce the noise. The generators are
+PyTorch's, not a cryptographically secure one (Opacus' ``secure_mode``), which would make a
+resumed stage differ from the uninterrupted one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 
 import torch
@@ -26,9 +30,8 @@ import torch.nn.functional as F
 
 from medveil.data import Task
 from medveil.data.augment import AugmentPolicy
-from medveil.errors import ConfigError
 from medveil.federated.privacy import PrivacyOptions
-from medveil.federated.training import TrainRecipe, balanced_weights, derive_seed, seeded
+from medveil.federated.training import TrainRecipe, lr_schedule, param_groups, seeded
 from medveil.models import VisionTransformer
 
 
@@ -61,14 +64,19 @@ def set_trainable(backbone: VisionTransformer, head: nn.Linear, trainable: str) 
     return names
 
 
-def per_example_loss(logits: torch.Tensor, y: torch.Tensor, task: Task | str,
-                     weight: torch.Tensor | None, label_smoothing: float) -> torch.Tensor:
-    """(B,) losses; class weights multiply each example's loss (no batch renormalisation)."""
+def per_example_loss(logits: torch.Tensor, y: torch.Tensor, task: Task | str, label_smoothing: float) -> torch.Tensor:
+    """(B,) losses, unweighted (class weights from the private labels are refused under DP)."""
     if Task(task) is Task.MULTILABEL:
-        loss = F.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=weight, reduction="none")
-        return loss.mean(dim=1)
-    loss = F.cross_entropy(logits, y.long(), reduction="none", label_smoothing=label_smoothing)
-    return loss * weight[y.long()] if weight is not None else loss
+        target = y.float() * (1 - label_smoothing) + label_smoothing / 2 if label_smoothing else y.float()
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=1)
+    return F.cross_entropy(logits, y.long(), reduction="none", label_smoothing=label_smoothing)
+
+
+def wide_seed(secret: int, *tags: object) -> int:
+    """A 63-bit seed from the site's secret and tags (a SHA-256 digest, not the 31-bit
+    ``derive_seed`` of the public seeds)."""
+    text = ":".join(str(t) for t in (secret, *tags)).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big") & (2**63 - 1)
 
 
 def dp_plan(n: int, recipe: TrainRecipe) -> tuple[float, int]:
@@ -80,45 +88,49 @@ def dp_plan(n: int, recipe: TrainRecipe) -> tuple[float, int]:
 def dp_train_classifier(backbone: VisionTransformer, head: nn.Linear, x: torch.Tensor, y: torch.Tensor,
                         task: Task | str, recipe: TrainRecipe, opts: PrivacyOptions, noise_multiplier: float,
                         secret_seed: int, augment: AugmentPolicy | None = None) -> dict[str, float]:
-    """Train in place with DP-SGD for ``recipe.epochs`` epochs; returns {"train_loss", "steps"}."""
+    """Train in place with DP-SGD for ``recipe.epochs`` epochs (the recipe's optimiser groups,
+    layer decay and schedule; no class weights, no FedProx: refused under DP); returns
+    {"train_loss" (site-side only: not sent), "steps"}."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
-    if recipe.fedprox_mu > 0:
-        raise ConfigError("[privacy] dp = true cannot be combined with FedProx ([local] fedprox_mu > 0)")
+    opts.check_recipe(recipe.class_weighting, recipe.fedprox_mu)
     n = len(x)
     q, steps = dp_plan(n, recipe)
+    device = next(head.parameters()).device
     set_trainable(backbone, head, opts.trainable)
     model = GradSampleModule(_Classifier(backbone, head), loss_reduction="mean")
-    backbone_params = [p for p in backbone.parameters() if p.requires_grad]
-    groups = [g for g in ({"params": backbone_params},
-                          {"params": list(head.parameters()), "lr": recipe.lr * recipe.head_lr_scale})
-              if g["params"]]
+    _, groups = param_groups(backbone, head, recipe)
     base = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    noise_gen = torch.Generator().manual_seed(derive_seed(secret_seed, "noise"))
-    sample_gen = torch.Generator().manual_seed(derive_seed(secret_seed, "sample"))
-    aug_gen = torch.Generator().manual_seed(derive_seed(secret_seed, "augment"))
+    noise_gen = torch.Generator(device=device).manual_seed(wide_seed(secret_seed, "noise"))
+    sample_gen = torch.Generator().manual_seed(wide_seed(secret_seed, "sample"))
+    aug_gen = torch.Generator().manual_seed(wide_seed(secret_seed, "augment"))
     opt = DPOptimizer(base, noise_multiplier=noise_multiplier, max_grad_norm=opts.max_grad_norm,
                       expected_batch_size=max(1, round(q * n)), generator=noise_gen)
-    weight = balanced_weights(y, head.out_features, task) if recipe.class_weighting == "balanced" else None
+    sched = lr_schedule(base, recipe, max(1, round(1 / q)))
     use_aug = augment is not None and recipe.augment != "none" and not augment.is_identity
+    trained = [p for p in model.parameters() if p.requires_grad]
     model.train()
     backbone.set_drop_path(0.0)  # per-example gradients of one deterministic path
     total, count = 0.0, 0
-    with seeded(derive_seed(secret_seed, "torch")):
+    with seeded(wide_seed(secret_seed, "torch") & 0x7FFFFFFF):
         for _ in range(steps):
             idx = torch.nonzero(torch.rand(n, generator=sample_gen) < q).flatten()
             opt.zero_grad(set_to_none=True)
-            if len(idx) == 0:  # an empty Poisson batch: the step is counted, nothing is released
-                continue
-            xb = augment.apply(x[idx], aug_gen) if use_aug else x[idx]
-            losses = per_example_loss(model(xb), y[idx], task, weight, recipe.label_smoothing)
-            with warnings.catch_warnings():  # Opacus' hook on a first layer whose input needs no gradient
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                losses.mean().backward()
+            if len(idx) == 0:  # an empty Poisson batch still takes its noisy step, as accounted
+                for p in trained:
+                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device)
+            else:
+                xb = augment.apply(x[idx], aug_gen) if use_aug else x[idx]
+                losses = per_example_loss(model(xb.to(device)), y[idx].to(device), task, recipe.label_smoothing)
+                with warnings.catch_warnings():  # Opacus' hook on a first layer whose input needs no gradient
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    losses.mean().backward()
+                total += float(losses.detach().sum())
+                count += len(idx)
             opt.step()
-            total += float(losses.detach().sum())
-            count += len(idx)
+            if sched is not None:
+                sched.step()
     model._close()
     for p in list(backbone.parameters()) + list(head.parameters()):
         p.requires_grad_(True)
@@ -126,5 +138,4 @@ def dp_train_classifier(backbone: VisionTransformer, head: nn.Linear, x: torch.T
     backbone.pos_embed.requires_grad_(False)
     backbone.eval()
     head.eval()
-    return {"train_loss": total / max(count, 1), "steps": float(steps),
-            "noise_multiplier": noise_multiplier, "sample_rate": q}
+    return {"train_loss": total / max(count, 1), "steps": float(steps)}

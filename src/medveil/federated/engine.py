@@ -112,10 +112,13 @@ def run_federation(
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "config.toml").exists():
         write_text_atomic(out / "config.toml", dump_toml(cfg))
-    if cfg.privacy.dp and transport is None and client_fit is local_fit:
+    if cfg.privacy.dp and transport is None:  # in-process: the sites' DP-SGD and ledgers under RUN/sites
         from medveil.federated.dp_site import DPSites
 
-        client_fit = DPSites(cfg.privacy, out / "sites", cfg.federation.rounds)
+        if client_fit is local_fit:
+            client_fit = DPSites(cfg.privacy, out / "sites", cfg.federation.rounds)
+        elif not isinstance(client_fit, DPSites):
+            raise ConfigError("[privacy] dp = true: this run's client training is not DP-SGD (a custom client_fit)")
     fed = prepare(cfg, client_fit, transport)
     stages: list[StageRecord] = []
     start = 0

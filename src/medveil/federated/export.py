@@ -43,6 +43,8 @@ def export_model(model: str | Path, out: str | Path, overwrite: bool = False) ->
     model, out = Path(model), Path(out)
     if out.exists() and not overwrite:
         raise ConfigError(f"{out}: exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: a file, not an export folder; choose another --out")
     universal = load_universal(model)
     run = _run_metrics(model)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -58,9 +60,12 @@ def export_model(model: str | Path, out: str | Path, overwrite: bool = False) ->
         if hf_ok:
             _write_transformers(universal, tmp / "transformers")
         write_text_atomic(tmp / "README.md", model_card(universal, run, model, hf_ok))
-        if out.exists():
-            shutil.rmtree(out)
+        old = out.with_name(f".{out.name}.old-{tmp.name}") if out.exists() else None
+        if old is not None:
+            os.replace(out, old)  # the previous export stays whole until the new one is in place
         os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -147,12 +152,15 @@ def model_card(universal: UniversalModel, run: dict[str, Any] | None, source: Pa
                     f"accountant, trained parts: {privacy.get('trainable')}. Spent per site:", "",
                     "| site | epsilon | delta |", "|---|---|---|"]
         dp_lines += [f"| {n} | {v['epsilon']:.2f} | {v['delta']:.1e} |" for n, v in spent.items()]
-        dp_lines += ["", "- Covered: the weights each site sent. Not covered: the test metrics each site reported."]
+        dp_lines += ["", "- Covered: the weights each site sent. Not covered: the test metrics each site reported, "
+                     "its number of training images, class count and class names."]
     else:
         dp_lines = ["- No differential privacy: the weights each site sent were trained on its images without "
                     "a formal guarantee; they may reveal whether a given patient was in a site's training set."]
     lines += ["", "## Privacy", "", *dp_lines,
-              "- The server never received a labelled image; its pretraining pool is unlabelled.", "",
+              "- The server never received a labelled image. Its pretraining pool is unlabelled: images it holds "
+              "itself, or (in-process runs with `pool_fraction` > 0) a share of each dataset's train split held "
+              "apart from the sites.", "",
               "## Intended use and limits", "",
               "- Research and evaluation of medical-imaging classifiers; not a medical device, not for diagnosis.",
               f"- Inputs must resemble the sites' images ({cfg.img_size} px after resizing); performance on other "

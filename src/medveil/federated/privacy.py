@@ -4,15 +4,16 @@ A site trains with DP-SGD (per-example gradients clipped to ``max_grad_norm``, G
 ``noise_multiplier * max_grad_norm`` added to their sum, Poisson sampling of each batch with rate
 ``batch_size / n``), through Opacus (the ``dp`` extra): :mod:`medveil.federated.dp_training`.
 
-The ledger is the site's own record of what it spent: one entry per stage it trained (the stage's
-number -> DP-SGD steps), with one noise multiplier and sampling rate for the whole run, composed by
+The ledger is the site's own record of what it released: one entry per update it sent (stage,
+a digest of the model it received, noise multiplier, sampling rate, DP-SGD steps), composed by
 Opacus' RDP (default) or PRV accountant. It lives in the site's state folder (in-process: the
-run's ``sites/<name>/``; across machines: the site's ``--state-dir``), never on the server, and
-is written before the update leaves the site. A stage trained again after a crash (same stage,
-same site secret, hence the same noise) releases exactly the same update, so its entry is
-replaced, not added. Before training a stage, the site checks that the ledger plus that stage
-stays within ``target_epsilon``; if not, it refuses and the server records it absent with the
-reason.
+run's ``sites/<name>/``; across machines: ``medveil site start --state DIR``, one ledger per site
+for every federation it joins), never on the server, and is written before the update leaves
+the site. The noise of a release is seeded from the site's secret, the stage and the received
+model: the same stage asked again with the same model (a resumed run) gives the same update, so
+its entry is replaced; asked again with another model, it is a new release and is added. Before
+training, the site checks that the ledger plus this release stays within ``target_epsilon``; if
+not, it refuses and the server records it absent with the reason.
 
 The noise multiplier, unless given, is the smallest that lets every planned stage (``rounds``
 stages of ``[local] epochs`` epochs) fit in ``target_epsilon`` (Opacus ``get_noise_multiplier``).
@@ -53,7 +54,9 @@ class PrivacyOptions:
     accountant: str = "rdp"       # "rdp" (Opacus RDPAccountant) or "prv" (PRVAccountant)
     trainable: str = "all"        # under DP: all | head | last_block | norms_head
 
-    def check(self) -> None:
+    def check(self, need_opacus: bool = True) -> None:
+        """One ConfigError line for options that cannot be honoured; ``need_opacus``: this
+        machine trains (a Flower coordinator does not)."""
         if not self.dp:
             return
         if not self.target_epsilon > 0 or math.isinf(self.target_epsilon):
@@ -68,7 +71,19 @@ class PrivacyOptions:
             raise ConfigError(f"[privacy] accountant must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}")
         if self.trainable not in TRAINABLE:
             raise ConfigError(f"[privacy] trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
-        require_opacus()
+        if need_opacus:
+            require_opacus()
+
+    def check_recipe(self, class_weighting: str, fedprox_mu: float) -> None:
+        """What DP-SGD cannot honour: class weights computed from every private label (one
+        example would move every other example's clipped gradient) and the FedProx term."""
+        if not self.dp:
+            return
+        if class_weighting != "none":
+            raise ConfigError("[privacy] dp = true needs [local] class_weighting = 'none': balanced weights are "
+                              "computed from every private label, so one example would change the others' gradients")
+        if fedprox_mu > 0:
+            raise ConfigError("[privacy] dp = true cannot be combined with [local] fedprox_mu > 0")
 
     def site_delta(self, n_train: int) -> float:
         return self.delta if self.delta > 0 else 1.0 / (10 * max(n_train, 1))
@@ -108,48 +123,51 @@ def plan_noise(opts: PrivacyOptions, sample_rate: float, steps_per_stage: int, s
     if one > opts.target_epsilon:
         raise ConfigError(f"[privacy] noise multiplier {sigma:g} spends epsilon {one:.2f} in one stage, over the "
                           f"target {opts.target_epsilon}; raise noise_multiplier or target_epsilon")
+    if opts.noise_multiplier <= 0:  # the ledger composes stage by stage: make sure every planned one fits
+        while epsilon_of([(sigma, sample_rate, steps_per_stage)] * stages, delta, opts.accountant) > opts.target_epsilon:
+            sigma *= 1.01
     return sigma
 
 
 @dataclass
 class Ledger:
-    """A site's DP spending across the stages of one run (see the module docstring)."""
+    """A site's DP spending: one entry per release (see the module docstring)."""
 
     site: str
     delta: float
-    noise_multiplier: float
-    sample_rate: float
     accountant: str
     target_epsilon: float
-    stages: dict[int, int] = field(default_factory=dict)  # stage -> DP-SGD steps
+    # each release: {"stage", "model" (digest of the received model), "noise", "rate", "steps"}
+    entries: list[dict[str, Any]] = field(default_factory=list)
 
-    def history(self, extra: dict[int, int] | None = None) -> list[tuple[float, float, int]]:
-        spent = {**self.stages, **(extra or {})}
-        return [(self.noise_multiplier, self.sample_rate, spent[s]) for s in sorted(spent)]
+    def history(self, extra: dict[str, Any] | None = None) -> list[tuple[float, float, int]]:
+        entries = self._with(extra) if extra else self.entries
+        return [(float(e["noise"]), float(e["rate"]), int(e["steps"])) for e in entries]
 
-    def epsilon(self, extra: dict[int, int] | None = None) -> float:
-        """Epsilon spent (plus ``extra`` stage -> steps, as if trained)."""
+    def _with(self, entry: dict[str, Any]) -> list[dict[str, Any]]:
+        """The entries after ``entry``: it replaces a release of the same stage from the same
+        received model (the same update again: same noise, nothing new leaks), else it is added."""
+        same = [e for e in self.entries if (e["stage"], e["model"]) == (entry["stage"], entry["model"])]
+        return [e for e in self.entries if e not in same] + [entry]
+
+    def epsilon(self, extra: dict[str, Any] | None = None) -> float:
+        """Epsilon spent (plus ``extra``, a release not yet made)."""
         return epsilon_of(self.history(extra), self.delta, self.accountant)
 
-    def allows(self, stage: int, steps: int) -> tuple[bool, float]:
-        """(training ``stage`` with ``steps`` keeps within the target, the epsilon it would reach)."""
-        eps = self.epsilon({stage: steps})
-        return eps <= self.target_epsilon + 1e-9, eps
+    def allows(self, entry: dict[str, Any]) -> tuple[bool, float]:
+        """(making release ``entry`` keeps within the target, the epsilon it would reach)."""
+        eps = self.epsilon(entry)
+        return eps <= self.target_epsilon * (1 + 1e-6), eps
 
-    def record(self, stage: int, steps: int) -> None:
-        self.stages[stage] = steps
+    def record(self, entry: dict[str, Any]) -> None:
+        self.entries = self._with(entry)
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["stages"] = {str(k): v for k, v in self.stages.items()}
-        d["epsilon"] = self.epsilon()
-        return d
+        return {**asdict(self), "epsilon": self.epsilon()}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Ledger:
-        d = {k: v for k, v in d.items() if k != "epsilon"}
-        d["stages"] = {int(k): int(v) for k, v in d.get("stages", {}).items()}
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k != "epsilon"})
 
     def save(self, path: Path) -> None:
         write_json_atomic(path, self.to_json())

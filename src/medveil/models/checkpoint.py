@@ -100,7 +100,12 @@ def _load_file(path: Path) -> Any:
         except Exception as err:
             raise MedVeilError(f"{path}: not a readable safetensors file ({type(err).__name__})") from err
         # an export of ours carries its ViT config as JSON metadata (medveil.federated.universal)
-        return {"model": sd, "cfg": json.loads(meta["cfg"])} if "cfg" in meta else sd
+        if "cfg" not in meta:
+            return sd
+        try:
+            return {"model": sd, "cfg": json.loads(meta["cfg"])}
+        except ValueError:
+            raise MedVeilError(f"{path}: its 'cfg' metadata is not JSON") from None
     try:
         # MAE training checkpoints also pickle their argparse.Namespace of arguments
         with torch.serialization.safe_globals([argparse.Namespace]):

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from medveil.errors import MedVeilError
+
 # (pattern, replacement) applied in order to each transformers key
 _FROM_HF = [
     (r"^(vit\.)?embeddings\.cls_token$", "cls_token"),
@@ -59,6 +61,9 @@ def from_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         out[key] = value
     for key, parts in qkv.items():
+        missing = [w for w in "qkv" if w not in parts]
+        if missing:
+            raise MedVeilError(f"transformers checkpoint: {key} lacks its {'/'.join(missing)} projection(s)")
         out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out
 

@@ -69,7 +69,8 @@ def federated_page(run: Path, evaluation: dict[str, Any] | None = None) -> str:
            f"pretraining" + ("" if complete else " - NOT COMPLETE (resume with medveil federate --resume)"))
     sections = [("Per site: the universal model with its own head", _final_table(m, stages)),
                 ("Accuracy by stage", H.figure(stage_curves_figure(stages), "per-site test accuracy by stage")
-                 + H.para("Open circles: before the calibration round refitted each site's head.", "note"))]
+                 + (H.para("Open circles: before the calibration round refitted each site's head.", "note")
+                    if any("test_before_calibration" in c for c in stages[-1].get("clients", {}).values()) else ""))]
     if evaluation:
         sections.append(("Against the baselines (medveil evaluate)", _baselines(evaluation)))
     else:

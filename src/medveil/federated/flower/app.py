@@ -169,22 +169,31 @@ def site_join(message: Message, context: Context) -> Message:
     return Message(codec.encode_join_request(join_request(site_data(context, site))), reply_to=message)
 
 
-def _site_fit(context: Context, site: dict[str, Any]):
-    """The site's training function: DP-SGD with its own ledger when the run asks for DP."""
+def _site_fit(context: Context, site: dict[str, Any], calibrate: bool):
+    """The site's training function. Under DP: DP-SGD with the site's own ledger, within the
+    stricter of the run's target and the site's ``max-epsilon``; a site with ``max-epsilon`` set
+    refuses to train without DP, and no site refits a head outside DP-SGD (calibration)."""
     from medveil.federated.client import local_fit
 
+    node = dict(context.node_config)
+    ceiling = float(node.get("max-epsilon", 0) or 0)
     if not site.get("privacy", {}).get("dp"):
+        if ceiling > 0:
+            raise SiteRefused(f"this site trains only with differential privacy (max-epsilon {ceiling:g}); "
+                              f"the run asks for training without it")
         return local_fit
-    from medveil.federated.dp_site import DPSites, federation_key
+    if calibrate:
+        raise SiteRefused("a head refit on private labels outside DP-SGD is not covered by the privacy budget")
+    from medveil.federated.dp_site import DPSites
     from medveil.federated.privacy import PrivacyOptions
 
-    state = str(dict(context.node_config).get("state-dir", ""))
+    state = str(node.get("state-dir", ""))
     if not state:
         raise ConfigError("this run uses differential privacy but the SuperNode has no node config "
                           "'state-dir' for the site's privacy ledger (start it with `medveil site start`)")
     opts = PrivacyOptions(**site["privacy"])
     opts.check()
-    return DPSites(opts, Path(state) / federation_key(site), int(site["planned_stages"]))
+    return DPSites(opts, Path(state), int(site["planned_stages"]), max_epsilon=ceiling)
 
 
 def _serve(message: Message, context: Context, evaluate_only: bool) -> Message:
@@ -198,7 +207,8 @@ def _serve(message: Message, context: Context, evaluate_only: bool) -> Message:
     else:  # calibrate: the last round refits the head only; evaluate: first report the received model
         job = ClientJob(ins, CALIBRATE if extra.get("calibrate") else FIT, int(extra["seed"]),
                         TrainRecipe(**extra["recipe"]), evaluate_first=bool(extra.get("evaluate")))
-    reply = serve(data, job, device=_device(context), fit=_site_fit(context, extra["site"]))
+    fit = _site_fit(context, extra["site"], calibrate=job.work == CALIBRATE) if not evaluate_only else None
+    reply = serve(data, job, device=_device(context), **({"fit": fit} if fit is not None else {}))
     content = (codec.encode_report(reply.report) if evaluate_only
                else codec.encode_update(reply.update, reply.report))
     return Message(content, reply_to=message)

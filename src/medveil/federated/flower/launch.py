@@ -119,7 +119,8 @@ def superlink_command(server: ServerFiles, host: str, port: int, database: Path 
 
 def supernode_command(site: SiteFiles, superlink: str, data: str, runtime_port: int,
                       threads: int = 0, device: str = "cpu", data_root: str = "",
-                      max_wait: float | None = None, app_runtime: str = "warm", state_dir: str = "") -> list[str]:
+                      max_wait: float | None = None, app_runtime: str = "warm", state_dir: str = "",
+                      max_epsilon: float = 0.0) -> list[str]:
     """The SuperNode of a site. ``app_runtime="warm"`` (default): Flower's SuperNode through
     :mod:`medveil.federated.flower.site_node` (ClientApps forked from a preloaded process, shorter
     waits); ``"flower"``: plain ``flower-supernode`` (a fresh ``flwr-clientapp`` per message)."""
@@ -128,8 +129,10 @@ def supernode_command(site: SiteFiles, superlink: str, data: str, runtime_port: 
     node = [f'name="{site.name}"', f'data="{data}"', f'device="{device}"', f"threads={int(threads)}"]
     if data_root:
         node.append(f'data-root="{data_root}"')
-    if state_dir:  # the site's own state (its DP secret and privacy ledgers)
+    if state_dir:  # the site's own state (its DP secret and privacy ledger)
         node.append(f'state-dir="{state_dir}"')
+    if max_epsilon > 0:  # the site's own privacy ceiling: it trains only with DP, within this epsilon
+        node.append(f"max-epsilon={float(max_epsilon)}")
     start = (["flower-supernode"] if app_runtime == "flower"
              else [sys.executable, "-m", "medveil.federated.flower.site_node"])
     cmd = [*start, "--superlink", superlink, "--root-certificates", str(site.ca),
