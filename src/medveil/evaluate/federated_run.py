@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
 
 from medveil.errors import MedVeilError
 from medveil.evaluate.probe import backbone_eval, universal_eval
@@ -23,6 +22,7 @@ from medveil.evaluate.site_alone import PUBLISHED_NOTE, published_row, site_alon
 from medveil.federated.config import load_config
 from medveil.federated.engine import COMPLETE, load_stage
 from medveil.io import write_json_atomic
+from medveil.progress import bar as progress_bar
 from medveil.federated.universal import load_universal
 from medveil.federated.sites import build_sites
 from medveil.federated.training import derive_seed
@@ -49,7 +49,7 @@ def evaluate_run(run_dir: str | Path, finetune: bool = True, progress: bool = Tr
     seed = derive_seed(cfg.seed, "evaluate")
     result: dict[str, Any] = {"run": str(out), "recipe": {**recipe.__dict__, "probe_C": ev.probe_C}}
     steps = [("universal", None), ("final", universal.backbone.state_dict()), ("mim_only", mim_state)]
-    for name, state in tqdm(steps, desc="evaluate", disable=None if progress else True):
+    for name, state in progress_bar(steps, desc="evaluate", disable=not progress):
         if state is None:
             result[name] = universal_eval(universal.backbone, universal.heads, clients)
         else:
