@@ -12,7 +12,8 @@ per-example gradients (``trainable = "all"``), delta = 1 / (10 n), RDP accountan
 the noise multiplier is the smallest that fits the planned stages in the target. Head calibration
 and class weighting are off for every run, epsilon = inf included (DP skips the one and refuses
 the other), so the rows differ only by DP.
-Each finished (epsilon, seed) job is kept under benchmarks/results/jobs/privacy[_quick]/.
+The sites' DP secrets are derived from the seed (a real site draws its own), so a rerun gives
+the same numbers. Each finished (epsilon, seed) job is kept under benchmarks/results/jobs/privacy[_quick]/.
 Writes benchmarks/results/privacy[_quick].json and prints the table.
 """
 
@@ -33,15 +34,18 @@ import torch
 
 from medveil.evaluate.audit import audit_run, strip_curves
 from medveil.federated.config import config_from_dict
+from medveil.federated.client import local_fit
+from medveil.federated.dp_site import DPSites
 from medveil.federated.engine import run_federation
-from medveil.io import jsonable, write_json_atomic
+from medveil.federated.training import derive_seed
+from medveil.io import jsonable, write_json_atomic, write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meduniverse import FULL, QUICK, REPO  # noqa: E402
 from meduniverse_tables import DATASETS  # noqa: E402
 
 EPSILONS = (1.0, 3.0, 8.0, float("inf"))
-JOB_VERSION = 1
+JOB_VERSION = 3  # 2: members matched to the audit's non-members; 3: site secrets from the seed
 
 
 def job_config(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: float):
@@ -64,7 +68,13 @@ def run_job(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: float, 
             return stored["result"]
     t0, c0 = time.time(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="medveil-privacy-") as tmp:
-        metrics = run_federation(job_config(setting, data_dir, seed, epsilon), Path(tmp) / "run", progress=False)
+        cfg = job_config(setting, data_dir, seed, epsilon)
+        fit = local_fit
+        if cfg.privacy.dp:  # the sites' secrets from the seed: a benchmark must be reproducible
+            for name in DATASETS:
+                write_text_atomic(Path(tmp) / "sites" / name / "secret", f"{derive_seed(seed, name, 'dp-secret')}\n")
+            fit = DPSites(cfg.privacy, Path(tmp) / "sites", cfg.federation.rounds)
+        metrics = run_federation(cfg, Path(tmp) / "run", progress=False, client_fit=fit)
         audit = strip_curves(audit_run(Path(tmp) / "run", progress=False))
     result = {"final": metrics["final"], "privacy": metrics.get("privacy", {}), "audit": audit["sites"],
               "seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0}

@@ -11,7 +11,7 @@ import torch
 from fed_helpers import tiny_config
 
 from medveil.cli.main import main
-from medveil.evaluate.audit import attack_metrics, audit_site, example_losses, split_nonmembers
+from medveil.evaluate.audit import attack_metrics, audit_site, example_losses, matched_members, split_nonmembers
 from medveil.federated.engine import run_federation
 from medveil.federated.sites import ClientData
 from medveil.federated.training import TrainRecipe, new_head, train_classifier
@@ -27,6 +27,9 @@ def test_attack_metrics_on_known_scores():
     assert abs(blind["auc"] - 0.5) < 0.03 and blind["tpr_at_1pct_fpr"] < 0.03
     ref, ev = split_nonmembers(11, 3)
     assert len(ref) == 5 and len(ev) == 6 and not set(ref) & set(ev)
+    y_in, y_out = np.array([0] * 80 + [1] * 20), np.array([0] * 10 + [1] * 10)  # other class balance
+    keep = matched_members(y_in, y_out, 0)
+    assert np.bincount(y_in[keep]).tolist() == [20, 20] and len(set(keep)) == 40
 
 
 def toy_site(n: int = 32) -> ClientData:
