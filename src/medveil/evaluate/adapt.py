@@ -31,13 +31,12 @@ from medveil.data import Task, load_dataset, to_tensor
 from medveil.errors import ConfigError, DataError, MedVeilError
 from medveil.federated.calibration import fit_linear_head
 from medveil.federated.config import FederationConfig, load_config
-from medveil.federated.engine import load_stage
+from medveil.federated.engine import mim_only_state
 from medveil.federated.rebuild import build_backbone
 from medveil.federated.sites import ClientData
 from medveil.federated.training import derive_seed, extract_features, new_head, predict_logits, train_classifier
 from medveil.federated.universal import TaskEntry, UniversalModel, load_universal
 from medveil.metrics import classification_metrics
-from medveil.models.mae import DECODER_PREFIXES
 
 PROBE_CS = (0.1, 1.0, 10.0)
 MODES = ("probe", "finetune")
@@ -160,8 +159,7 @@ def adapt(model: str | Path, data: str | Path, name: str, mode: str, out: str | 
                                "test_metrics": _metrics(d.task, d.y_test, predict_logits(backbone, head, d.x_test))}
     stage0 = model.parent / "checkpoints" / "stage_000.pt"
     if stage0.is_file() and len(d.x_test):
-        mim = {k: v for k, v in load_stage(stage0)["model"].items() if not k.startswith(DECODER_PREFIXES)}
-        b0, h0, _ = _fit(mode, mcfg.to_dict(), mim, s, cfg, seed)
+        b0, h0, _ = _fit(mode, mcfg.to_dict(), mim_only_state(model.parent), s, cfg, seed)
         summary["mim_only_test_metrics"] = _metrics(d.task, d.y_test, predict_logits(b0, h0, d.x_test))
     entry = TaskEntry(name=name, num_classes=d.num_classes, task=d.task.value, class_names=d.class_names)
     if mode == "probe":

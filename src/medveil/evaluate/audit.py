@@ -27,27 +27,23 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from medveil.data import Task
 from medveil.errors import MedVeilError
 from medveil.federated.config import load_config
-from medveil.federated.engine import COMPLETE, UPDATES, load_stage
+from medveil.federated.engine import COMPLETE, UPDATES, mim_only_state
 from medveil.federated.rebuild import build_backbone, build_head
 from medveil.federated.sites import ClientData, build_sites
-from medveil.federated.training import derive_seed, new_head, predict_logits, train_classifier
+from medveil.federated.training import derive_seed, new_head, predict_logits, task_loss, train_classifier
 from medveil.federated.universal import load_universal
 from medveil.io import save_figure, write_json_atomic
-from medveil.models.mae import DECODER_PREFIXES
 from medveil.progress import bar as progress_bar
 
 
 def example_losses(logits: torch.Tensor, y: torch.Tensor, task: Task | str) -> np.ndarray:
     """(N,) loss of each example (no class weights: the attacker scores examples, not classes)."""
-    if Task(task) is Task.MULTILABEL:
-        return F.binary_cross_entropy_with_logits(logits, y.float(), reduction="none").mean(1).numpy()
-    return F.cross_entropy(logits, y.long(), reduction="none").numpy()
+    return task_loss(logits, y, task, reduction="none").numpy()
 
 
 def attack_metrics(member: np.ndarray, nonmember: np.ndarray) -> dict[str, Any]:
@@ -115,8 +111,7 @@ def audit_run(run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
         updates = torch.load(updates_path, map_location="cpu", weights_only=True) if updates_path.is_file() else {}
     except Exception as err:  # noqa: BLE001 - any unreadable file is one line to the user
         raise MedVeilError(f"{updates_path}: unreadable ({type(err).__name__})") from None
-    stage0 = load_stage(run / "checkpoints" / "stage_000.pt")
-    mim = {k: v for k, v in stage0["model"].items() if not k.startswith(DECODER_PREFIXES)}
+    mim = mim_only_state(run)
     clients, _ = build_sites(cfg.clients, cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.seed)
     recipe = cfg.evaluation.finetune_recipe(cfg.local)
     model_cfg = cfg.model.to_dict()

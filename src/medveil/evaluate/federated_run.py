@@ -20,14 +20,13 @@ from medveil.errors import MedVeilError
 from medveil.evaluate.probe import backbone_eval, universal_eval
 from medveil.evaluate.site_alone import PUBLISHED_NOTE, published_row, site_alone
 from medveil.federated.config import load_config
-from medveil.federated.engine import COMPLETE, load_stage
+from medveil.federated.engine import COMPLETE, mim_only_state
 from medveil.io import write_json_atomic
 from medveil.progress import bar as progress_bar
 from medveil.federated.universal import load_universal
 from medveil.federated.sites import build_sites
 from medveil.federated.training import derive_seed
 from medveil.models.cnn import CNN_ARCHS
-from medveil.models.mae import DECODER_PREFIXES
 
 
 def evaluate_run(run_dir: str | Path, finetune: bool = True, progress: bool = True,
@@ -42,8 +41,7 @@ def evaluate_run(run_dir: str | Path, finetune: bool = True, progress: bool = Tr
     cfg = load_config(out / "config.toml")
     universal = load_universal(out / "model.pt")
     clients, _ = build_sites(cfg.clients, cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.seed)
-    stage0 = load_stage(out / "checkpoints" / "stage_000.pt")
-    mim_state = {k: v for k, v in stage0["model"].items() if not k.startswith(DECODER_PREFIXES)}
+    mim_state = mim_only_state(out)
     ev = cfg.evaluation
     recipe = ev.finetune_recipe(cfg.local)
     seed = derive_seed(cfg.seed, "evaluate")

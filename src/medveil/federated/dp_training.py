@@ -26,12 +26,11 @@ import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from medveil.data import Task
 from medveil.data.augment import AugmentPolicy
 from medveil.federated.privacy import PrivacyOptions
-from medveil.federated.training import TrainRecipe, lr_schedule, param_groups, seeded
+from medveil.federated.training import TrainRecipe, lr_schedule, param_groups, seeded, task_loss
 from medveil.models import VisionTransformer
 
 
@@ -66,10 +65,7 @@ def set_trainable(backbone: VisionTransformer, head: nn.Linear, trainable: str) 
 
 def per_example_loss(logits: torch.Tensor, y: torch.Tensor, task: Task | str, label_smoothing: float) -> torch.Tensor:
     """(B,) losses, unweighted (class weights from the private labels are refused under DP)."""
-    if Task(task) is Task.MULTILABEL:
-        target = y.float() * (1 - label_smoothing) + label_smoothing / 2 if label_smoothing else y.float()
-        return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=1)
-    return F.cross_entropy(logits, y.long(), reduction="none", label_smoothing=label_smoothing)
+    return task_loss(logits, y, task, smoothing=label_smoothing, reduction="none")
 
 
 def wide_seed(secret: int, *tags: object) -> int:

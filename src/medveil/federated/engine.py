@@ -5,7 +5,7 @@ its transport and nothing else changes).
 Run folder (RUN_DIR):
     config.toml            the resolved config (written first)
     checkpoints/stage_NNN.pt   after every stage (atomic); stage_000 (MIM-only) and the latest kept
-    checkpoints/updates.pt     the latest stage's accepted client updates, as the server received
+    checkpoints/updates.pt     the last stage's accepted client updates, as the server received
                            them (the target of `medveil audit`)
     metrics.json           per stage, per client: accuracy etc., bytes, rejected updates, absent
                            clients (remote transports); per stage: wall seconds in all and per
@@ -46,7 +46,7 @@ def check_run_folder(out: Path, resume: bool) -> None:
         raise ConfigError(f"{out}: not empty; pass --resume to continue that run or choose another --out")
 
 
-UPDATES = "updates.pt"  # checkpoints/updates.pt: the latest stage's accepted client updates
+UPDATES = "updates.pt"  # checkpoints/updates.pt: the last stage's accepted client updates
 
 
 def _checkpoint_path(out: Path, stage: int) -> Path:
@@ -58,7 +58,7 @@ def save_stage(fed: Federation, out: Path, stage: int, stages: list[StageRecord]
     extra = {"stage": stage, "heads": state["heads"], "registry": state["registry"],
              "metrics": jsonable(stages_to_json(stages)), "config": fed.cfg.to_dict(), "torch_rng": torch.get_rng_state()}
     save_checkpoint(_checkpoint_path(out, stage), fed.server.model, fed.cfg.model, extra=extra)
-    if fed.received:  # what the server received this stage: the target of `medveil audit`
+    if fed.received and stage == fed.cfg.federation.rounds:  # the last stage's updates: what `medveil audit` attacks
         save_torch_atomic(out / "checkpoints" / UPDATES, {
             n: {"stage": u.stage, "backbone": u.backbone, "head": u.head} for n, u in fed.received.items()})
     for old in (out / "checkpoints").glob("stage_*.pt"):  # keep stage 0 (MIM-only) and the latest
@@ -72,6 +72,15 @@ def load_stage(path: Path) -> dict[str, Any]:
     except Exception as err:
         raise MedVeilError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it to "
                            f"resume from the previous one") from None
+
+
+def mim_only_state(run: Path) -> dict[str, torch.Tensor]:
+    """The encoder of a run's stage 0 (MIM pretraining only): ``checkpoints/stage_000.pt``
+    without the MAE decoder."""
+    from medveil.models.mae import DECODER_PREFIXES
+
+    model = load_stage(run / "checkpoints" / "stage_000.pt")["model"]
+    return {k: v for k, v in model.items() if not k.startswith(DECODER_PREFIXES)}
 
 
 def restore(fed: Federation, ckpt: dict[str, Any]) -> None:

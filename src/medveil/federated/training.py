@@ -96,16 +96,18 @@ def lr_schedule(opt: torch.optim.Optimizer, recipe: TrainRecipe,
 
 
 def task_loss(logits: torch.Tensor, y: torch.Tensor, task: Task | str,
-              weight: torch.Tensor | None = None, smoothing: float = 0.0) -> torch.Tensor:
-    """logits (B, C); y (B,) int or (B, C) {0,1} for multi-label -> scalar loss.
+              weight: torch.Tensor | None = None, smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+    """logits (B, C); y (B,) int or (B, C) {0,1} for multi-label -> scalar loss, or with
+    ``reduction="none"`` one loss per example (B,) (multi-label: the mean over labels).
 
     weight: (C,) class weights (cross-entropy) or positive-class weights (multi-label BCE).
     smoothing: label smoothing (multi-label: targets pulled towards 1/2 by smoothing / 2).
     """
     if Task(task) is Task.MULTILABEL:
         target = y.float() * (1 - smoothing) + smoothing / 2 if smoothing else y.float()
-        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)
-    return F.cross_entropy(logits, y, weight=weight, label_smoothing=smoothing)
+        loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight, reduction=reduction)
+        return loss.mean(dim=1) if reduction == "none" else loss
+    return F.cross_entropy(logits, y, weight=weight, label_smoothing=smoothing, reduction=reduction)
 
 
 def balanced_weights(y: torch.Tensor, num_classes: int, task: Task | str) -> torch.Tensor:
