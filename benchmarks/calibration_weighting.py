@@ -3,8 +3,10 @@ backbone (default: a run of the shipped config), each site's head is refit on it
 with balanced class weights (the shipped calibration round) and without, and scored on the
 dataset's own validation split (<= 1000 images; the test splits are never read).
 
-    python benchmarks/calibration_weighting.py RUN_DIR
-Prints val acc / bacc per site and writes benchmarks/results/calibration_weighting_validation.json.
+    python benchmarks/calibration_weighting.py RUN_DIR [--C 0.1,1,10]
+Prints val acc / bacc per site and writes benchmarks/results/calibration_weighting_validation.json
+(with --C: each weighting at each L2 strength C, the shipped round's being C = 1, to
+calibration_c_validation.json).
 """
 
 from __future__ import annotations
@@ -28,10 +30,16 @@ WEIGHTINGS = ("balanced", "none")
 
 
 def main(argv: list[str]) -> int:
+    cs = [1.0]
+    if "--C" in argv:
+        i = argv.index("--C")
+        cs = [float(c) for c in argv[i + 1].split(",")]
+        argv = argv[:i] + argv[i + 2:]
     if len(argv) != 1:
         print(__doc__)
         return 2
     run = Path(argv[0])
+    variants = [w if cs == [1.0] else f"{w} C={c:g}" for w in WEIGHTINGS for c in cs]
     cfg, clients = shipped_sites(MEDMNIST6, 2)
     universal = load_universal(run / "model.pt")
     specs = {s.name: s for s in cfg.clients}
@@ -40,13 +48,16 @@ def main(argv: list[str]) -> int:
         d = with_validation(c, specs[c.name], cfg)
         f_train, f_val = extract_features(universal.backbone, d.x_train), extract_features(universal.backbone, d.x_test)
         for w in WEIGHTINGS:
-            head = fit_linear_head(f_train, d.y_train, d.num_classes, d.task, w)
-            m = classification_metrics(d.task.value, d.y_test.numpy(), (f_val @ head["weight"].T + head["bias"]).numpy())
-            results.setdefault(c.name, {})[w] = {"acc": m["acc"], "bacc": m["bacc"]}
+            for C in cs:
+                head = fit_linear_head(f_train, d.y_train, d.num_classes, d.task, w, C=C)
+                m = classification_metrics(d.task.value, d.y_test.numpy(),
+                                           (f_val @ head["weight"].T + head["bias"]).numpy())
+                results.setdefault(c.name, {})[w if cs == [1.0] else f"{w} C={C:g}"] = {"acc": m["acc"], "bacc": m["bacc"]}
         print(c.name, {w: f"{r['acc']:.3f} / {r['bacc']:.3f}" for w, r in results[c.name].items()}, flush=True)
-    means = {w: {k: float(np.mean([results[n][w][k] for n in results])) for k in ("acc", "bacc")} for w in WEIGHTINGS}
+    means = {w: {k: float(np.mean([results[n][w][k] for n in results])) for k in ("acc", "bacc")} for w in variants}
     print("mean", means)
-    out = REPO / "benchmarks" / "results" / "calibration_weighting_validation.json"
+    name = "calibration_weighting_validation" if cs == [1.0] else "calibration_c_validation"
+    out = REPO / "benchmarks" / "results" / f"{name}.json"
     write_json_atomic(out, {"command": " ".join(["python", *sys.argv]), "run": str(run), "results": results,
                             "mean": means})
     print(f"written: {out}")

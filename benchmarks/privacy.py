@@ -4,11 +4,21 @@ benchmarks/meduniverse.py) at epsilon in {1, 3, 8, inf}: the universal model's a
 TPR at 1 % FPR, the strongest of the two attacks on the two targets (the site's last update and
 the universal model).
 
-    python benchmarks/privacy.py --quick    # QUICK setting of meduniverse.py, 1 seed (< 10 min on 2 cores)
-    python benchmarks/privacy.py            # FULL setting, 3 seeds
+    python benchmarks/privacy.py --quick    # QUICK setting of meduniverse.py (200 train images per site)
+    python benchmarks/privacy.py            # FULL_DP: QUICK's model, FULL's data sizes, 3 seeds
+
+Why FULL_DP and not meduniverse.py's FULL: DP-SGD computes a gradient per example, and FULL's
+patch-4 model (49 tokens against 16, 4 stages against 3) would cost an estimated 4-5x per run
+(not measured): about an hour for the twelve runs. FULL_DP keeps FULL's data (600 train images
+per site, 500 test, 200 pool images per set: what DP's noise is averaged over) with QUICK's
+patch-7 model; its twelve runs take 13 min on 2 cores, so it can be rerun whenever the recipe
+changes. The training recipe is the shipped config's [local] augmentation and schedule on every row.
 
 epsilon = inf is the same run without DP. Under DP every site trains all parameters that have
-per-example gradients (``trainable = "all"``), delta = 1 / (10 n), RDP accountant, clipping norm 1;
+per-example gradients (``trainable = "all"``) at 4x the [local] learning rate (``lr_scale``): the
+library's defaults, both chosen on validation splits (``--eval-split val --trainable ...`` and
+``--dp-lr-scale ...``: results/privacy_trainable_validation.json, privacy_lr_validation.json);
+delta = 1 / (10 n), RDP accountant, clipping norm 1;
 the noise multiplier is the smallest that fits the planned stages in the target. Head calibration
 and class weighting are off for every run, epsilon = inf included (DP skips the one and refuses
 the other), so the rows differ only by DP.
@@ -26,6 +36,7 @@ import platform
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +47,7 @@ from medveil.evaluate.audit import audit_run, strip_curves
 from medveil.federated.config import config_from_dict
 from medveil.federated.client import local_fit
 from medveil.federated.dp_site import DPSites
+from medveil.federated.privacy import PrivacyOptions
 from medveil.federated.engine import run_federation
 from medveil.federated.training import derive_seed
 from medveil.io import jsonable, write_json_atomic, write_text_atomic
@@ -45,30 +57,48 @@ from meduniverse import FULL, QUICK, REPO  # noqa: E402
 from meduniverse_tables import DATASETS  # noqa: E402
 
 EPSILONS = (1.0, 3.0, 8.0, float("inf"))
-JOB_VERSION = 3  # 2: members matched to the audit's non-members; 3: site secrets from the seed
+FULL_DP: dict[str, Any] = {**FULL, "model": QUICK["model"], "pretrain": QUICK["pretrain"],
+                           "federation": QUICK["federation"]}
+# 2: members matched to the audit's non-members; 3: site secrets from the seed; 4: the shipped
+# config's training recipe (flips, warm-up + cosine), [data] eval_split and [privacy] trainable;
+# 5: [privacy] lr_scale = 4 by default (jobs of version 4 ran DP-SGD at the [local] rate)
+JOB_VERSION = 5
+SHIPPED = REPO / "src" / "medveil" / "configs" / "medmnist6.toml"
+RECIPE_KEYS = ("augment", "schedule", "warmup_epochs")  # the shipped [local] recipe, on the setting's sizes
 
 
-def job_config(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: float):
+def job_config(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: float, eval_split: str = "test",
+               trainable: str = "all", dp_lr_scale: float = PrivacyOptions().lr_scale):
     raw: dict[str, Any] = {"seed": seed, "clients": [{"name": n, "path": str(data_dir / f"{n}.npz")} for n in DATASETS]}
     for section in ("model", "data", "pretrain", "federation", "local", "curation", "evaluation"):
         raw[section] = dict(setting[section])
+    shipped = tomllib.loads(SHIPPED.read_text())["local"]
+    raw["local"].update({k: shipped[k] for k in RECIPE_KEYS if k in shipped})
+    raw["data"]["eval_split"] = eval_split
     raw["federation"].update(strategy="distill", calibrate_heads=False)
     raw["local"]["class_weighting"] = "none"  # balanced weights read every private label: refused under DP
     if np.isfinite(epsilon):
-        raw["privacy"] = {"dp": True, "target_epsilon": epsilon}
+        raw["privacy"] = {"dp": True, "target_epsilon": epsilon, "trainable": trainable, "lr_scale": dp_lr_scale}
     return config_from_dict(raw, data_dir)
 
 
-def run_job(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: float, cache: Path) -> dict[str, Any]:
-    key = jsonable({"setting": setting, "seed": seed, "epsilon": str(epsilon), "version": JOB_VERSION})
-    path = cache / f"eps{epsilon:g}-seed{seed}.json"
+def run_job(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: float, cache: Path,
+            eval_split: str = "test", trainable: str = "all",
+            dp_lr_scale: float = PrivacyOptions().lr_scale) -> dict[str, Any]:
+    variant: dict[str, Any] = {"eval_split": eval_split, "trainable": trainable}
+    if dp_lr_scale != PrivacyOptions().lr_scale:
+        variant["dp_lr_scale"] = dp_lr_scale
+    key = jsonable({"setting": setting, "seed": seed, "epsilon": str(epsilon), "version": JOB_VERSION, **variant})
+    tag = "" if variant == {"eval_split": "test", "trainable": "all"} else \
+        "-" + "-".join(f"{v:g}" if isinstance(v, float) else str(v) for v in variant.values())
+    path = cache / f"eps{epsilon:g}-seed{seed}{tag}.json"
     if path.is_file():
         stored = json.loads(path.read_text())
         if stored.get("key") == key:
             return stored["result"]
     t0, c0 = time.time(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="medveil-privacy-") as tmp:
-        cfg = job_config(setting, data_dir, seed, epsilon)
+        cfg = job_config(setting, data_dir, seed, epsilon, eval_split, trainable, dp_lr_scale)
         fit = local_fit
         if cfg.privacy.dp:  # the sites' secrets from the seed: a benchmark must be reproducible
             for name in DATASETS:
@@ -82,59 +112,89 @@ def run_job(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: float, 
     return result
 
 
-def strongest(site_audit: dict[str, Any]) -> tuple[float, float]:
-    """(max AUC, max TPR at 1 % FPR) over targets and attacks of one site."""
+def strongest(site_audit: dict[str, Any]) -> tuple[float, float, float]:
+    """(max AUC, max TPR at 1 % FPR, how many of those figures lie above their chance band) over
+    the targets and attacks of one site."""
     ms = [m for target in site_audit.values() if isinstance(target, dict) for m in target.values()]
-    return max(m["auc"] for m in ms), max(m["tpr_at_1pct_fpr"] for m in ms)
+    above = sum(m[k] > m["chance_95"][k] for m in ms for k in ("auc", "tpr_at_1pct_fpr"))
+    return max(m["auc"] for m in ms), max(m["tpr_at_1pct_fpr"] for m in ms), float(above)
 
 
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
     short = {d: d.replace("mnist", "")[:8] for d in DATASETS}
     lines = ["universal model accuracy (mean over seeds) and membership inference per site "
              "(strongest attack: AUC / TPR@1%FPR; chance 0.50 / 0.01)",
-             f"{'epsilon':<9}{'mean acc':>9}" + "".join(f"{short[d]:>18}" for d in DATASETS) + f"{'max AUC':>9}"]
+             f"{'epsilon':<22}{'mean acc':>9}" + "".join(f"{short[d]:>18}" for d in DATASETS) + f"{'max AUC':>9}"
+             + f"{'> chance':>10}"]
     for eps, runs in results.items():
         accs = {d: np.mean([r["final"][d]["acc"] for r in runs]) for d in DATASETS}
         cells, aucs = [], []
+        above = 0
         for d in DATASETS:
-            auc, tpr = np.mean([strongest(r["audit"][d]) for r in runs], axis=0)
+            auc, tpr, n_above = np.mean([strongest(r["audit"][d]) for r in runs], axis=0)
+            above += n_above * len(runs)
             aucs.append(auc)
             cells.append(f"{accs[d]:.3f} {auc:.2f}/{tpr:.3f}")
         spent = [r["privacy"][d]["epsilon"] for r in runs for d in DATASETS if d in r["privacy"]]
-        label = eps if eps == "inf" else f"{float(eps):g} ({max(spent):.2f})" if spent else eps
-        lines.append(f"{label:<9}{np.mean(list(accs.values())):>9.3f}" + "".join(f"{c:>18}" for c in cells)
-                     + f"{max(aucs):>9.2f}")
-    lines.append("each cell: accuracy, then AUC / TPR@1%FPR; in brackets: the largest epsilon any site spent")
+        label = eps if eps == "inf" or not spent else f"{eps} ({max(spent):.2f})"
+        n_figures = sum(2 * len([m for t in r["audit"][d].values() if isinstance(t, dict) for m in t.values()])
+                        for r in runs for d in DATASETS)
+        lines.append(f"{label:<22}{np.mean(list(accs.values())):>9.3f}" + "".join(f"{c:>18}" for c in cells)
+                     + f"{max(aucs):>9.2f}{f'{above:.0f}/{n_figures}':>10}")
+    lines.append("each cell: accuracy, then AUC / TPR@1%FPR of the strongest attack and target (mean over seeds); "
+                 "in brackets: the largest epsilon any site spent; last column: how many audit figures (AUC and "
+                 "TPR@1%FPR of every attack on every target, site and seed) lie above the 95th percentile an "
+                 "attacker without signal reaches (about 5 % would by chance)")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="QUICK setting, one seed (< 10 min on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="QUICK setting (< 10 min on 2 cores)")
     p.add_argument("--seeds", type=int, help="seeds (default: 1 quick, 3 full)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data-dir", type=Path, default=Path(os.environ.get(
         "MEDVEIL_SHARED_DATA", REPO.parent / "shared" / "data")) / "medmnist")
+    p.add_argument("--epsilons", help="comma-separated, e.g. 8,inf (default: 1,3,8,inf)")
+    p.add_argument("--eval-split", choices=("test", "val"), default="test",
+                   help="val: accuracy and audit non-members from the val splits, to choose settings "
+                        "without the test images")
+    p.add_argument("--trainable", default="all", help="[privacy] trainable under DP, or a comma-separated list "
+                                                        "to compare (default: all)")
+    p.add_argument("--dp-lr-scale", default="", help="[privacy] lr_scale (the [local] learning rate times this "
+                                                       "under DP), or a comma-separated list to compare "
+                                                       "(default: the library's default)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    setting = QUICK if args.quick else FULL
+    setting = QUICK if args.quick else FULL_DP
     seeds = args.seeds or (1 if args.quick else 3)
     name = "privacy_quick" if args.quick else "privacy"
     cache = REPO / "benchmarks" / "results" / "jobs" / name
     out = args.out or REPO / "benchmarks" / "results" / f"{name}.json"
     t0 = time.time()
     results: dict[str, list[dict[str, Any]]] = {}
-    for eps in EPSILONS:
-        for seed in range(seeds):
-            r = run_job(setting, args.data_dir, seed, eps, cache)
-            results.setdefault("inf" if not np.isfinite(eps) else f"{eps:g}", []).append(r)
-            print(f"epsilon {eps:g} seed {seed}: mean acc {np.mean([m['acc'] for m in r['final'].values()]):.3f}, "
-                  f"{r['seconds']:.0f} s", flush=True)
+    epsilons = tuple(float(e) for e in args.epsilons.split(",")) if args.epsilons else EPSILONS
+    trainables = args.trainable.split(",")
+    scales = [float(x) for x in args.dp_lr_scale.split(",")] if args.dp_lr_scale else [PrivacyOptions().lr_scale]
+    variants = [(t, x) for t in trainables for x in scales]
+    for eps in epsilons:
+        for trainable, scale in variants if np.isfinite(eps) else [("all", PrivacyOptions().lr_scale)]:  # no DP: no variant
+            key = "inf" if not np.isfinite(eps) else f"{eps:g}"
+            if len(variants) > 1 and key != "inf":
+                key += (f" {trainable}" if len(trainables) > 1 else "") + (f" lr x{scale:g}" if len(scales) > 1 else "")
+            for seed in range(seeds):
+                r = run_job(setting, args.data_dir, seed, eps, cache, args.eval_split, trainable, scale)
+                results.setdefault(key, []).append(r)
+                print(f"epsilon {key} seed {seed}: mean acc {np.mean([m['acc'] for m in r['final'].values()]):.3f}, "
+                      f"{r['seconds']:.0f} s", flush=True)
     text = table(results)
     print(text)
     write_json_atomic(out, {"mode": "quick" if args.quick else "full", "seeds": seeds, "setting": setting,
-                            "epsilons": [str(e) for e in EPSILONS], "elapsed_s": time.time() - t0,
+                            "epsilons": [str(e) for e in epsilons], "eval_split": args.eval_split,
+                            "trainable": args.trainable, "dp_lr_scale": args.dp_lr_scale, "recipe_from": str(SHIPPED.relative_to(REPO)),
+                            "elapsed_s": time.time() - t0,  # this invocation (finished jobs are reused)
+                            "sum_job_s": sum(r["seconds"] for runs in results.values() for r in runs),
                             "threads": args.threads, "machine": platform.platform(),
                             "command": " ".join(sys.argv), "results": results, "table": text})
     print(f"written: {out}")

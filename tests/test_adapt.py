@@ -45,7 +45,11 @@ def test_finetune_says_it_drops_the_other_tasks(tmp_path, capsys):
                  "--out", str(tmp_path / "ft.pt")]) == 0
     out = capsys.readouterr().out
     assert "dropped alpha" in out and "converted" in out
+    assert "LP-FT" in out  # by default the fine-tune starts from the probe's head
     assert list(load_universal(tmp_path / "ft.pt").registry) == ["bands"]
+    assert main(["adapt", str(model), str(data), "--name", "bands", "--mode", "finetune", "--head-start", "random",
+                 "--out", str(tmp_path / "ft_random.pt")]) == 0
+    assert "LP-FT" not in capsys.readouterr().out
 
 
 def test_adapt_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):

@@ -11,7 +11,15 @@ import torch
 from fed_helpers import tiny_config
 
 from medveil.cli.main import main
-from medveil.evaluate.audit import attack_metrics, audit_site, example_losses, matched_members, split_nonmembers
+from medveil.evaluate.audit import (
+    attack_metrics,
+    audit_run,
+    audit_site,
+    example_losses,
+    matched_members,
+    split_nonmembers,
+    strip_curves,
+)
 from medveil.federated.engine import run_federation
 from medveil.federated.sites import ClientData
 from medveil.federated.training import TrainRecipe, new_head, train_classifier
@@ -25,6 +33,11 @@ def test_attack_metrics_on_known_scores():
     assert perfect["auc"] == 1.0 and perfect["tpr_at_1pct_fpr"] == 1.0 and perfect["tpr_at_0.1pct_fpr"] == 1.0
     blind = attack_metrics(rng.random(2000), rng.random(2000))
     assert abs(blind["auc"] - 0.5) < 0.03 and blind["tpr_at_1pct_fpr"] < 0.03
+    # the chance band: what no signal reaches on these sizes; a perfect attack is far above it
+    assert perfect["auc"] > perfect["chance_95"]["auc"] and perfect["tpr_at_1pct_fpr"] > perfect["chance_95"]["tpr_at_1pct_fpr"]
+    assert 0.5 < blind["chance_95"]["auc"] < 0.53 and 0.01 <= blind["chance_95"]["tpr_at_1pct_fpr"] < 0.05
+    small = attack_metrics(rng.random(150), rng.random(150))  # few images: a wide band
+    assert small["chance_95"]["auc"] > blind["chance_95"]["auc"]
     ref, ev = split_nonmembers(11, 3)
     assert len(ref) == 5 and len(ev) == 6 and not set(ref) & set(ev)
     y_in, y_out = np.array([0] * 80 + [1] * 20), np.array([0] * 10 + [1] * 10)  # other class balance
@@ -74,3 +87,31 @@ def test_audit_a_finished_run(tmp_path, capsys):
     assert (tmp_path / "run" / "audit_roc.png").stat().st_size > 5000
     (tmp_path / "half").mkdir()
     assert main(["audit", str(tmp_path / "half")]) == 2
+
+
+@pytest.mark.slow
+def test_a_site_audits_its_own_releases_as_the_run_audit_does(tmp_path, capsys):
+    """`medveil site audit`: from what a Flower site keeps (federated.site_record: its data
+    options, the backbone it first trained from, its last update) it gets the numbers `medveil
+    audit` gets in-process. Here the records are written from an in-process run; the Flower test
+    (test_flower_deploy) checks the records a real SuperNode writes."""
+    from medveil.federated.engine import mim_only_state
+    from medveil.federated.flower.transport import site_options
+    from medveil.federated.messages import ClientUpdate, FitInstructions
+    from medveil.federated.site_record import audit_folder, keep_release
+
+    cfg = tiny_config(tmp_path, "fedavg", rounds=1)
+    run = tmp_path / "run"
+    run_federation(cfg, run, progress=False)
+    in_process = json.loads(json.dumps(strip_curves(audit_run(run, progress=False))))
+    u = torch.load(run / "checkpoints" / "updates.pt", weights_only=True)["alpha"]
+    state = tmp_path / "site-state"
+    ins = FitInstructions("alpha", 1, cfg.model.to_dict(), mim_only_state(run), {})
+    update = ClientUpdate("alpha", u["stage"], u["backbone"], u["head"], n_samples=1)
+    keep_release(audit_folder(state / "privacy", "alpha"), site_options(cfg), {"name": "alpha", "data": cfg.clients[0].path},
+                 ins, update)
+    assert main(["site", "audit", "--name", "alpha", "--state", str(state), "--model", str(run / "model.pt")]) == 0
+    assert "alpha" in capsys.readouterr().out
+    at_site = json.loads((audit_folder(state / "privacy", "alpha") / "audit.json").read_text())
+    assert at_site["sites"]["alpha"] == in_process["sites"]["alpha"]
+    assert main(["site", "audit", "--name", "beta", "--state", str(state)]) == 2  # nothing kept for beta

@@ -191,3 +191,33 @@ def test_messages_payload_and_size(setup):
 def test_make_curator_rejects_unknown_strategy():
     with pytest.raises(Exception, match="unknown strategy 'magic'"):
         make_curator("magic", CurationParams())
+
+
+def test_eval_split_val_scores_on_the_validation_images_and_leaves_train_alone(tmp_path, setup):
+    """[data] eval_split = "val": each client holds out its val split instead of its test split
+    (to choose a recipe on validation), with the same train images and pool; a bad value or a
+    dataset without that split is one line."""
+    import numpy as np
+
+    from medveil.data import load_dataset, to_tensor
+    from medveil.errors import ConfigError
+
+    _, test_clients, test_pool = setup
+    cfg = tiny_config(tmp_path, data={"eval_split": "val"})
+    clients, pool = build_sites(cfg.clients, cfg.data, 16, 3, cfg.seed)
+    assert torch.equal(pool, test_pool)
+    for c, t in zip(clients, test_clients, strict=True):
+        assert torch.equal(c.x_train, t.x_train) and torch.equal(c.y_train, t.y_train)
+        val = load_dataset(c.source).split("val")
+        assert len(c.x_test) == len(val.labels) != len(t.x_test)
+        assert torch.equal(c.x_test, to_tensor(val.images, size=16, channels=3))
+        assert np.array_equal(c.y_test.numpy(), val.labels)
+    with pytest.raises(ConfigError, match="eval_split must be one of test, val"):
+        tiny_config(tmp_path, data={"eval_split": "train"})
+    no_val = tmp_path / "noval"
+    no_val.mkdir()
+    cfg = tiny_config(no_val, data={"eval_split": "val"})
+    arrays = dict(np.load(cfg.clients[0].path))
+    np.savez(cfg.clients[0].path, **{k: v for k, v in arrays.items() if not k.startswith("val_")})
+    with pytest.raises(DataError, match="has no 'val' split"):
+        build_sites(cfg.clients, cfg.data, 16, 3, cfg.seed)

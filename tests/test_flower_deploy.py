@@ -249,3 +249,22 @@ def test_differential_privacy_over_flower_equals_in_process(deployment):
         torch.set_num_threads(threads)
     assert local["privacy"] == flower["privacy"]
     assert max_abs_diff(load_model(out / "model.pt"), load_model(root / "run-local-dp" / "model.pt")) <= 1e-6
+
+    # each site audits what it sent, from what it kept in its own state folder: the same numbers
+    # as `medveil audit` on the in-process run (same data, reference model and seeds)
+    from medveil.evaluate.audit import audit_run, audit_site_state
+
+    torch.set_num_threads(1)
+    try:
+        in_process = audit_run(root / "run-local-dp", progress=False)
+        at_site = audit_site_state(pilot.workdir / "site_beta" / "privacy", "beta", out / "model.pt",
+                                   root / "beta-audit")
+    finally:
+        torch.set_num_threads(threads)
+    assert (root / "beta-audit" / "audit.json").is_file() and (root / "beta-audit" / "audit_roc.png").is_file()
+    site, local_site = at_site["sites"]["beta"], in_process["sites"]["beta"]
+    assert site["update_stage"] == local_site["update_stage"] == 2
+    for target in ("update", "universal"):
+        for attack in ("loss", "calibrated"):
+            assert site[target][attack]["auc"] == pytest.approx(local_site[target][attack]["auc"], abs=1e-9)
+            assert site[target][attack]["n_members"] == local_site[target][attack]["n_members"] > 0

@@ -66,7 +66,8 @@ def test_noise_plan_fits_every_planned_stage_and_refuses_after(kind):
 def test_privacy_config_bad_input(tmp_path, monkeypatch):
     for privacy, message in (({"dp": True, "target_epsilon": 0.0}, "target_epsilon must be > 0"),
                              ({"dp": True, "accountant": "gdp"}, "accountant must be one of"),
-                             ({"dp": True, "trainable": "some"}, "trainable must be one of")):
+                             ({"dp": True, "trainable": "some"}, "trainable must be one of"),
+                             ({"dp": True, "lr_scale": 0.0}, "lr_scale must be > 0")):
         with pytest.raises(ConfigError, match=message):
             tiny_config(tmp_path, privacy=privacy)
     with pytest.raises(ConfigError, match="fedprox"):
@@ -117,6 +118,21 @@ def test_dp_sgd_trains_the_vit_and_freezes_what_has_no_per_example_gradient(stem
         acc = (head(vit.forward_features(x)).argmax(1) == y).float().mean()
     assert acc > 0.6, acc  # learns the bands through clipping and noise
     assert all(p.requires_grad for n, p in vit.named_parameters() if n != "pos_embed")  # restored
+
+
+def test_lr_scale_multiplies_the_learning_rate_under_dp():
+    """[privacy] lr_scale: DP-SGD runs at the [local] rate times it (lr 2e-3 x 1 == lr 5e-4 x 4)."""
+    cfg = ViTConfig(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=2,
+                    decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    x, y = torch.rand(48, 1, 16, 16), torch.arange(48) % 3
+    states = []
+    for lr, scale in ((2e-3, 1.0), (5e-4, 4.0), (5e-4, 1.0)):
+        torch.manual_seed(0)
+        vit, head = VisionTransformer(cfg), new_head(32, 3, 0)
+        dp_train_classifier(vit, head, x, y, "multi-class", TrainRecipe(epochs=1, batch_size=16, lr=lr),
+                            PrivacyOptions(dp=True, lr_scale=scale), noise_multiplier=0.5, secret_seed=3)
+        states.append(head.weight.detach().clone())
+    assert torch.allclose(states[0], states[1], atol=1e-7) and not torch.allclose(states[0], states[2], atol=1e-5)
 
 
 def test_one_examples_clipped_gradient_does_not_depend_on_the_others():

@@ -21,6 +21,7 @@ from medveil.federated.flower.site_node import APP_RUNTIMES
 DEFAULT_PORT = 9092
 ACTIVATION_REFUSED = "Failed to activate SuperNode"  # flower-supernode's message (exit code 1)
 RETRY_SECONDS = 15.0
+PRIVACY_DIR = "privacy"  # in a site's --state: its DP ledger and kept releases, per site name
 STATE_HELP = "folder for the Flower state of this machine (default: %(default)s)"
 
 
@@ -104,6 +105,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _state(sstart, "site")
     sstart.add_argument("--print", action="store_true", help="print the command instead of running it")
     sstart.set_defaults(func=run_site_start)
+
+    saudit = tsub.add_parser(
+        "audit", help="membership-inference audit of what this site sent, on this site's own data",
+        description="The same loss and calibrated attacks as `medveil audit RUN`, run at the site: members are "
+                    "its train images used in the run, non-members half of its held-out test images. Targets: "
+                    "the last update it sent (kept in --state by `medveil site start`) and, with --model, the "
+                    "final universal model the coordinator shared. Writes audit.json and audit_roc.png.")
+    saudit.add_argument("--name", required=True, help="this site's name")
+    saudit.add_argument("--model", type=Path, metavar="MODEL", help="the final universal model (RUN/model.pt or an "
+                                                                   "export), when the coordinator shared it")
+    saudit.add_argument("--out", type=Path, metavar="DIR", help="where to write (default: the site's audit folder "
+                                                                "in --state)")
+    saudit.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    _state(saudit, "site")
+    saudit.set_defaults(func=run_site_audit)
 
 
 def _state(parser: argparse.ArgumentParser, kind: str) -> None:
@@ -272,7 +288,7 @@ def run_site_start(args: argparse.Namespace) -> int:
     home = args.state / "flwr"
     cmd = launch.supernode_command(site, args.server, args.data, args.runtime_port, threads=args.threads,
                                    device=args.device, data_root=args.data_root,
-                                   app_runtime=args.app_runtime, state_dir=str(args.state.resolve() / "privacy"),
+                                   app_runtime=args.app_runtime, state_dir=str(args.state.resolve() / PRIVACY_DIR),
                                    max_epsilon=args.max_epsilon)
     if args.print:
         _show(cmd, launch.flower_settings(home))
@@ -304,3 +320,16 @@ def run_site_start(args: argparse.Namespace) -> int:
             print(f"site {args.name}: activation refused (unregistered key, or the previous session "
                   f"of this site has not expired yet); retrying in {RETRY_SECONDS:.0f} s", flush=True)
             time.sleep(RETRY_SECONDS)
+
+
+def run_site_audit(args: argparse.Namespace) -> int:
+    from medveil.evaluate.audit import audit_site_state, format_table
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = audit_site_state(args.state.resolve() / PRIVACY_DIR, args.name, args.model, args.out)
+    print(format_table(result))
+    print(f"written: {(args.out or args.state / PRIVACY_DIR / args.name / 'audit')}/audit.json, audit_roc.png")
+    return 0

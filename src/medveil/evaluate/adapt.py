@@ -40,6 +40,7 @@ from medveil.metrics import classification_metrics
 
 PROBE_CS = (0.1, 1.0, 10.0)
 MODES = ("probe", "finetune")
+HEAD_STARTS = ("probe", "random")
 
 
 @dataclass
@@ -114,32 +115,41 @@ def _probe(backbone: nn.Module, s: AdaptSplits) -> tuple[nn.Linear, dict[str, An
 
 
 def _finetune(model_cfg: dict[str, Any], state: dict[str, torch.Tensor], s: AdaptSplits,
-              cfg: FederationConfig, seed: int) -> tuple[nn.Module, nn.Linear, dict[str, Any]]:
+              cfg: FederationConfig, seed: int, head_start: str) -> tuple[nn.Module, nn.Linear, dict[str, Any]]:
     d = s.data
     recipe = cfg.evaluation.finetune_recipe(cfg.local)
     backbone = build_backbone(model_cfg, state)
-    head = new_head(backbone.embed_dim, d.num_classes, derive_seed(seed, d.name, "head"))
+    info: dict[str, Any] = {"recipe": dict(recipe.__dict__), "head_start": head_start}
+    if head_start == "probe":  # LP-FT: the probe's head first, so early steps do not wreck the features
+        head, probe_info = _probe(backbone, s)
+        info.update(probe_info)
+    else:
+        head = new_head(backbone.embed_dim, d.num_classes, derive_seed(seed, d.name, "head"))
     train_classifier(backbone, head, d.x_train, d.y_train, d.task, recipe, derive_seed(seed, d.name, "finetune"),
                      augment=d.augmentation(recipe.augment))
-    return backbone.eval(), head, {"recipe": dict(recipe.__dict__)}
+    return backbone.eval(), head, info
 
 
 def _fit(mode: str, model_cfg: dict[str, Any], state: dict[str, torch.Tensor], s: AdaptSplits,
-         cfg: FederationConfig, seed: int) -> tuple[nn.Module, nn.Linear, dict[str, Any]]:
+         cfg: FederationConfig, seed: int, head_start: str) -> tuple[nn.Module, nn.Linear, dict[str, Any]]:
     if mode == "probe":
         backbone = build_backbone(model_cfg, state)
         head, info = _probe(backbone, s)
         return backbone, head, info
-    return _finetune(model_cfg, state, s, cfg, seed)
+    return _finetune(model_cfg, state, s, cfg, seed, head_start)
 
 
 def adapt(model: str | Path, data: str | Path, name: str, mode: str, out: str | Path,
-          overwrite: bool = False) -> dict[str, Any]:
-    """Add task ``name`` (fitted on ``data``) to a universal model; write it to ``out``."""
+          overwrite: bool = False, head_start: str = "probe") -> dict[str, Any]:
+    """Add task ``name`` (fitted on ``data``) to a universal model; write it to ``out``.
+    ``head_start`` (finetune): "probe" (the probe's head, then backbone + head: LP-FT) or
+    "random" (a fresh head)."""
     model, out = Path(model), Path(out)
     check_task_name(name)
     if mode not in MODES:
         raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if head_start not in HEAD_STARTS:
+        raise ConfigError(f"--head-start must be one of {', '.join(HEAD_STARTS)}, got {head_start!r}")
     if out.exists() and not overwrite:
         raise ConfigError(f"{out}: exists; pass --overwrite to replace it")
     universal = load_universal(model)
@@ -152,15 +162,16 @@ def adapt(model: str | Path, data: str | Path, name: str, mode: str, out: str | 
     s = load_adapt_data(data, name, mcfg.img_size, mcfg.in_chans, cfg.seed)
     d = s.data
     state = universal.backbone.state_dict()
-    backbone, head, info = _fit(mode, mcfg.to_dict(), state, s, cfg, seed)
+    backbone, head, info = _fit(mode, mcfg.to_dict(), state, s, cfg, seed, head_start)
     summary: dict[str, Any] = {"task": name, "mode": mode, "train": len(d.x_train), "val": len(s.x_val),
                                "val_from": s.val_from, "test": len(d.x_test), "converted": s.converted, **info,
                                "val_metrics": _metrics(d.task, s.y_val, predict_logits(backbone, head, s.x_val)),
                                "test_metrics": _metrics(d.task, d.y_test, predict_logits(backbone, head, d.x_test))}
     stage0 = model.parent / "checkpoints" / "stage_000.pt"
     if stage0.is_file() and len(d.x_test):
-        b0, h0, _ = _fit(mode, mcfg.to_dict(), mim_only_state(model.parent), s, cfg, seed)
+        b0, h0, _ = _fit(mode, mcfg.to_dict(), mim_only_state(model.parent), s, cfg, seed, head_start)
         summary["mim_only_test_metrics"] = _metrics(d.task, d.y_test, predict_logits(b0, h0, d.x_test))
+        summary["mim_only_val_metrics"] = _metrics(d.task, s.y_val, predict_logits(b0, h0, s.x_val))
     entry = TaskEntry(name=name, num_classes=d.num_classes, task=d.task.value, class_names=d.class_names)
     if mode == "probe":
         new = UniversalModel(mcfg, universal.backbone, {**universal.heads, name: head},
@@ -181,7 +192,9 @@ def format_summary(s: dict[str, Any]) -> str:
 
     lines = [f"adapt {s['task']!r} ({s['mode']}): {s['train']} train, {s['val']} validation ({s['val_from']}), "
              f"{s['test']} test images"]
-    if s["mode"] == "probe":
+    if s.get("head_start") == "probe":
+        lines.append(f"  finetune from the probe's head (LP-FT; its C = {s['probe_C']}, chosen on validation)")
+    elif s["mode"] == "probe":
         lines.append(f"  probe L2: C = {s['probe_C']} chosen on validation balanced accuracy "
                      + ", ".join(f"C={c}: {v:.3f}" for c, v in s["val_bacc_by_C"].items()))
     lines.append(f"  validation: {fmt(s['val_metrics'])}")

@@ -1,5 +1,7 @@
 """``medveil audit RUN``: how well a membership-inference attacker does against what each site
-released. Run where the data is (in-process: the run's clients, rebuilt from its config).
+released. Run where the data is: in-process, the run's clients, rebuilt from its config
+(:func:`audit_run`); at a Flower site, ``medveil site audit`` (:func:`audit_site_state`) from the
+releases the site kept (:mod:`medveil.federated.site_record`), with the same attacks and seeds.
 
 Members: the site's train images used in the federation, subsampled to the class proportions of
 the non-members (a split with another class balance would otherwise give the attack the label
@@ -17,11 +19,14 @@ Attacks (scores: higher = "member"):
 
 Reported per site and target: ROC AUC and the TPR at 1 % and 0.1 % FPR (chance: 0.5, 0.01,
 0.001; with fewer than 1000 non-members the 0.1 % point is the lowest FPR measurable, said in
-``fpr_resolution``). Writes ``RUN/audit.json`` and ``RUN/audit_roc.png``.
+``fpr_resolution``), and for AUC and TPR@1%FPR the 95th percentile that an attacker without signal
+reaches on the same sample sizes (``chance_95``, label permutations): with a few hundred images a
+figure is evidence of leakage only above that band. Writes ``RUN/audit.json`` and ``RUN/audit_roc.png``.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +39,9 @@ from medveil.errors import MedVeilError
 from medveil.federated.config import load_config
 from medveil.federated.engine import COMPLETE, UPDATES, mim_only_state
 from medveil.federated.rebuild import build_backbone, build_head
-from medveil.federated.sites import ClientData, build_sites
-from medveil.federated.training import derive_seed, new_head, predict_logits, task_loss, train_classifier
+from medveil.federated.site_record import LAST_UPDATE, REFERENCE_START, SITE, audit_folder, read_site
+from medveil.federated.sites import ClientData, build_sites, load_site
+from medveil.federated.training import TrainRecipe, derive_seed, new_head, predict_logits, task_loss, train_classifier
 from medveil.federated.universal import load_universal
 from medveil.io import save_figure, write_json_atomic
 from medveil.progress import bar as progress_bar
@@ -46,17 +52,35 @@ def example_losses(logits: torch.Tensor, y: torch.Tensor, task: Task | str) -> n
     return task_loss(logits, y, task, reduction="none").numpy()
 
 
+NULL_DRAWS = 200  # label permutations for the chance band of each figure
+CHANCE = {"auc": 0.5, "tpr_at_1pct_fpr": 0.01, "tpr_at_0.1pct_fpr": 0.001}  # an attacker that guesses
+
+
+def _tpr_at(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
+    ok = fpr <= target
+    return float(tpr[ok].max()) if ok.any() else 0.0
+
+
 def attack_metrics(member: np.ndarray, nonmember: np.ndarray) -> dict[str, Any]:
-    """ROC AUC, TPR at 1 % / 0.1 % FPR of scores (higher = member), and the curve (for the plot)."""
+    """ROC AUC, TPR at 1 % / 0.1 % FPR of scores (higher = member), and the curve (for the plot).
+
+    ``chance_95``: the 95th percentile of AUC and TPR@1%FPR when the member / non-member labels
+    are randomly permuted (``NULL_DRAWS`` seeded draws): what an attacker with no signal reaches
+    on samples of these sizes. With a few hundred non-members a TPR@1%FPR of 2-3 % is still
+    chance; a figure at or below its band is no evidence of leakage."""
     y = np.r_[np.ones(len(member)), np.zeros(len(nonmember))]
     s = np.r_[member, nonmember]
     fpr, tpr, _ = roc_curve(y, s)
-
-    def tpr_at(target: float) -> float:
-        ok = fpr <= target
-        return float(tpr[ok].max()) if ok.any() else 0.0
-
-    return {"auc": float(roc_auc_score(y, s)), "tpr_at_1pct_fpr": tpr_at(0.01), "tpr_at_0.1pct_fpr": tpr_at(0.001),
+    rng = np.random.default_rng(0)
+    null_auc, null_tpr = [], []
+    for _ in range(NULL_DRAWS):
+        yp = rng.permutation(y)
+        f, t, _ = roc_curve(yp, s)
+        null_auc.append(roc_auc_score(yp, s))
+        null_tpr.append(_tpr_at(f, t, 0.01))
+    return {"auc": float(roc_auc_score(y, s)), "tpr_at_1pct_fpr": _tpr_at(fpr, tpr, 0.01),
+            "tpr_at_0.1pct_fpr": _tpr_at(fpr, tpr, 0.001),
+            "chance_95": {"auc": float(np.quantile(null_auc, 0.95)), "tpr_at_1pct_fpr": float(np.quantile(null_tpr, 0.95))},
             "n_members": int(len(member)), "n_nonmembers": int(len(nonmember)),
             "fpr_resolution": 1.0 / max(len(nonmember), 1), "roc": (fpr.tolist(), tpr.tolist())}
 
@@ -100,6 +124,33 @@ def audit_site(data: ClientData, targets: dict[str, tuple[torch.nn.Module, torch
     return out
 
 
+def audit_one(data: ClientData, model_cfg: dict[str, Any], reference_start: dict[str, torch.Tensor],
+              recipe: TrainRecipe, update: tuple[int, torch.nn.Module, torch.nn.Module] | None,
+              universal: tuple[torch.nn.Module, torch.nn.Module] | None, run_seed: int) -> dict[str, Any]:
+    """One site's audit: the reference model (``reference_start`` + a head fine-tuned with
+    ``recipe`` on half of the held-out images), then both attacks on each target present
+    (``update``: (stage, backbone, head) the site sent last; ``universal``: (backbone, its head)).
+    In-process (:func:`audit_run`) and at a Flower site (:func:`audit_site_state`) alike."""
+    if len(data.x_test) < 4:
+        raise MedVeilError(f"{data.source}: site {data.name!r} has {len(data.x_test)} held-out images; "
+                           f"the audit needs at least 4 (half for the reference model, half to score)")
+    seed = derive_seed(run_seed, data.name, "audit")
+    ref_idx, eval_idx = split_nonmembers(len(data.x_test), seed)
+    ref_backbone = build_backbone(model_cfg, reference_start)
+    ref_head = new_head(ref_backbone.embed_dim, data.num_classes, derive_seed(seed, "head"))
+    train_classifier(ref_backbone, ref_head, data.x_test[ref_idx], data.y_test[ref_idx], data.task, recipe,
+                     derive_seed(seed, "reference"), augment=data.augmentation(recipe.augment))
+    targets: dict[str, tuple[torch.nn.Module, torch.nn.Module]] = {}
+    if update is not None:
+        targets["update"] = update[1:]
+    if universal is not None:
+        targets["universal"] = universal
+    out = audit_site(data, targets, (ref_backbone, ref_head), eval_idx, derive_seed(seed, "members"))
+    if update is not None:
+        out["update_stage"] = update[0]
+    return out
+
+
 def audit_run(run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     run = Path(run_dir)
     if not (run / COMPLETE).is_file():
@@ -116,34 +167,66 @@ def audit_run(run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     recipe = cfg.evaluation.finetune_recipe(cfg.local)
     model_cfg = cfg.model.to_dict()
     result: dict[str, Any] = {"run": str(run), "dp": cfg.privacy.dp, "sites": {},
-                              "chance": {"auc": 0.5, "tpr_at_1pct_fpr": 0.01, "tpr_at_0.1pct_fpr": 0.001},
+                              "chance": CHANCE,
                               "reference": f"MIM-only backbone + head fine-tuned ({recipe.epochs} epochs) on half "
                                            f"of each site's held-out images"}
     for data in progress_bar(clients, desc="audit", disable=not progress):
-        if len(data.x_test) < 4:
-            raise MedVeilError(f"{data.source}: site {data.name!r} has {len(data.x_test)} held-out images; "
-                               f"the audit needs at least 4 (half for the reference model, half to score)")
-        seed = derive_seed(cfg.seed, data.name, "audit")
-        ref_idx, eval_idx = split_nonmembers(len(data.x_test), seed)
-        ref_backbone = build_backbone(model_cfg, mim)
-        ref_head = new_head(ref_backbone.embed_dim, data.num_classes, derive_seed(seed, "head"))
-        train_classifier(ref_backbone, ref_head, data.x_test[ref_idx], data.y_test[ref_idx], data.task, recipe,
-                         derive_seed(seed, "reference"), augment=data.augmentation(recipe.augment))
-        targets: dict[str, tuple[torch.nn.Module, torch.nn.Module]] = {}
-        if data.name in updates:
-            u = updates[data.name]
-            targets["update"] = (build_backbone(model_cfg, u["backbone"]),
-                                 build_head(u["head"], data.num_classes, f"{updates_path}: {data.name}"))
-        if data.name in universal.heads:
-            targets["universal"] = (universal.backbone, universal.heads[data.name])
-        result["sites"][data.name] = audit_site(data, targets, (ref_backbone, ref_head), eval_idx,
-                                                derive_seed(seed, "members"))
-        if data.name in updates:
-            result["sites"][data.name]["update_stage"] = int(updates[data.name]["stage"])
-        else:  # absent, refused or rejected in the last stage with an accepted update
+        u = updates.get(data.name)
+        update = None if u is None else (int(u["stage"]), build_backbone(model_cfg, u["backbone"]),
+                                         build_head(u["head"], data.num_classes, f"{updates_path}: {data.name}"))
+        pair = (universal.backbone, universal.heads[data.name]) if data.name in universal.heads else None
+        result["sites"][data.name] = audit_one(data, model_cfg, mim, recipe, update, pair, cfg.seed)
+        if update is None:  # absent, refused or rejected in the last stage with an accepted update
             result["sites"][data.name]["update_missing"] = f"no accepted update of {data.name!r} in {updates_path}"
     plot_roc(result, run / "audit_roc.png")
     write_json_atomic(run / "audit.json", strip_curves(result))
+    return result
+
+
+def audit_site_state(state_dir: str | Path, name: str, model: str | Path | None, out: str | Path | None = None
+                     ) -> dict[str, Any]:
+    """A Flower site's own audit (``medveil site audit``), from what it kept in its state folder
+    (:mod:`medveil.federated.site_record`: its data options, the backbone it first trained from,
+    its last update) and, when given, the final universal ``model`` the server shared. The same
+    attacks, reference model and seeds as ``medveil audit`` on the in-process run. Writes
+    ``audit.json`` and ``audit_roc.png`` into ``out`` (default: the site's audit folder)."""
+    folder = audit_folder(state_dir, name)
+    if not (folder / SITE).is_file():
+        raise MedVeilError(f"{folder}: no releases of site {name!r} recorded (it has not trained in a run "
+                           f"started with `medveil site start --state ...`, or --state / --name differ)")
+    kept = read_site(folder)
+    site = kept["site"]
+    if "reference_recipe" not in site:
+        raise MedVeilError(f"{folder / SITE}: written by an older MedVeil coordinator (no reference recipe); "
+                           f"rerun the federation")
+    if kept["data_root"]:
+        os.environ["MEDVEIL_DATA_ROOT"] = kept["data_root"]
+    data = load_site(name, kept["data"], site)
+    try:
+        start = torch.load(folder / REFERENCE_START, map_location="cpu", weights_only=True)
+        last = torch.load(folder / LAST_UPDATE, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is one line to the user
+        raise MedVeilError(f"{folder}: unreadable release record ({type(err).__name__})") from None
+    model_cfg = start["model_config"]
+    update = (int(last["stage"]), build_backbone(model_cfg, last["backbone"]),
+              build_head(last["head"], data.num_classes, f"{folder / LAST_UPDATE}"))
+    pair = None
+    if model is not None:
+        universal = load_universal(model)
+        if name not in universal.heads:
+            raise MedVeilError(f"{model}: has no head for site {name!r} (tasks: {', '.join(universal.heads)})")
+        pair = (universal.backbone, universal.heads[name])
+    recipe = TrainRecipe(**site["reference_recipe"])
+    result: dict[str, Any] = {"run": f"site {name} ({folder})", "dp": bool(site.get("privacy", {}).get("dp")),
+                              "sites": {name: audit_one(data, model_cfg, start["backbone"], recipe, update, pair,
+                                                        int(site["seed"]))},
+                              "chance": CHANCE,
+                              "reference": f"the backbone this site first trained from (stage {int(start['stage'])}) "
+                                           f"+ head fine-tuned ({recipe.epochs} epochs) on half of its held-out images"}
+    dest = Path(out) if out is not None else folder
+    dest.mkdir(parents=True, exist_ok=True)
+    plot_roc(result, dest / "audit_roc.png")
+    write_json_atomic(dest / "audit.json", strip_curves(result))
     return result
 
 
@@ -179,13 +262,21 @@ def plot_roc(result: dict[str, Any], path: Path) -> Path:
 
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"membership inference on {result['run']} ({'with' if result['dp'] else 'without'} DP); "
-             "chance: AUC 0.5, TPR@1%FPR 0.01, TPR@0.1%FPR 0.001",
-             f"{'site':<14}{'target':<11}{'attack':<12}{'AUC':>7}{'TPR@1%':>9}{'TPR@0.1%':>10}{'members':>9}{'non':>6}"]
+             "chance: AUC 0.5, TPR@1%FPR 0.01, TPR@0.1%FPR 0.001; in brackets the 95th percentile an attacker "
+             "without signal reaches on these sample sizes; * above it",
+             f"{'site':<14}{'target':<11}{'attack':<12}{'AUC':>15}{'TPR@1%':>16}{'TPR@0.1%':>10}{'members':>9}{'non':>6}"]
     for name, per in result["sites"].items():
         for target, attacks in per.items():
             if not isinstance(attacks, dict):
                 continue
             for attack, m in attacks.items():
-                lines.append(f"{name:<14}{target:<11}{attack:<12}{m['auc']:>7.3f}{m['tpr_at_1pct_fpr']:>9.3f}"
+                band = m.get("chance_95", {})
+
+                def cell(key: str) -> str:
+                    if key not in band:
+                        return f"{m[key]:.3f}"
+                    return f"{m[key]:.3f}{'*' if m[key] > band[key] else ' '}({band[key]:.3f})"
+
+                lines.append(f"{name:<14}{target:<11}{attack:<12}{cell('auc'):>15}{cell('tpr_at_1pct_fpr'):>16}"
                              f"{m['tpr_at_0.1pct_fpr']:>10.3f}{m['n_members']:>9}{m['n_nonmembers']:>6}")
     return "\n".join(lines)

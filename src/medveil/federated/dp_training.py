@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -85,12 +86,14 @@ def dp_train_classifier(backbone: VisionTransformer, head: nn.Linear, x: torch.T
                         task: Task | str, recipe: TrainRecipe, opts: PrivacyOptions, noise_multiplier: float,
                         secret_seed: int, augment: AugmentPolicy | None = None) -> dict[str, float]:
     """Train in place with DP-SGD for ``recipe.epochs`` epochs (the recipe's optimiser groups,
-    layer decay and schedule; no class weights, no FedProx: refused under DP); returns
+    layer decay and schedule, its learning rate times ``opts.lr_scale``; no class weights, no
+    FedProx: refused under DP); returns
     {"train_loss" (site-side only: not sent), "steps"}."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
     opts.check_recipe(recipe.class_weighting, recipe.fedprox_mu)
+    recipe = replace(recipe, lr=recipe.lr * opts.lr_scale)
     n = len(x)
     q, steps = dp_plan(n, recipe)
     device = next(head.parameters()).device

@@ -53,6 +53,8 @@ class PrivacyOptions:
     noise_multiplier: float = 0.0  # 0: the smallest that fits every planned stage in the target
     accountant: str = "rdp"       # "rdp" (Opacus RDPAccountant) or "prv" (PRVAccountant)
     trainable: str = "all"        # under DP: all | head | last_block | norms_head
+    lr_scale: float = 4.0         # under DP the [local] lr times this: clipped, noised steps move less
+                                  # (x4 chosen on validation: benchmarks/results/privacy_lr_validation.json)
 
     def check(self, need_opacus: bool = True) -> None:
         """One ConfigError line for options that cannot be honoured; ``need_opacus``: this
@@ -69,6 +71,8 @@ class PrivacyOptions:
             raise ConfigError(f"[privacy] noise_multiplier must be >= 0 (0: computed), got {self.noise_multiplier}")
         if self.accountant not in ACCOUNTANTS:
             raise ConfigError(f"[privacy] accountant must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}")
+        if not self.lr_scale > 0 or math.isinf(self.lr_scale):
+            raise ConfigError(f"[privacy] lr_scale must be > 0 and finite, got {self.lr_scale}")
         if self.trainable not in TRAINABLE:
             raise ConfigError(f"[privacy] trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
         if need_opacus:

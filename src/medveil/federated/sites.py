@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,6 +78,9 @@ class ClientData:
         return policy_for(self.modality, self.class_names, mode)
 
 
+EVAL_SPLITS = ("test", "val")
+
+
 @dataclass
 class SiteOptions:
     """The ``[data]`` config section."""
@@ -86,11 +90,24 @@ class SiteOptions:
     max_train: int = 0           # per client, 0 = all
     max_test: int = 0            # per client, 0 = all
     max_pool: int = 0            # pool images per dataset (or in total for pool_path), 0 = all
+    eval_split: str = "test"     # the held-out split each client scores on; "val" to choose a recipe
+                                 # without ever touching the test images
 
 
 def _subset(n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
     idx = rng.permutation(n)
     return np.sort(idx[:cap] if 0 < cap < n else idx)
+
+
+def load_site(name: str, data: str, site: dict[str, Any]) -> ClientData:
+    """A Flower site's private splits from its own dataset and the server's data options
+    (``flower.transport.site_options``): exactly the clients the in-process engine builds."""
+    opts = SiteOptions(pool_fraction=float(site["pool_fraction"]), max_train=int(site["max_train"]),
+                       max_test=int(site["max_test"]), max_pool=int(site["max_pool"]),
+                       eval_split=str(site.get("eval_split", "test")))
+    client, _held_apart = load_client(ClientSpec(name=name, path=data), opts, int(site["img_size"]),
+                                      int(site["in_chans"]), int(site["seed"]))
+    return client
 
 
 def load_client(spec: ClientSpec, opts: SiteOptions, img_size: int, channels: int,
@@ -104,7 +121,12 @@ def load_client(spec: ClientSpec, opts: SiteOptions, img_size: int, channels: in
         raise DataError(f"{path}: client {spec.name!r} has {ds.num_classes} classes but the "
                         f"config declares num_classes = {spec.num_classes}")
     rng = np.random.default_rng(derive_seed(seed, "sites", spec.name))
-    train, test = ds.split("train"), ds.split("test")
+    if opts.eval_split not in EVAL_SPLITS:
+        raise ConfigError(f"[data] eval_split must be one of {', '.join(EVAL_SPLITS)}, got {opts.eval_split!r}")
+    if opts.eval_split not in ds.splits:
+        raise DataError(f"{path}: client {spec.name!r} has no {opts.eval_split!r} split "
+                        f"(splits: {', '.join(ds.splits)}); set [data] eval_split")
+    train, test = ds.split("train"), ds.split(opts.eval_split)
     order = rng.permutation(len(train))
     n_pool = 0 if opts.pool_path else int(round(opts.pool_fraction * len(train)))
     pool_idx, train_idx = order[:n_pool], order[n_pool:]

@@ -108,7 +108,7 @@ def server_main(grid: Grid, context: Context) -> None:
 # ---- site side ---------------------------------------------------------------------------
 def site_data(context: Context, site: dict[str, Any]):
     """This site's private splits, from its node config and the server's data options."""
-    from medveil.federated.sites import ClientSpec, SiteOptions, load_client
+    from medveil.federated.sites import load_site
 
     node = dict(context.node_config)
     name, data = str(node.get("name", "")), str(node.get("data", ""))
@@ -120,11 +120,7 @@ def site_data(context: Context, site: dict[str, Any]):
         import os
 
         os.environ["MEDVEIL_DATA_ROOT"] = str(node["data-root"])
-    opts = SiteOptions(pool_fraction=float(site["pool_fraction"]), max_train=int(site["max_train"]),
-                       max_test=int(site["max_test"]), max_pool=int(site["max_pool"]))
-    client, _held_apart = load_client(ClientSpec(name=name, path=data), opts, int(site["img_size"]),
-                                      int(site["in_chans"]), int(site["seed"]))
-    return client
+    return load_site(name, data, site)
 
 
 def _device(context: Context) -> str:
@@ -209,6 +205,11 @@ def _serve(message: Message, context: Context, evaluate_only: bool) -> Message:
                         TrainRecipe(**extra["recipe"]), evaluate_first=bool(extra.get("evaluate")))
     fit = _site_fit(context, extra["site"], calibrate=job.work == CALIBRATE) if not evaluate_only else None
     reply = serve(data, job, device=_device(context), **({"fit": fit} if fit is not None else {}))
+    state = str(dict(context.node_config).get("state-dir", ""))
+    if state and job.work == FIT and reply.update is not None:  # kept for the site's own audit
+        from medveil.federated.site_record import audit_folder, keep_release
+
+        keep_release(audit_folder(state, data.name), extra["site"], dict(context.node_config), ins, reply.update)
     content = (codec.encode_report(reply.report) if evaluate_only
                else codec.encode_update(reply.update, reply.report))
     return Message(content, reply_to=message)

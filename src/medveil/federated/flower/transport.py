@@ -36,11 +36,14 @@ POLL_SECONDS = 0.1  # Grid.send_and_receive sleeps 3 s between pulls; we poll fa
 
 
 def site_options(cfg: FederationConfig) -> dict[str, Any]:
-    """What a site needs to build its splits exactly as the in-process engine would."""
+    """What a site needs to build its splits exactly as the in-process engine would (and to audit
+    its releases as `medveil audit` would)."""
     d = cfg.data
     return {"img_size": cfg.model.img_size, "in_chans": cfg.model.in_chans, "seed": cfg.seed,
             "pool_fraction": 0.0 if d.pool_path else d.pool_fraction, "max_train": d.max_train,
-            "max_test": d.max_test, "max_pool": d.max_pool,
+            "max_test": d.max_test, "max_pool": d.max_pool, "eval_split": d.eval_split,
+            # for the site's own audit (`medveil site audit`): the attacker's reference recipe
+            "reference_recipe": dataclasses.asdict(cfg.evaluation.finetune_recipe(cfg.local)),
             **({"privacy": dataclasses.asdict(cfg.privacy), "planned_stages": cfg.federation.rounds}
                if cfg.privacy.dp else {})}
 

@@ -1,0 +1,149 @@
+"""Recipe and architecture choices of the shipped config, tested as a federation on VALIDATION
+splits only ([data] eval_split = "val": every site scores on its val split, its test split is
+never loaded).
+
+Each variant is `medveil federate` with the shipped config (src/medveil/configs/medmnist6.toml)
+plus the variant's overrides, at the sizes of benchmarks/meduniverse.py's FULL setting (600
+train images per site, ViT dim 64, depth 4, patch 4; the shipped size takes 46 min a run). Reported
+per site: the universal model (own head, calibrated when the config calibrates) on the val split,
+and beside it the site alone (small CNN, medveil.evaluate.site_alone) on the same images.
+
+    python benchmarks/federated_validation.py                         # every variant, 3 seeds
+    python benchmarks/federated_validation.py --variants shipped,conv --seeds 2
+
+Each finished (variant, seed) run is kept under RUN_ROOT (default /tmp/medveil_fedval); a killed
+benchmark resumes. Writes benchmarks/results/federated_validation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medveil.evaluate.site_alone import SiteAloneRecipe, train_site_alone
+from medveil.federated.config import config_from_dict
+from medveil.federated.engine import COMPLETE, run_federation
+from medveil.federated.sites import build_sites
+from medveil.federated.training import derive_seed
+from medveil.io import jsonable, write_json_atomic
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from meduniverse import FULL, REPO  # noqa: E402
+from meduniverse_tables import DATASETS  # noqa: E402
+
+SHIPPED = REPO / "src" / "medveil" / "configs" / "medmnist6.toml"
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "shipped": {},
+    "conv": {"model": {"stem": "conv"}},
+    "auto": {"local": {"augment": "auto"}},
+    "local4": {"local": {"epochs": 4}},
+}
+VERSION = 1
+
+
+def variant_config(variant: str, data_dir: Path, seed: int) -> dict[str, Any]:
+    raw = tomllib.loads(SHIPPED.read_text())
+    raw["seed"] = seed
+    raw["model"].update(FULL["model"])
+    raw["data"].update(FULL["data"], eval_split="val")
+    raw["clients"] = [{"name": n, "path": str(data_dir / f"{n}.npz")} for n in DATASETS]
+    for section, values in VARIANTS[variant].items():
+        raw[section].update(values)
+    return raw
+
+
+def run_one(variant: str, data_dir: Path, root: Path, seed: int) -> dict[str, Any]:
+    raw = variant_config(variant, data_dir, seed)
+    key = jsonable({"version": VERSION, "config": raw})
+    folder = root / f"{variant}-seed{seed}"
+    path = folder / "result.json"
+    if path.is_file() and json.loads(path.read_text()).get("key") == key:
+        return json.loads(path.read_text())["result"]
+    cfg = config_from_dict(raw, data_dir)
+    t, c = time.time(), time.process_time()
+    metrics = run_federation(cfg, folder / "run", resume=(folder / "run").exists(), progress=False) \
+        if not (folder / "run" / COMPLETE).exists() else json.loads((folder / "run" / "metrics.json").read_text())
+    result = {"universal": {n: {"acc": m["acc"], "bacc": m["bacc"]} for n, m in metrics["final"].items()},
+              "cpu_s": time.process_time() - c, "seconds": time.time() - t}
+    write_json_atomic(path, {"key": key, "result": result})
+    return result
+
+
+def alone(data_dir: Path, root: Path, seed: int) -> dict[str, Any]:
+    """The small CNN alone on each site's same train images, scored on the same val images."""
+    raw = variant_config("shipped", data_dir, seed)
+    key = jsonable({"version": VERSION, "alone": raw["data"], "seed": seed})
+    path = root / f"alone-seed{seed}.json"
+    if path.is_file() and json.loads(path.read_text()).get("key") == key:
+        return json.loads(path.read_text())["result"]
+    cfg = config_from_dict(raw, data_dir)
+    clients, _ = build_sites(cfg.clients, cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.seed)
+    result = {c.name: train_site_alone("small_cnn", c, SiteAloneRecipe(), derive_seed(seed, "alone")) for c in clients}
+    write_json_atomic(path, {"key": key, "result": result})
+    return result
+
+
+def table(results: dict[str, list[dict[str, Any]]], alone_runs: list[dict[str, Any]]) -> str:
+    short = {d: d.replace("mnist", "")[:9] for d in DATASETS}
+    lines = [f"val acc / bacc (mean over {len(alone_runs)} seeds), FULL sizes of benchmarks/meduniverse.py, "
+             f"shipped recipe + the variant",
+             f"{'variant':<10}" + "".join(f"{short[d]:>13}" for d in DATASETS) + f"{'mean':>13}{'CPU-min':>9}"]
+
+    def row(name: str, runs: list[dict[str, Any]], cpu: float | None) -> str:
+        acc = np.array([[r[d]["acc"] for d in DATASETS] for r in runs]).mean(0)
+        bacc = np.array([[r[d]["bacc"] for d in DATASETS] for r in runs]).mean(0)
+        cells = "".join(f"{a:.3f}/{b:.3f}".rjust(13) for a, b in zip(acc, bacc, strict=True))
+        return (f"{name:<10}{cells}" + f"{acc.mean():.3f}/{bacc.mean():.3f}".rjust(13)
+                + (f"{cpu:>9.1f}" if cpu is not None else f"{'':>9}"))
+
+    for variant, runs in results.items():
+        lines.append(row(variant, [r["universal"] for r in runs], np.mean([r["cpu_s"] for r in runs]) / 60))
+    lines.append(row("CNN alone", alone_runs, np.mean([sum(m["cpu_seconds"] for m in r.values())
+                                                       for r in alone_runs]) / 60))
+    lines.append("variants: " + "; ".join(f"{k}: {v or 'as shipped'}" for k, v in VARIANTS.items() if k in results))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--root", type=Path, default=Path("/tmp/medveil_fedval"))
+    p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "medmnist")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "federated_validation.json")
+    args = p.parse_args(argv)
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        print(f"federated_validation: unknown variant(s) {', '.join(unknown)} (known: {', '.join(VARIANTS)})",
+              file=sys.stderr)
+        return 2
+    os.environ.setdefault("MEDVEIL_DATA_ROOT", str(args.data_dir.parent))
+    t = time.time()
+    results: dict[str, list[dict[str, Any]]] = {}
+    for seed in range(args.seeds):
+        for v in variants:
+            results.setdefault(v, []).append(run_one(v, args.data_dir, args.root, seed))
+            print(f"{v} seed {seed}: mean val acc "
+                  f"{np.mean([m['acc'] for m in results[v][-1]['universal'].values()]):.3f}", flush=True)
+    alone_runs = [alone(args.data_dir, args.root, s) for s in range(args.seeds)]
+    text = table(results, alone_runs)
+    print(text)
+    write_json_atomic(args.out, {"command": "python " + " ".join(["benchmarks/federated_validation.py",
+                                                                  *(argv if argv is not None else sys.argv[1:])]),
+                                 "seeds": args.seeds, "variants": {v: VARIANTS[v] for v in variants},
+                                 "sizes": {"model": FULL["model"], "data": FULL["data"]}, "elapsed_s": time.time() - t,
+                                 "results": results, "alone": alone_runs, "table": text})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
