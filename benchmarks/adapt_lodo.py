@@ -11,7 +11,7 @@ images as each federation site (a seeded subset written to RUN_ROOT/data/H.npz),
 split (capped) for adapt's choices, and the same test images for every row.
 
 Why smaller than the shipped config: six federations at its size (2000 images per site, ViT dim
-192) take about 4.5 hours on 2 cores; at SIZES (600 per site, dim 64, the FULL setting of
+192) take about 4 hours on 2 cores; at SIZES (600 per site, dim 64, the FULL setting of
 benchmarks/meduniverse.py) a fold takes a few minutes. The recipe is the shipped one.
 
     python benchmarks/adapt_lodo.py                 # six folds, seed 0
@@ -24,6 +24,7 @@ a killed benchmark resumes fold by fold. Writes benchmarks/results/adapt_lodo[_q
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -54,6 +55,10 @@ HELD = {"full": DATASETS, "quick": ("retinamnist", "breastmnist")}
 MAX_VAL = 1000
 FOLD_VERSION = 2  # 2: finetune from a random head and from the probe's head (LP-FT); val metrics
 ROWS = {"probe": ("probe", "probe"), "finetune": ("finetune", "random"), "lpft": ("finetune", "probe")}
+
+
+def digest(raw: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(jsonable(raw), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def fold_config(mode: str, data_dir: Path, seed: int, held: str) -> dict[str, Any]:
@@ -99,9 +104,9 @@ def run_fold(mode: str, data_dir: Path, root: Path, seed: int, held: str) -> dic
         if stored.get("key") == key:
             return stored["result"]
     cfg = config_from_dict(raw, data_dir)
-    run = fold / "run"
+    run = fold / f"run-{digest(raw)}"  # another config or seed: another run folder
     t0, c0 = time.time(), cpu()
-    cost = fold / "federate_cpu.json"  # the federation's CPU time, kept for reruns that reuse the run
+    cost = run.with_name(run.name + "-cpu.json")  # the federation's CPU time, for reruns that reuse the run
     if not (run / COMPLETE).exists():
         resumed = run.exists()
         run_federation(cfg, run, resume=resumed, progress=False)
@@ -109,7 +114,7 @@ def run_fold(mode: str, data_dir: Path, root: Path, seed: int, held: str) -> dic
             write_json_atomic(cost, {"cpu_s": cpu() - c0})
     fed_cpu = json.loads(cost.read_text())["cpu_s"] if cost.is_file() else None
     subset = held_out_subset(data_dir, held, cfg.data.max_train, cfg.data.max_test, seed,
-                             root / "data" / f"{held}.npz")
+                             root / f"data-seed{seed}-{cfg.data.max_train}-{cfg.data.max_test}" / f"{held}.npz")
     result: dict[str, Any] = {"federate_cpu_s": fed_cpu}
     for row, (m, start) in ROWS.items():
         c = cpu()

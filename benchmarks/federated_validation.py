@@ -30,7 +30,7 @@ import numpy as np
 
 from medveil.evaluate.site_alone import SiteAloneRecipe, train_site_alone
 from medveil.federated.config import config_from_dict
-from medveil.federated.engine import COMPLETE, run_federation
+from medveil.federated.engine import run_federation
 from medveil.federated.sites import build_sites
 from medveil.federated.training import derive_seed
 from medveil.io import jsonable, write_json_atomic
@@ -69,8 +69,8 @@ def run_one(variant: str, data_dir: Path, root: Path, seed: int) -> dict[str, An
         return json.loads(path.read_text())["result"]
     cfg = config_from_dict(raw, data_dir)
     t, c = time.time(), time.process_time()
-    metrics = run_federation(cfg, folder / "run", resume=(folder / "run").exists(), progress=False) \
-        if not (folder / "run" / COMPLETE).exists() else json.loads((folder / "run" / "metrics.json").read_text())
+    run = folder / "run"  # resumed only with the same config (run_federation checks it)
+    metrics = run_federation(cfg, run, resume=run.exists(), progress=False)
     result = {"universal": {n: {"acc": m["acc"], "bacc": m["bacc"]} for n, m in metrics["final"].items()},
               "cpu_s": time.process_time() - c, "seconds": time.time() - t}
     write_json_atomic(path, {"key": key, "result": result})

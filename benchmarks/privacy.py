@@ -67,13 +67,17 @@ SHIPPED = REPO / "src" / "medveil" / "configs" / "medmnist6.toml"
 RECIPE_KEYS = ("augment", "schedule", "warmup_epochs")  # the shipped [local] recipe, on the setting's sizes
 
 
+def shipped_recipe() -> dict[str, Any]:
+    shipped = tomllib.loads(SHIPPED.read_text())["local"]
+    return {k: shipped[k] for k in RECIPE_KEYS if k in shipped}
+
+
 def job_config(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: float, eval_split: str = "test",
                trainable: str = "all", dp_lr_scale: float = PrivacyOptions().lr_scale):
     raw: dict[str, Any] = {"seed": seed, "clients": [{"name": n, "path": str(data_dir / f"{n}.npz")} for n in DATASETS]}
     for section in ("model", "data", "pretrain", "federation", "local", "curation", "evaluation"):
         raw[section] = dict(setting[section])
-    shipped = tomllib.loads(SHIPPED.read_text())["local"]
-    raw["local"].update({k: shipped[k] for k in RECIPE_KEYS if k in shipped})
+    raw["local"].update(shipped_recipe())
     raw["data"]["eval_split"] = eval_split
     raw["federation"].update(strategy="distill", calibrate_heads=False)
     raw["local"]["class_weighting"] = "none"  # balanced weights read every private label: refused under DP
@@ -88,7 +92,8 @@ def run_job(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: float, 
     variant: dict[str, Any] = {"eval_split": eval_split, "trainable": trainable}
     if dp_lr_scale != PrivacyOptions().lr_scale:
         variant["dp_lr_scale"] = dp_lr_scale
-    key = jsonable({"setting": setting, "seed": seed, "epsilon": str(epsilon), "version": JOB_VERSION, **variant})
+    key = jsonable({"setting": setting, "seed": seed, "epsilon": str(epsilon), "version": JOB_VERSION, **variant,
+                    "recipe": shipped_recipe(), "lr_scale": dp_lr_scale})  # what the job ran with, all of it
     tag = "" if variant == {"eval_split": "test", "trainable": "all"} else \
         "-" + "-".join(f"{v:g}" if isinstance(v, float) else str(v) for v in variant.values())
     path = cache / f"eps{epsilon:g}-seed{seed}{tag}.json"

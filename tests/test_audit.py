@@ -108,10 +108,19 @@ def test_a_site_audits_its_own_releases_as_the_run_audit_does(tmp_path, capsys):
     state = tmp_path / "site-state"
     ins = FitInstructions("alpha", 1, cfg.model.to_dict(), mim_only_state(run), {})
     update = ClientUpdate("alpha", u["stage"], u["backbone"], u["head"], n_samples=1)
-    keep_release(audit_folder(state / "privacy", "alpha"), site_options(cfg), {"name": "alpha", "data": cfg.clients[0].path},
-                 ins, update)
+    folder = audit_folder(state / "privacy", "alpha")
+    keep_release(folder, site_options(cfg), "alpha", cfg.clients[0].path, ins, update)
     assert main(["site", "audit", "--name", "alpha", "--state", str(state), "--model", str(run / "model.pt")]) == 0
     assert "alpha" in capsys.readouterr().out
     at_site = json.loads((audit_folder(state / "privacy", "alpha") / "audit.json").read_text())
     assert at_site["sites"]["alpha"] == in_process["sites"]["alpha"]
     assert main(["site", "audit", "--name", "beta", "--state", str(state)]) == 2  # nothing kept for beta
+    # a later run: its first release starts the records again (no mix of two runs)
+    ins2 = FitInstructions("alpha", 1, cfg.model.to_dict(), u["backbone"], {})
+    keep_release(folder, site_options(cfg), "alpha", cfg.clients[0].path, ins2, update)
+    assert torch.equal(torch.load(folder / "reference_start.pt", weights_only=True)["backbone"]["cls_token"],
+                       u["backbone"]["cls_token"])
+    ins3 = FitInstructions("alpha", 2, cfg.model.to_dict(), mim_only_state(run), {})  # same run, later stage
+    keep_release(folder, site_options(cfg), "alpha", cfg.clients[0].path, ins3, update)
+    assert torch.equal(torch.load(folder / "reference_start.pt", weights_only=True)["backbone"]["cls_token"],
+                       u["backbone"]["cls_token"])

@@ -22,18 +22,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=("probe", "finetune"), default="probe",
                    help="probe (default): frozen backbone, logistic head, other tasks kept; finetune: "
                         "backbone + head trained, the written model holds the new task only")
-    p.add_argument("--head-start", choices=("probe", "random"), default="probe",
-                   help="finetune: start from the probe's head (default: linear probe, then fine-tune, LP-FT) "
-                        "or a random head")
+    p.add_argument("--head-start", choices=("probe", "random"),
+                   help="--mode finetune only: start from the probe's head (the default: linear probe, then "
+                        "fine-tune, LP-FT) or a random head")
     p.add_argument("--out", type=Path, required=True, metavar="NEW_MODEL.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=run_adapt)
 
 
 def run_adapt(args: argparse.Namespace) -> int:
+    from medveil.errors import ConfigError
     from medveil.evaluate.adapt import adapt, format_summary
 
-    s = adapt(args.model, args.data, args.name, args.mode, args.out, args.overwrite, args.head_start)
+    if args.head_start is not None and args.mode != "finetune":
+        raise ConfigError("--head-start applies to --mode finetune only")
+    s = adapt(args.model, args.data, args.name, args.mode, args.out, args.overwrite, args.head_start or "probe")
     if s["converted"]:
         print(f"medveil: warning: converted {s['converted']} images to the model's size and channels")
     print(format_summary(s))

@@ -324,7 +324,9 @@ def run_site_start(args: argparse.Namespace) -> int:
 
 def run_site_audit(args: argparse.Namespace) -> int:
     from medveil.evaluate.audit import audit_site_state, format_table
+    from medveil.federated.flower.certs import check_site_name
 
+    check_site_name(args.name)
     if args.threads:
         import torch
 

@@ -26,7 +26,6 @@ figure is evidence of leakage only above that band. Writes ``RUN/audit.json`` an
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from medveil.federated.sites import ClientData, build_sites, load_site
 from medveil.federated.training import TrainRecipe, derive_seed, new_head, predict_logits, task_loss, train_classifier
 from medveil.federated.universal import load_universal
 from medveil.io import save_figure, write_json_atomic
+from medveil.models import ViTConfig
 from medveil.progress import bar as progress_bar
 
 
@@ -199,8 +199,6 @@ def audit_site_state(state_dir: str | Path, name: str, model: str | Path | None,
     if "reference_recipe" not in site:
         raise MedVeilError(f"{folder / SITE}: written by an older MedVeil coordinator (no reference recipe); "
                            f"rerun the federation")
-    if kept["data_root"]:
-        os.environ["MEDVEIL_DATA_ROOT"] = kept["data_root"]
     data = load_site(name, kept["data"], site)
     try:
         start = torch.load(folder / REFERENCE_START, map_location="cpu", weights_only=True)
@@ -215,6 +213,9 @@ def audit_site_state(state_dir: str | Path, name: str, model: str | Path | None,
         universal = load_universal(model)
         if name not in universal.heads:
             raise MedVeilError(f"{model}: has no head for site {name!r} (tasks: {', '.join(universal.heads)})")
+        if universal.cfg.to_dict() != ViTConfig(**model_cfg).to_dict():
+            raise MedVeilError(f"{model}: another model shape than the run this site last trained in "
+                               f"({folder}); audit the model of that run")
         pair = (universal.backbone, universal.heads[name])
     recipe = TrainRecipe(**site["reference_recipe"])
     result: dict[str, Any] = {"run": f"site {name} ({folder})", "dp": bool(site.get("privacy", {}).get("dp")),

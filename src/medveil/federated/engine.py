@@ -108,16 +108,16 @@ def run_federation(
     killed; ``resume=True`` continues it. Returns the final metrics once the run is complete.
     """
     out = Path(out_dir)
+    if resume and (out / "config.toml").is_file():
+        saved = load_config(out / "config.toml", remote_clients=transport is not None)
+        if saved.to_dict() != cfg.to_dict():
+            raise ConfigError(f"{out}: was started with a different config (see {out / 'config.toml'})")
     if (out / COMPLETE).exists():
         if not resume:
             raise ConfigError(f"{out}: already holds a complete run (choose another --out)")
         return json.loads((out / "metrics.json").read_text())
     ckpt_path = latest_checkpoint(out) if out.exists() else None
     check_run_folder(out, resume)
-    if resume and (out / "config.toml").is_file():
-        saved = load_config(out / "config.toml", remote_clients=transport is not None)
-        if saved.to_dict() != cfg.to_dict():
-            raise ConfigError(f"{out}: was started with a different config (see {out / 'config.toml'})")
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "config.toml").exists():
         write_text_atomic(out / "config.toml", dump_toml(cfg))

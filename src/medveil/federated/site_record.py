@@ -5,10 +5,13 @@ server for anything but the final universal model.
 In the site's state folder (``medveil site start --state DIR``: ``DIR/privacy/<name>/audit/``):
 
 - ``site.json``: the server's data options for this site (size, channels, seed, split caps),
-  the recipe of the attacker's reference model, and where the site's data is (its node config),
-  so the audit rebuilds exactly the train split that was used;
-- ``reference_start.pt``: the first backbone the site received for training (stage 1: the
-  server's MIM-only backbone), the start of the reference model, with its stage;
+  the recipe of the attacker's reference model, and the resolved path of the site's data, so
+  the audit rebuilds exactly the train split that was used;
+- ``reference_start.pt``: the first backbone the site received for training in the run, with
+  its stage: the start of the reference model. With the parallel schedule and a site that trained
+  from stage 1 it is the server's MIM-only backbone, as in ``medveil audit``; otherwise (relay's
+  sequential schedule, a site that joined later) it already holds other sites' training, and the
+  audit says which stage it is;
 - ``last_update.pt``: the last fine-tuned model the site sent (backbone + head, with its stage),
   the ``update`` target of the audit. Written after the update is made, before it leaves.
 
@@ -33,14 +36,18 @@ def audit_folder(state_dir: str | Path, name: str) -> Path:
     return Path(state_dir) / name / "audit"
 
 
-def keep_release(folder: Path, site: dict[str, Any], node: dict[str, Any], ins: FitInstructions,
+def keep_release(folder: Path, site: dict[str, Any], name: str, source: str, ins: FitInstructions,
                  update: ClientUpdate) -> None:
-    """Record one fine-tuning release of the site (see the module docstring)."""
+    """Record one fine-tuning release of the site (see the module docstring). ``source``: the
+    resolved path of the site's dataset. Stages only grow within a run, so a release at a stage no
+    later than the recorded start begins a new run (or repeats that stage on resume): the records
+    then start again from it, and hold the last run in which the site trained."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / SITE, {"site": site, "name": str(node.get("name", "")), "data": str(node.get("data", "")),
-                                      "data_root": str(node.get("data-root", "") or "")})
     start = folder / REFERENCE_START
-    if not start.is_file() or _stage(start) > ins.stage:
+    last = folder / LAST_UPDATE
+    new_run = not start.is_file() or ins.stage <= _stage(start) or (last.is_file() and ins.stage < _stage(last))
+    write_json_atomic(folder / SITE, {"site": site, "name": name, "data": str(Path(source).resolve())})
+    if new_run:
         save_torch_atomic(start, {"stage": ins.stage, "model_config": ins.model_config, "backbone": ins.backbone})
     save_torch_atomic(folder / LAST_UPDATE, {"stage": update.stage, "backbone": update.backbone, "head": update.head})
 

@@ -209,7 +209,7 @@ def _serve(message: Message, context: Context, evaluate_only: bool) -> Message:
     if state and job.work == FIT and reply.update is not None:  # kept for the site's own audit
         from medveil.federated.site_record import audit_folder, keep_release
 
-        keep_release(audit_folder(state, data.name), extra["site"], dict(context.node_config), ins, reply.update)
+        keep_release(audit_folder(state, data.name), extra["site"], data.name, data.source, ins, reply.update)
     content = (codec.encode_report(reply.report) if evaluate_only
                else codec.encode_update(reply.update, reply.report))
     return Message(content, reply_to=message)
