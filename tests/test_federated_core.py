@@ -221,3 +221,14 @@ def test_eval_split_val_scores_on_the_validation_images_and_leaves_train_alone(t
     np.savez(cfg.clients[0].path, **{k: v for k, v in arrays.items() if not k.startswith("val_")})
     with pytest.raises(DataError, match="has no 'val' split"):
         build_sites(cfg.clients, cfg.data, 16, 3, cfg.seed)
+
+
+def test_a_run_on_val_says_val_in_its_report(tmp_path):
+    """With [data] eval_split = "val" the report's table and curves name the split they show."""
+    from medveil.federated.engine import run_federation
+    from medveil.report.run_report import federated_page
+
+    cfg = tiny_config(tmp_path, rounds=1, data={"eval_split": "val"})
+    run_federation(cfg, tmp_path / "run", progress=False)
+    page = federated_page(tmp_path / "run")
+    assert "val images" in page and "per-site val accuracy by stage" in page and "test images" not in page

@@ -164,7 +164,7 @@ def finish_run(fed: Federation, out: Path, stages: list[StageRecord]) -> dict[st
     if fed.cfg.privacy.dp:
         metrics["privacy"] = privacy_spent(stage_json)
     fed.server.save_universal(out / "model.pt")
-    plot_stage_curves(stage_json, out / "accuracy_by_stage.png")
+    plot_stage_curves(stage_json, out / "accuracy_by_stage.png", split=fed.cfg.data.eval_split)
     write_json_atomic(out / "metrics.json", metrics)
     write_text_atomic(out / COMPLETE, "ok\n")
     return jsonable(metrics)

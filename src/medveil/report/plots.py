@@ -14,13 +14,14 @@ from matplotlib.figure import Figure  # noqa: E402
 from medveil.io import save_figure  # noqa: E402
 
 
-def plot_stage_curves(stages: list[dict[str, Any]], path: Path, metric: str = "acc") -> Path:
-    """Per-client test ``metric`` of the universal model after each stage (forgetting curves)."""
-    save_figure(stage_curves_figure(stages, metric), path, dpi=120)
+def plot_stage_curves(stages: list[dict[str, Any]], path: Path, metric: str = "acc", split: str = "test") -> Path:
+    """Per-client ``metric`` of the universal model after each stage (forgetting curves), on the
+    held-out ``split`` the sites score on ([data] eval_split)."""
+    save_figure(stage_curves_figure(stages, metric, split), path, dpi=120)
     return path
 
 
-def stage_curves_figure(stages: list[dict[str, Any]], metric: str = "acc") -> Figure:
+def stage_curves_figure(stages: list[dict[str, Any]], metric: str = "acc", split: str = "test") -> Figure:
     """The figure of :func:`plot_stage_curves`, not saved."""
     series: dict[str, tuple[list[int], list[float]]] = {}
     for s in stages:
@@ -39,7 +40,7 @@ def stage_curves_figure(stages: list[dict[str, Any]], metric: str = "acc") -> Fi
         if name in before:
             ax.plot(*before[name], marker="o", mfc="none", color=line.get_color(), linestyle="")
     ax.set_xlabel("stage")
-    ax.set_ylabel(f"test {metric} (universal model + own head)")
+    ax.set_ylabel(f"{split} {metric} (universal model + own head)")
     ax.set_title("Per-client accuracy across stages" + (" (open: before head calibration)" if before else ""))
     ax.grid(alpha=0.3)
     if series:

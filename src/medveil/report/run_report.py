@@ -67,8 +67,10 @@ def federated_page(run: Path, evaluation: dict[str, Any] | None = None) -> str:
     complete = (run / "complete").is_file()
     sub = (f"{run} - strategy {m.get('strategy')} ({m.get('schedule')}), {len(stages) - 1} stage(s) after MIM "
            f"pretraining" + ("" if complete else " - NOT COMPLETE (resume with medveil federate --resume)"))
-    sections = [("Per site: the universal model with its own head", _final_table(m, stages)),
-                ("Accuracy by stage", H.figure(stage_curves_figure(stages), "per-site test accuracy by stage")
+    split = m.get("config", {}).get("data", {}).get("eval_split", "test")  # the held-out split sites score on
+    sections = [("Per site: the universal model with its own head", _final_table(m, stages, split)),
+                ("Accuracy by stage", H.figure(stage_curves_figure(stages, split=split),
+                                               f"per-site {split} accuracy by stage")
                  + (H.para("Open circles: before the calibration round refitted each site's head.", "note")
                     if any("test_before_calibration" in c for c in stages[-1].get("clients", {}).values()) else ""))]
     if evaluation:
@@ -84,7 +86,7 @@ def federated_page(run: Path, evaluation: dict[str, Any] | None = None) -> str:
     return H.page("MedVeil federated run", sub, sections)
 
 
-def _final_table(m: dict[str, Any], stages: list[dict[str, Any]]) -> str:
+def _final_table(m: dict[str, Any], stages: list[dict[str, Any]], split: str = "test") -> str:
     last = stages[-1].get("clients", {})
     dp = m.get("privacy", {})
     rows = []
@@ -97,7 +99,7 @@ def _final_table(m: dict[str, Any], stages: list[dict[str, Any]]) -> str:
     cpu = [s.get("cpu_seconds") for s in stages]
     note = (f"CPU time of the run (all sites and the server, in-process): {sum(cpu) / 60:.1f} min"
             if cpu and all(c is not None for c in cpu) else "")
-    header = ["site", "test images", "acc", "bal. acc", "AUC", "acc before calibration", "MB down", "MB up"]
+    header = ["site", f"{split} images", "acc", "bal. acc", "AUC", "acc before calibration", "MB down", "MB up"]
     return (H.table(header + (["DP epsilon spent"] if dp else []), rows) + (H.para(note, "note") if note else ""))
 
 
