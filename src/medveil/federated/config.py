@@ -38,7 +38,7 @@ from medveil.errors import ConfigError
 from medveil.federated.curation import DEFAULT_SCHEDULE, STRATEGIES, CurationParams, make_curator
 from medveil.federated.privacy import PrivacyOptions
 from medveil.federated.server import PretrainRecipe
-from medveil.federated.sites import EVAL_SPLITS, ClientSpec, SiteOptions
+from medveil.federated.sites import ClientSpec, SiteOptions
 from medveil.federated.training import TrainRecipe
 from medveil.models import ViTConfig
 
@@ -182,9 +182,6 @@ def validate(cfg: FederationConfig, where: str = "config", remote_clients: bool 
         cfg.privacy.check_recipe(cfg.local.class_weighting, cfg.local.fedprox_mu)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
-    if cfg.data.eval_split not in EVAL_SPLITS:
-        raise ConfigError(f"{where}: [data] eval_split must be one of {', '.join(EVAL_SPLITS)}, "
-                          f"got {cfg.data.eval_split!r}")
     make_curator(fed.strategy, cfg.curation)  # checks the [curation] values the strategy uses
     cfg.model.validate()
     if remote_clients:

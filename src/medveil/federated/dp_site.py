@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 from medveil.errors import ConfigError, SiteRefused
@@ -77,7 +77,7 @@ class DPSites:
         state = self.root / data.name
         ledger = self.ledger(data)
         q, steps = dp_plan(len(data.x_train), recipe)
-        planned = PrivacyOptions(**{**asdict(self.opts), "target_epsilon": ledger.target_epsilon})
+        planned = replace(self.opts, target_epsilon=ledger.target_epsilon)
         sigma = plan_noise(planned, q, steps, self.planned_stages, ledger.delta)
         entry = {"stage": ins.stage, "model": model_digest(ins), "noise": sigma, "rate": q, "steps": steps}
         ok, eps = ledger.allows(entry)

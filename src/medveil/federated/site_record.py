@@ -24,8 +24,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from medveil.federated.messages import ClientUpdate, FitInstructions
 from medveil.io import save_torch_atomic, write_json_atomic
 
@@ -43,17 +41,16 @@ def keep_release(folder: Path, site: dict[str, Any], name: str, source: str, ins
     later than the recorded start begins a new run (or repeats that stage on resume): the records
     then start again from it, and hold the last run in which the site trained."""
     folder.mkdir(parents=True, exist_ok=True)
-    start = folder / REFERENCE_START
-    last = folder / LAST_UPDATE
-    new_run = not start.is_file() or ins.stage <= _stage(start) or (last.is_file() and ins.stage < _stage(last))
-    write_json_atomic(folder / SITE, {"site": site, "name": name, "data": str(Path(source).resolve())})
+    kept = read_site(folder) if (folder / SITE).is_file() else {}
+    start_stage = kept.get("start_stage")
+    new_run = start_stage is None or ins.stage <= start_stage or ins.stage < kept.get("last_stage", ins.stage)
     if new_run:
-        save_torch_atomic(start, {"stage": ins.stage, "model_config": ins.model_config, "backbone": ins.backbone})
+        start_stage = ins.stage
+        save_torch_atomic(folder / REFERENCE_START,
+                          {"stage": ins.stage, "model_config": ins.model_config, "backbone": ins.backbone})
     save_torch_atomic(folder / LAST_UPDATE, {"stage": update.stage, "backbone": update.backbone, "head": update.head})
-
-
-def _stage(path: Path) -> int:
-    return int(torch.load(path, map_location="cpu", weights_only=True)["stage"])
+    write_json_atomic(folder / SITE, {"site": site, "name": name, "data": str(Path(source).resolve()),
+                                      "start_stage": start_stage, "last_stage": ins.stage})
 
 
 def read_site(folder: Path) -> dict[str, Any]:

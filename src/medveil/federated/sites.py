@@ -93,6 +93,10 @@ class SiteOptions:
     eval_split: str = "test"     # the held-out split each client scores on; "val" to choose a recipe
                                  # without ever touching the test images
 
+    def __post_init__(self) -> None:  # a config and a Flower site's options are both checked here
+        if self.eval_split not in EVAL_SPLITS:
+            raise ConfigError(f"[data] eval_split must be one of {', '.join(EVAL_SPLITS)}, got {self.eval_split!r}")
+
 
 def _subset(n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
     idx = rng.permutation(n)
@@ -121,8 +125,6 @@ def load_client(spec: ClientSpec, opts: SiteOptions, img_size: int, channels: in
         raise DataError(f"{path}: client {spec.name!r} has {ds.num_classes} classes but the "
                         f"config declares num_classes = {spec.num_classes}")
     rng = np.random.default_rng(derive_seed(seed, "sites", spec.name))
-    if opts.eval_split not in EVAL_SPLITS:
-        raise ConfigError(f"[data] eval_split must be one of {', '.join(EVAL_SPLITS)}, got {opts.eval_split!r}")
     if opts.eval_split not in ds.splits:
         raise DataError(f"{path}: client {spec.name!r} has no {opts.eval_split!r} split "
                         f"(splits: {', '.join(ds.splits)}); set [data] eval_split")
