@@ -45,6 +45,9 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "conv": {"model": {"stem": "conv"}},
     "auto": {"local": {"augment": "auto"}},
     "local4": {"local": {"epochs": 4}},
+    "cnn": {"model": {"stem": "cnn", "depth": 2}},  # the hybrid: conv trunk, two blocks
+    "cnn4": {"model": {"stem": "cnn"}},             # the hybrid trunk under the setting's four blocks
+    "cnn_e6": {"model": {"stem": "cnn", "depth": 2}, "local": {"epochs": 6}},  # hybrid, 30 local epochs in all
 }
 VERSION = 1
 

@@ -73,13 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="vit", choices=("vit", "small_cnn", "resnet18"))
     p.add_argument("--variants", help="comma-separated (default: every variant of the model)")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--stem", choices=("patch", "conv"), help="ViT stem (default: the config's)")
+    p.add_argument("--stem", choices=("patch", "conv", "cnn"), help="ViT stem (default: the config's)")
+    p.add_argument("--depth", type=int, help="transformer blocks (default: the config's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "recipe_validation.json")
     args = p.parse_args(argv)
     cfg, clients = shipped_sites(args.config, args.threads, args.sites.split(","))
     if args.stem:
         cfg = replace(cfg, model=replace(cfg.model, stem=args.stem))
+    if args.depth:
+        cfg = replace(cfg, model=replace(cfg.model, depth=args.depth))
     results: dict[str, dict[str, dict]] = {}
     t0 = time.time()
     table = VARIANTS if args.model == "vit" else CNN_VARIANTS
@@ -108,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault(c.name, {})[variant] = m
             print(f"{c.name:<12}{variant:<9} val acc {m['acc']:.3f}  bacc {m['bacc']:.3f}  "
                   f"{m['cpu_seconds'] / 60:.1f} CPU-min", flush=True)
-    what = (f"ViT of {args.config.name} ({cfg.model.stem} stem) from random init, {args.epochs} epochs"
+    what = (f"ViT of {args.config.name} ({cfg.model.stem} stem, depth {cfg.model.depth}) from random init, "
+            f"{args.epochs} epochs"
             if args.model == "vit"
             else f"{args.model} alone (site-alone recipe)")
     lines = [f"validation split of each dataset (<= 1000 images), {what}; val acc / bacc",
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     write_json_atomic(args.out, {"config": str(args.config), "model": args.model, "epochs": args.epochs,
-                                 "stem": cfg.model.stem,
+                                 "stem": cfg.model.stem, "depth": cfg.model.depth,
                                  "variants": {v: table[v] for v in variants},
                                  "threads": args.threads, "machine": platform.platform(),
                                  "command": " ".join(sys.argv), "elapsed_s": time.time() - t0,

@@ -366,7 +366,33 @@ def test_conv_stem_shapes_and_own_keys(img_size, patch, in_chans):
         small_cfg(stem="resnet").validate()
 
 
-@pytest.mark.parametrize("stem", ["conv", "patch"])
+@pytest.mark.parametrize("img_size,patch,in_chans", [(16, 4, 3), (28, 4, 1), (32, 8, 3), (28, 7, 3)])
+def test_cnn_stem_shapes_stages_and_own_keys(img_size, patch, in_chans):
+    """The hybrid trunk: two convolutions and a pool per factor 2 of the patch (none for odd p),
+    widths 32, 64, ...; the same token grid as the patch stem, its own keys, the transformer's
+    keys unchanged, layer 0 for layer-wise decay."""
+    cfg = small_cfg(img_size=img_size, patch_size=patch, in_chans=in_chans, stem="cnn")
+    vit = VisionTransformer(cfg, num_classes=3)
+    tokens = vit.embed(vit.normalize(torch.rand(2, in_chans, img_size, img_size)))
+    assert tokens.shape == (2, cfg.num_patches, cfg.embed_dim)
+    assert vit(torch.rand(2, in_chans, img_size, img_size)).shape == (2, 3)
+    n_down = (patch & -patch).bit_length() - 1
+    stem = vit.patch_embed.stem
+    pools = [m for m in stem if isinstance(m, torch.nn.MaxPool2d)]
+    convs = [m.conv for m in stem if hasattr(m, "conv")]
+    assert len(pools) == n_down and len(convs) == 2 * max(n_down, 1)
+    assert [c.out_channels for c in convs[::2]] == [32 << i for i in range(max(n_down, 1))]
+    assert vit.patch_embed.stem_proj.kernel_size == (patch >> n_down,) * 2
+    keys = set(vit.state_dict())
+    stem_keys = {k for k in keys if k.startswith("patch_embed.")}
+    assert "patch_embed.proj.weight" not in keys and "patch_embed.stem_proj.weight" in keys
+    patch_cfg = small_cfg(img_size=img_size, patch_size=patch, in_chans=in_chans)
+    assert keys - stem_keys == set(expected_keys(patch_cfg, decoder=False, head=True)) - {
+        "patch_embed.proj.weight", "patch_embed.proj.bias"}
+    assert {vit.layer_of(k) for k in stem_keys} == {0}
+
+
+@pytest.mark.parametrize("stem", ["conv", "cnn", "patch"])
 def test_masked_pixels_cannot_reach_visible_tokens(stem):
     """Whatever a masked patch holds, the encoder's output (every visible token and the cls
     token) is bit-identical, and its gradient with respect to masked pixels is exactly zero."""
@@ -385,6 +411,6 @@ def test_masked_pixels_cannot_reach_visible_tokens(stem):
     mae.forward_encoder(xg, 0.75, noise)[0].sum().backward()
     assert torch.count_nonzero(xg.grad[pixel_mask]) == 0
     assert torch.count_nonzero(xg.grad[~pixel_mask]) > 0
-    if stem == "conv":  # without the blanking the overlapping stem would leak: the test can fail
+    if stem != "patch":  # without the blanking the overlapping stem would leak: the test can fail
         leaky = mae.keep(mae.embed(x2), mae.mask_from_noise(noise, 0.75)[0])
         assert not torch.equal(leaky, mae.keep(mae.embed(x), mae.mask_from_noise(noise, 0.75)[0]))

@@ -51,7 +51,33 @@ class PatchEmbed(nn.Module):
         return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)  # (B, L, D)
 
 
-class ConvStem(nn.Module):
+class _ConvTokens(nn.Module):
+    """What the convolutional stems share: the token grid of ``PatchEmbed`` and a forward of
+    ``stem`` (convolutions) then ``stem_proj`` (to D), set by the subclass."""
+
+    stem: nn.Sequential
+    stem_proj: nn.Conv2d
+
+    def _grid(self, img_size: int, patch_size: int, in_chans: int) -> tuple[int, int]:
+        """Sets the grid attributes; returns (factors of 2 in p, what is left of p)."""
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        n_down = (patch_size & -patch_size).bit_length() - 1
+        return n_down, patch_size >> n_down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, C, H, W = x.shape
+        if H != self.img_size or W != self.img_size or C != self.in_chans:
+            raise DataError(f"model expects images ({self.in_chans}, {self.img_size}, {self.img_size}), "
+                            f"got ({C}, {H}, {W}); resize with medveil.data.to_tensor(size=, channels=)")
+        x = self.stem_proj(self.stem(x))  # (B, D, h, w)
+        return x.flatten(2).transpose(1, 2)  # (B, L, D), row-major like PatchEmbed
+
+
+class ConvStem(_ConvTokens):
     """Overlapping-convolution patch embedding (Xiao et al. 2021, "Early convolutions help
     transformers see better"): (B, C, H, W) -> (B, L, D) on the same token grid as ``PatchEmbed``.
 
@@ -68,13 +94,7 @@ class ConvStem(nn.Module):
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
         super().__init__()
-        if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-        n_down = (patch_size & -patch_size).bit_length() - 1  # factors of 2 in p
-        rest = patch_size >> n_down
-        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
-        self.grid_size = img_size // patch_size
-        self.num_patches = self.grid_size**2
+        n_down, rest = self._grid(img_size, patch_size, in_chans)
         base = max(embed_dim >> (patch_size.bit_length() - 1), 8)  # D / 2^floor(log2 p): D / 4 for p = 4
         widths = [base << i for i in range(n_down + 1)]  # e.g. 48, 96, 192 (D = 192, p = 4); 24 (D = 96, p = 7)
         layers, c_in = [], in_chans
@@ -84,13 +104,37 @@ class ConvStem(nn.Module):
         self.stem = nn.Sequential(*layers)
         self.stem_proj = nn.Conv2d(c_in, embed_dim, kernel_size=rest, stride=rest)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, C, H, W = x.shape
-        if H != self.img_size or W != self.img_size or C != self.in_chans:
-            raise DataError(f"model expects images ({self.in_chans}, {self.img_size}, {self.img_size}), "
-                            f"got ({C}, {H}, {W}); resize with medveil.data.to_tensor(size=, channels=)")
-        x = self.stem_proj(self.stem(x))  # (B, D, h, w)
-        return x.flatten(2).transpose(1, 2)  # (B, L, D), row-major like PatchEmbed
+
+class CnnStem(_ConvTokens):
+    """Convolutional trunk under the transformer (a hybrid ViT, as ViT-R50 of Dosovitskiy et al.
+    2021 at CPU size): (B, C, H, W) -> (B, L, D) on the same token grid as ``PatchEmbed``.
+
+    Per factor 2 of the patch size p, one stage of two 3x3 convolutions (GroupNorm, GELU) and a
+    2x2 max pool, widths ``STEM_WIDTH`` doubling per stage (32 at full resolution, 64 at half for
+    p = 4); then a projection to D whose kernel and stride are what is left of p (1x1 for a power
+    of two; for p = 7 one stage without pooling, then a 7x7 stride-7 projection). It is the small
+    CNN's inductive bias (local filters, pooling) under two or so transformer blocks: on a site's
+    own 2000 images it learns what a patch-projection ViT does not (README, "Training recipe
+    options"). Masked image modelling stays sound as with ``ConvStem``: masked patches are blanked
+    in pixel space before it. Keys: ``patch_embed.stem.{i}.conv`` / ``.norm`` and
+    ``patch_embed.stem_proj``, its own.
+    """
+
+    STEM_WIDTH = 32
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        n_down, rest = self._grid(img_size, patch_size, in_chans)
+        layers: list[nn.Module] = []
+        c_in = in_chans
+        for i in range(max(n_down, 1)):  # (B, c_in, h, w) -> (B, width, h/2, w/2), no pool when p is odd
+            width = self.STEM_WIDTH << i
+            layers += [ConvNormAct(c_in, width, stride=1), ConvNormAct(width, width, stride=1)]
+            if n_down:
+                layers.append(nn.MaxPool2d(2))
+            c_in = width
+        self.stem = nn.Sequential(*layers)
+        self.stem_proj = nn.Conv2d(c_in, embed_dim, kernel_size=rest, stride=rest)
 
 
 class ConvNormAct(nn.Module):

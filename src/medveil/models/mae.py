@@ -5,7 +5,7 @@ decoder reconstructs every patch, and the loss is the MSE on the masked patches 
 normalised per patch when ``cfg.norm_pix_loss``).
 
 Masked patches are blanked in pixel space (set to 0, the mean colour after normalisation)
-before the patch embedding, so that an overlapping stem (``ViTConfig.stem = "conv"``) cannot
+before the patch embedding, so that an overlapping stem (``ViTConfig.stem = "conv"`` or ``"cnn"``) cannot
 carry a masked pixel into a visible token (SimMIM-style blanking, MAE-style encoder on the
 visible tokens only). With the linear patch stem each token sees its own patch only and the
 blanking changes nothing (x * 1 is exact).

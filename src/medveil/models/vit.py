@@ -16,12 +16,12 @@ import torch.nn as nn
 
 from medveil.config_io import dataclass_from_dict
 from medveil.errors import ConfigError
-from medveil.models.layers import Block, ConvStem, PatchEmbed, init_weights_mae, layer_norm, sincos_pos_embed
+from medveil.models.layers import Block, CnnStem, ConvStem, PatchEmbed, init_weights_mae, layer_norm, sincos_pos_embed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GREY_MEAN, GREY_STD = (0.449,), (0.226,)  # the ImageNet channel averages, for 1-channel models
-STEMS = {"patch": PatchEmbed, "conv": ConvStem}
+STEMS = {"patch": PatchEmbed, "conv": ConvStem, "cnn": CnnStem}
 
 
 @dataclass
@@ -39,7 +39,9 @@ class ViTConfig:
     norm_pix_loss: bool = True
     # "patch": the timm / MAE linear patch projection (public checkpoints load into it);
     # "conv": overlapping 3x3 convolutions to the same token grid (layers.ConvStem, own keys),
-    # the locality a ViT lacks when a site holds a few thousand images
+    # the locality a ViT lacks when a site holds a few thousand images;
+    # "cnn": a convolutional trunk (two 3x3 convolutions and a max pool per factor 2 of the patch,
+    # layers.CnnStem, own keys) under fewer blocks: a hybrid ViT
     stem: str = "patch"
 
     @classmethod
