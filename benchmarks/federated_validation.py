@@ -4,12 +4,18 @@ never loaded).
 
 Each variant is `medveil federate` with the shipped config (src/medveil/configs/medmnist6.toml)
 plus the variant's overrides, at the sizes of benchmarks/meduniverse.py's FULL setting (600
-train images per site, ViT dim 64, depth 4, patch 4; the shipped size takes 46 min a run). Reported
+train images per site, ViT dim 64, patch 4; the shipped depth). Reported
 per site: the universal model (own head, calibrated when the config calibrates) on the val split,
 and beside it the site alone (small CNN, medveil.evaluate.site_alone) on the same images.
 
     python benchmarks/federated_validation.py                         # every variant, 3 seeds
     python benchmarks/federated_validation.py --variants shipped,conv --seeds 2
+    python benchmarks/federated_validation.py --device cuda --only variants --variants cnn_r2e15  # one of
+        # several side by side on a GPU; then --only alone, then the same command without --only for the table
+
+Every variant overrides the shipped config of the day. The config changed on 2026-12-04
+(hybrid stem, two long stages): results written before (federated_validation.json, _cnn*.json,
+_device.json) list their variants as overrides of the previous config, at FULL's depth 4.
 
 Each finished (variant, seed) run is kept under RUN_ROOT (default /tmp/medveil_fedval); a killed
 benchmark resumes. Writes benchmarks/results/federated_validation.json.
@@ -40,22 +46,28 @@ from meduniverse import FULL, REPO  # noqa: E402
 from meduniverse_tables import DATASETS  # noqa: E402
 
 SHIPPED = REPO / "src" / "medveil" / "configs" / "medmnist6.toml"
-VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {  # each: overrides of the shipped config
     "shipped": {},
+    # the config shipped until 2026-12-04 (at the depth the FULL setting then used)
+    "previous": {"model": {"stem": "patch", "depth": 4}, "federation": {"rounds": 5}, "local": {"epochs": 2},
+                 "curation": {"epochs": 3.0}},
+    "patch": {"model": {"stem": "patch"}},
     "conv": {"model": {"stem": "conv"}},
+    "depth4": {"model": {"depth": 4}},
     "auto": {"local": {"augment": "auto"}},
-    "local4": {"local": {"epochs": 4}},
-    "cnn": {"model": {"stem": "cnn", "depth": 2}},  # the hybrid: conv trunk, two blocks
-    "cnn4": {"model": {"stem": "cnn"}},             # the hybrid trunk under the setting's four blocks
-    "cnn_e6": {"model": {"stem": "cnn", "depth": 2}, "local": {"epochs": 6}},  # hybrid, 30 local epochs in all
+    "r1e30": {"federation": {"rounds": 1}, "local": {"epochs": 30}},
+    "r2e30": {"local": {"epochs": 30}},
+    "r3e15": {"federation": {"rounds": 3}},
+    "c10": {"curation": {"epochs": 10.0}},
+    "base_init": {"curation": {"init": "base"}},
 }
 VERSION = 1
 
 
-def variant_config(variant: str, data_dir: Path, seed: int) -> dict[str, Any]:
+def variant_config(variant: str, data_dir: Path, seed: int, device: str = "cpu") -> dict[str, Any]:
     raw = tomllib.loads(SHIPPED.read_text())
-    raw["seed"] = seed
-    raw["model"].update(FULL["model"])
+    raw["seed"], raw["device"] = seed, device
+    raw["model"].update({k: v for k, v in FULL["model"].items() if k != "depth"})  # FULL's sizes, shipped depth
     raw["data"].update(FULL["data"], eval_split="val")
     raw["clients"] = [{"name": n, "path": str(data_dir / f"{n}.npz")} for n in DATASETS]
     for section, values in VARIANTS[variant].items():
@@ -63,10 +75,10 @@ def variant_config(variant: str, data_dir: Path, seed: int) -> dict[str, Any]:
     return raw
 
 
-def run_one(variant: str, data_dir: Path, root: Path, seed: int) -> dict[str, Any]:
-    raw = variant_config(variant, data_dir, seed)
+def run_one(variant: str, data_dir: Path, root: Path, seed: int, device: str = "cpu") -> dict[str, Any]:
+    raw = variant_config(variant, data_dir, seed, device)
     key = jsonable({"version": VERSION, "config": raw})
-    folder = root / f"{variant}-seed{seed}"
+    folder = root / (f"{variant}-seed{seed}" + ("" if device == "cpu" else f"-{device}"))
     path = folder / "result.json"
     if path.is_file() and json.loads(path.read_text()).get("key") == key:
         return json.loads(path.read_text())["result"]
@@ -119,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="torch device of the federations (the site alone trains on CPU)")
+    p.add_argument("--only", choices=("variants", "alone"), help="run only the variants, or only the site alone "
+                                                                  "(to run them side by side; a last call without "
+                                                                  "--only reuses both and writes the table)")
     p.add_argument("--root", type=Path, default=Path("/tmp/medveil_fedval"))
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "medmnist")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "federated_validation.json")
@@ -132,17 +148,19 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MEDVEIL_DATA_ROOT", str(args.data_dir.parent))
     t = time.time()
     results: dict[str, list[dict[str, Any]]] = {}
-    for seed in range(args.seeds):
+    for seed in range(args.seeds) if args.only != "alone" else ():
         for v in variants:
-            results.setdefault(v, []).append(run_one(v, args.data_dir, args.root, seed))
+            results.setdefault(v, []).append(run_one(v, args.data_dir, args.root, seed, args.device))
             print(f"{v} seed {seed}: mean val acc "
                   f"{np.mean([m['acc'] for m in results[v][-1]['universal'].values()]):.3f}", flush=True)
-    alone_runs = [alone(args.data_dir, args.root, s) for s in range(args.seeds)]
+    alone_runs = [alone(args.data_dir, args.root, s) for s in range(args.seeds)] if args.only != "variants" else []
+    if args.only:
+        return 0
     text = table(results, alone_runs)
     print(text)
     write_json_atomic(args.out, {"command": "python " + " ".join(["benchmarks/federated_validation.py",
                                                                   *(argv if argv is not None else sys.argv[1:])]),
-                                 "seeds": args.seeds, "variants": {v: VARIANTS[v] for v in variants},
+                                 "seeds": args.seeds, "device": args.device, "variants": {v: VARIANTS[v] for v in variants},
                                  "sizes": {"model": FULL["model"], "data": FULL["data"]}, "elapsed_s": time.time() - t,
                                  "results": results, "alone": alone_runs, "table": text})
     return 0

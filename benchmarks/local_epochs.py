@@ -30,7 +30,7 @@ from medveil.models import VisionTransformer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from federated_validation import REPO, variant_config  # noqa: E402
 
-MODELS = {"patch": {}, "cnn_d2": {"stem": "cnn", "depth": 2}}
+MODELS = {"patch": {"stem": "patch", "depth": 4}, "cnn_d2": {"stem": "cnn", "depth": 2}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,8 @@ changes. The training recipe is the shipped config's [local] augmentation and sc
 epsilon = inf is the same run without DP. Under DP every site trains all parameters that have
 per-example gradients (``trainable = "all"``) at 4x the [local] learning rate (``lr_scale``): the
 library's defaults, both chosen on validation splits (``--eval-split val --trainable ...`` and
-``--dp-lr-scale ...``: results/privacy_trainable_validation.json, privacy_lr_validation.json);
+``--dp-lr-scale ...``: results/privacy_trainable_validation.json, privacy_lr_validation.json;
+``--dp-batch ...`` compares [privacy] batch_size, privacy_batch_validation.json);
 delta = 1 / (10 n), RDP accountant, clipping norm 1;
 the noise multiplier is the smallest that fits the planned stages in the target. Head calibration
 and class weighting are off for every run, epsilon = inf included (DP skips the one and refuses
@@ -73,7 +74,7 @@ def shipped_recipe() -> dict[str, Any]:
 
 
 def job_config(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: float, eval_split: str = "test",
-               trainable: str = "all", dp_lr_scale: float = PrivacyOptions().lr_scale):
+               trainable: str = "all", dp_lr_scale: float = PrivacyOptions().lr_scale, dp_batch: int = 0):
     raw: dict[str, Any] = {"seed": seed, "clients": [{"name": n, "path": str(data_dir / f"{n}.npz")} for n in DATASETS]}
     for section in ("model", "data", "pretrain", "federation", "local", "curation", "evaluation"):
         raw[section] = dict(setting[section])
@@ -82,16 +83,19 @@ def job_config(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: floa
     raw["federation"].update(strategy="distill", calibrate_heads=False)
     raw["local"]["class_weighting"] = "none"  # balanced weights read every private label: refused under DP
     if np.isfinite(epsilon):
-        raw["privacy"] = {"dp": True, "target_epsilon": epsilon, "trainable": trainable, "lr_scale": dp_lr_scale}
+        raw["privacy"] = {"dp": True, "target_epsilon": epsilon, "trainable": trainable, "lr_scale": dp_lr_scale,
+                          "batch_size": dp_batch}
     return config_from_dict(raw, data_dir)
 
 
 def run_job(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: float, cache: Path,
             eval_split: str = "test", trainable: str = "all",
-            dp_lr_scale: float = PrivacyOptions().lr_scale) -> dict[str, Any]:
+            dp_lr_scale: float = PrivacyOptions().lr_scale, dp_batch: int = 0) -> dict[str, Any]:
     variant: dict[str, Any] = {"eval_split": eval_split, "trainable": trainable}
     if dp_lr_scale != PrivacyOptions().lr_scale:
         variant["dp_lr_scale"] = dp_lr_scale
+    if dp_batch:
+        variant["dp_batch"] = dp_batch
     key = jsonable({"setting": setting, "seed": seed, "epsilon": str(epsilon), "version": JOB_VERSION, **variant,
                     "recipe": shipped_recipe(), "lr_scale": dp_lr_scale})  # what the job ran with, all of it
     tag = "" if variant == {"eval_split": "test", "trainable": "all"} else \
@@ -103,7 +107,7 @@ def run_job(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: float, 
             return stored["result"]
     t0, c0 = time.time(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="medveil-privacy-") as tmp:
-        cfg = job_config(setting, data_dir, seed, epsilon, eval_split, trainable, dp_lr_scale)
+        cfg = job_config(setting, data_dir, seed, epsilon, eval_split, trainable, dp_lr_scale, dp_batch)
         fit = local_fit
         if cfg.privacy.dp:  # the sites' secrets from the seed: a benchmark must be reproducible
             for name in DATASETS:
@@ -169,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dp-lr-scale", default="", help="[privacy] lr_scale (the [local] learning rate times this "
                                                        "under DP), or a comma-separated list to compare "
                                                        "(default: the library's default)")
+    p.add_argument("--dp-batch", default="", help="[privacy] batch_size (expected DP-SGD batch; 0: the [local] "
+                                                    "one), or a comma-separated list to compare (default: 0)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -182,14 +188,17 @@ def main(argv: list[str] | None = None) -> int:
     epsilons = tuple(float(e) for e in args.epsilons.split(",")) if args.epsilons else EPSILONS
     trainables = args.trainable.split(",")
     scales = [float(x) for x in args.dp_lr_scale.split(",")] if args.dp_lr_scale else [PrivacyOptions().lr_scale]
-    variants = [(t, x) for t in trainables for x in scales]
+    batches = [int(b) for b in args.dp_batch.split(",")] if args.dp_batch else [0]
+    variants = [(t, x, b) for t in trainables for x in scales for b in batches]
     for eps in epsilons:
-        for trainable, scale in variants if np.isfinite(eps) else [("all", PrivacyOptions().lr_scale)]:  # no DP: no variant
+        no_dp = [("all", PrivacyOptions().lr_scale, 0)]  # no DP: no variant
+        for trainable, scale, batch in variants if np.isfinite(eps) else no_dp:
             key = "inf" if not np.isfinite(eps) else f"{eps:g}"
             if len(variants) > 1 and key != "inf":
-                key += (f" {trainable}" if len(trainables) > 1 else "") + (f" lr x{scale:g}" if len(scales) > 1 else "")
+                key += ((f" {trainable}" if len(trainables) > 1 else "") + (f" lr x{scale:g}" if len(scales) > 1 else "")
+                        + (f" batch {batch or setting['local']['batch_size']}" if len(batches) > 1 else ""))
             for seed in range(seeds):
-                r = run_job(setting, args.data_dir, seed, eps, cache, args.eval_split, trainable, scale)
+                r = run_job(setting, args.data_dir, seed, eps, cache, args.eval_split, trainable, scale, batch)
                 results.setdefault(key, []).append(r)
                 print(f"epsilon {key} seed {seed}: mean acc {np.mean([m['acc'] for m in r['final'].values()]):.3f}, "
                       f"{r['seconds']:.0f} s", flush=True)
@@ -197,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     write_json_atomic(out, {"mode": "quick" if args.quick else "full", "seeds": seeds, "setting": setting,
                             "epsilons": [str(e) for e in epsilons], "eval_split": args.eval_split,
-                            "trainable": args.trainable, "dp_lr_scale": args.dp_lr_scale, "recipe_from": str(SHIPPED.relative_to(REPO)),
+                            "trainable": args.trainable, "dp_lr_scale": args.dp_lr_scale, "dp_batch": args.dp_batch,
+                            "recipe_from": str(SHIPPED.relative_to(REPO)),
                             "elapsed_s": time.time() - t0,  # this invocation (finished jobs are reused)
                             "sum_job_s": sum(r["seconds"] for runs in results.values() for r in runs),
                             "threads": args.threads, "machine": platform.platform(),

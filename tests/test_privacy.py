@@ -4,6 +4,7 @@ the budget across stages (refusal, resume), DP-SGD on the ViT, and the config's 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -67,7 +68,8 @@ def test_privacy_config_bad_input(tmp_path, monkeypatch):
     for privacy, message in (({"dp": True, "target_epsilon": 0.0}, "target_epsilon must be > 0"),
                              ({"dp": True, "accountant": "gdp"}, "accountant must be one of"),
                              ({"dp": True, "trainable": "some"}, "trainable must be one of"),
-                             ({"dp": True, "lr_scale": 0.0}, "lr_scale must be > 0")):
+                             ({"dp": True, "lr_scale": 0.0}, "lr_scale must be > 0"),
+                             ({"dp": True, "batch_size": -1}, "batch_size must be >= 0")):
         with pytest.raises(ConfigError, match=message):
             tiny_config(tmp_path, privacy=privacy)
     with pytest.raises(ConfigError, match="fedprox"):
@@ -133,6 +135,23 @@ def test_lr_scale_multiplies_the_learning_rate_under_dp():
                             PrivacyOptions(dp=True, lr_scale=scale), noise_multiplier=0.5, secret_seed=3)
         states.append(head.weight.detach().clone())
     assert torch.allclose(states[0], states[1], atol=1e-7) and not torch.allclose(states[0], states[2], atol=1e-5)
+
+
+def test_privacy_batch_size_sets_the_dp_batch_and_the_accounted_rate():
+    """[privacy] batch_size: DP-SGD samples with q = batch_size / n (steps round(1 / q) per epoch),
+    and the plan the site accounts is the one it trains; 0 keeps the [local] batch size."""
+    from medveil.federated.dp_training import dp_recipe
+
+    recipe = TrainRecipe(epochs=2, batch_size=16, lr=1e-3)
+    assert dp_recipe(recipe, PrivacyOptions(dp=True, lr_scale=4.0)) == replace(recipe, lr=4e-3)
+    big = dp_recipe(recipe, PrivacyOptions(dp=True, batch_size=48, lr_scale=1.0))
+    assert big.batch_size == 48 and dp_plan(96, big) == (0.5, 2 * 2)
+    cfg = ViTConfig(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=2,
+                    decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    vit, head = VisionTransformer(cfg), new_head(32, 3, 0)
+    stats = dp_train_classifier(vit, head, torch.rand(96, 1, 16, 16), torch.arange(96) % 3, "multi-class", recipe,
+                                PrivacyOptions(dp=True, batch_size=48), noise_multiplier=0.5, secret_seed=3)
+    assert stats["steps"] == 4
 
 
 def test_one_examples_clipped_gradient_does_not_depend_on_the_others():

@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from medveil.errors import ConfigError, SiteRefused
-from medveil.federated.dp_training import dp_plan, dp_train_classifier, wide_seed
+from medveil.federated.dp_training import dp_plan, dp_recipe, dp_train_classifier, wide_seed
 from medveil.federated.messages import ClientUpdate, FitInstructions
 from medveil.federated.privacy import Ledger, PrivacyOptions, plan_noise
 from medveil.federated.rebuild import received_models
@@ -76,7 +76,7 @@ class DPSites:
                  device: str = "cpu") -> ClientUpdate:
         state = self.root / data.name
         ledger = self.ledger(data)
-        q, steps = dp_plan(len(data.x_train), recipe)
+        q, steps = dp_plan(len(data.x_train), dp_recipe(recipe, self.opts))
         planned = replace(self.opts, target_epsilon=ledger.target_epsilon)
         sigma = plan_noise(planned, q, steps, self.planned_stages, ledger.delta)
         entry = {"stage": ins.stage, "model": model_digest(ins), "noise": sigma, "rate": q, "steps": steps}

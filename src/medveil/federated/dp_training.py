@@ -7,9 +7,10 @@ head alone. Whatever the choice, three parts stay frozen under DP, said here pla
 token (a bare parameter of the ViT itself, for which Opacus computes no per-example gradient),
 the fixed sin-cos position table (never trained), and the linear patch projection of the
 ``patch`` stem (computed as one matmul on the patches, not through the module Opacus hooks); the
-``conv`` stem trains (convolutions and GroupNorm have per-example gradients).
+``conv`` and ``cnn`` stems train (convolutions and GroupNorm have per-example gradients).
 
-Batches are Poisson samples (each image in with probability q = batch_size / n, ``round(1 / q)``
+Batches are Poisson samples (each image in with probability q = B / n, B the ``[privacy]
+batch_size`` or else the ``[local]`` one; ``round(1 / q)``
 steps per epoch; an empty batch still takes its noisy step), as the accountant assumes. The loss
 is the plain mean of unweighted per-example losses, so one example's clipped gradient does not
 depend on the others (class weights computed from the private labels are refused under DP).
@@ -76,8 +77,15 @@ def wide_seed(secret: int, *tags: object) -> int:
     return int.from_bytes(hashlib.sha256(text).digest()[:8], "big") & (2**63 - 1)
 
 
+def dp_recipe(recipe: TrainRecipe, opts: PrivacyOptions) -> TrainRecipe:
+    """The [local] recipe as DP-SGD runs it: learning rate times ``opts.lr_scale``, expected batch
+    ``opts.batch_size`` (0: the [local] batch size)."""
+    return replace(recipe, lr=recipe.lr * opts.lr_scale, batch_size=opts.batch_size or recipe.batch_size)
+
+
 def dp_plan(n: int, recipe: TrainRecipe) -> tuple[float, int]:
-    """(sampling rate q, DP-SGD steps of one stage) for a site holding n training images."""
+    """(sampling rate q, DP-SGD steps of one stage) for a site holding n training images, with
+    the recipe DP-SGD runs (:func:`dp_recipe`)."""
     q = min(1.0, recipe.batch_size / max(n, 1))
     return q, recipe.epochs * max(1, round(1 / q))
 
@@ -86,14 +94,14 @@ def dp_train_classifier(backbone: VisionTransformer, head: nn.Linear, x: torch.T
                         task: Task | str, recipe: TrainRecipe, opts: PrivacyOptions, noise_multiplier: float,
                         secret_seed: int, augment: AugmentPolicy | None = None) -> dict[str, float]:
     """Train in place with DP-SGD for ``recipe.epochs`` epochs (the recipe's optimiser groups,
-    layer decay and schedule, its learning rate times ``opts.lr_scale``; no class weights, no
+    layer decay and schedule, as :func:`dp_recipe` changes it; no class weights, no
     FedProx: refused under DP); returns
     {"train_loss" (site-side only: not sent), "steps"}."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
     opts.check_recipe(recipe.class_weighting, recipe.fedprox_mu)
-    recipe = replace(recipe, lr=recipe.lr * opts.lr_scale)
+    recipe = dp_recipe(recipe, opts)
     n = len(x)
     q, steps = dp_plan(n, recipe)
     device = next(head.parameters()).device

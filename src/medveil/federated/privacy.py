@@ -55,6 +55,7 @@ class PrivacyOptions:
     trainable: str = "all"        # under DP: all | head | last_block | norms_head
     lr_scale: float = 4.0         # under DP the [local] lr times this: clipped, noised steps move less
                                   # (x4 chosen on validation: benchmarks/results/privacy_lr_validation.json)
+    batch_size: int = 0           # expected DP-SGD batch (Poisson); 0: the [local] batch size
 
     def check(self, need_opacus: bool = True) -> None:
         """One ConfigError line for options that cannot be honoured; ``need_opacus``: this
@@ -73,6 +74,8 @@ class PrivacyOptions:
             raise ConfigError(f"[privacy] accountant must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}")
         if not self.lr_scale > 0 or math.isinf(self.lr_scale):
             raise ConfigError(f"[privacy] lr_scale must be > 0 and finite, got {self.lr_scale}")
+        if self.batch_size < 0:
+            raise ConfigError(f"[privacy] batch_size must be >= 0 (0: the [local] batch size), got {self.batch_size}")
         if self.trainable not in TRAINABLE:
             raise ConfigError(f"[privacy] trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
         if need_opacus:
