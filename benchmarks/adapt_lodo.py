@@ -49,10 +49,10 @@ from medveil.io import jsonable, write_json_atomic
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meduniverse import FULL, QUICK, REPO  # noqa: E402
 from meduniverse_tables import DATASETS  # noqa: E402
+from shipped import setting_sizes  # noqa: E402
 
 SHIPPED = REPO / "src" / "medveil" / "configs" / "medmnist6.toml"
-SIZES = {"full": {k: FULL[k] for k in ("model", "data")},
-         "quick": {k: QUICK[k] for k in ("model", "data")}}
+SIZES = {"full": setting_sizes(FULL), "quick": setting_sizes(QUICK)}  # the shipped depth
 HELD = {"full": DATASETS, "quick": ("retinamnist", "breastmnist")}
 MAX_VAL = 1000
 FOLD_VERSION = 2  # 2: finetune from a random head and from the probe's head (LP-FT); val metrics
@@ -66,7 +66,7 @@ def digest(raw: dict[str, Any]) -> str:
 def fold_config(mode: str, data_dir: Path, seed: int, held: str) -> dict[str, Any]:
     raw = tomllib.loads(SHIPPED.read_text())
     raw["seed"] = seed
-    raw["model"].update({k: v for k, v in SIZES[mode]["model"].items() if k != "depth"})  # the shipped depth
+    raw["model"].update(SIZES[mode]["model"])
     raw["data"].update(SIZES[mode]["data"])
     raw["clients"] = [{"name": n, "path": str(data_dir / f"{n}.npz")} for n in DATASETS if n != held]
     return raw

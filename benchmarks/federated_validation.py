@@ -44,8 +44,10 @@ from medveil.io import jsonable, write_json_atomic
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meduniverse import FULL, REPO  # noqa: E402
 from meduniverse_tables import DATASETS  # noqa: E402
+from shipped import setting_sizes  # noqa: E402
 
 SHIPPED = REPO / "src" / "medveil" / "configs" / "medmnist6.toml"
+SIZES = setting_sizes(FULL)  # FULL's sizes, the shipped depth
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {  # each: overrides of the shipped config
     "shipped": {},
     # the config shipped until 2026-12-04 (at the depth the FULL setting then used)
@@ -67,8 +69,8 @@ VERSION = 1
 def variant_config(variant: str, data_dir: Path, seed: int, device: str = "cpu") -> dict[str, Any]:
     raw = tomllib.loads(SHIPPED.read_text())
     raw["seed"], raw["device"] = seed, device
-    raw["model"].update({k: v for k, v in FULL["model"].items() if k != "depth"})  # FULL's sizes, shipped depth
-    raw["data"].update(FULL["data"], eval_split="val")
+    raw["model"].update(SIZES["model"])
+    raw["data"].update(SIZES["data"], eval_split="val")
     raw["clients"] = [{"name": n, "path": str(data_dir / f"{n}.npz")} for n in DATASETS]
     for section, values in VARIANTS[variant].items():
         raw[section].update(values)
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(args.out, {"command": "python " + " ".join(["benchmarks/federated_validation.py",
                                                                   *(argv if argv is not None else sys.argv[1:])]),
                                  "seeds": args.seeds, "device": args.device, "variants": {v: VARIANTS[v] for v in variants},
-                                 "sizes": {"model": FULL["model"], "data": FULL["data"]}, "elapsed_s": time.time() - t,
+                                 "sizes": SIZES, "elapsed_s": time.time() - t,
                                  "results": results, "alone": alone_runs, "table": text})
     return 0
 

@@ -1,9 +1,10 @@
 """How much training length moves a ViT at the FULL sizes of benchmarks/meduniverse.py (600 train
-images per site, dim 64, depth 4), against what the federation gives each site (8 local epochs in
-all: 4 stages x 2). Each model is trained alone from random init on exactly the train images the
-site holds in `benchmarks/federated_validation.py`'s federations, with the shipped [local] recipe
-(flips, warm-up + cosine), and scored on the dataset's own validation split (the test split is
-never read). Patch stem (as shipped) and the hybrid (`stem = "cnn"`, depth 2).
+images per site, dim 64), against what the federation gave each site before 2026-12-04 (8 local
+epochs in all: 4 stages x 2). Each model is trained alone from random init on exactly the train
+images the site holds in `benchmarks/federated_validation.py`'s federations, with the shipped
+[local] recipe (flips, warm-up + cosine; its epochs replaced), and scored on the dataset's own
+validation split (the test split is never read). The patch ViT of the previous config (depth 4)
+and the hybrid (`stem = "cnn"`, depth 2).
 
     python benchmarks/local_epochs.py --sites organamnist,bloodmnist --epochs 8,30
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r['site']:<14}{model:<8}{epochs:>4} epochs  val acc {r['acc']:.3f}  bacc {r['bacc']:.3f}  "
                       f"{r['cpu_min']:.1f} CPU-min", flush=True)
     write_json_atomic(args.out, {"command": "python benchmarks/local_epochs.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                                 "sizes": "FULL (600 train images per site, dim 64, depth 4), val split",
+                                 "sizes": "FULL (600 train images per site, dim 64), val split", "models": MODELS,
                                  "rows": rows})
     print(f"written: {args.out}")
     return 0

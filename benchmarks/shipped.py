@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -13,6 +14,12 @@ from medveil.federated.sites import ClientData, build_sites
 
 REPO = Path(__file__).resolve().parents[1]
 MEDMNIST6 = REPO / "src" / "medveil" / "configs" / "medmnist6.toml"
+
+
+def setting_sizes(setting: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A benchmark setting's sizes to lay over a shipped config: its [model] sizes (image, patch,
+    widths, heads, decoder) and [data] caps, not its depth: the shipped architecture keeps its own."""
+    return {"model": {k: v for k, v in setting["model"].items() if k != "depth"}, "data": dict(setting["data"])}
 
 
 def shipped_sites(config: Path, threads: int, names: list[str] | None = None
