@@ -15,9 +15,13 @@ and beside it the site alone (small CNN, medveil.evaluate.site_alone) on the sam
 
 Every variant overrides the shipped config of the day. The config changed on 2026-12-04
 (hybrid stem, two long stages): results written before (federated_validation.json, _cnn*.json,
-_device.json) list their variants as overrides of the previous config, at FULL's depth 4.
+_device.json) list their variants as overrides of the previous config, at FULL's depth 4. It
+changed again that evening (three stages, [curation] pool_balance): _device2.json and _pool.json
+list theirs as overrides of the two-stage config without pool balance (variant "r2" now).
 
-Each finished (variant, seed) run is kept under RUN_ROOT (default /tmp/medveil_fedval); a killed
+A variant whose stage 0 (model, data, pretraining) equals that of a variant already run for the
+seed starts from that run's stage-0 checkpoint (identical on the CPU; its CPU-min then leave
+pretraining out). Each finished (variant, seed) run is kept under RUN_ROOT (default /tmp/medveil_fedval); a killed
 benchmark resumes. Writes benchmarks/results/federated_validation.json.
 """
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 import tomllib
@@ -35,11 +40,11 @@ from typing import Any
 import numpy as np
 
 from medveil.evaluate.site_alone import SiteAloneRecipe, train_site_alone
-from medveil.federated.config import config_from_dict
+from medveil.federated.config import config_from_dict, dump_toml, load_config
 from medveil.federated.engine import run_federation
 from medveil.federated.sites import build_sites
 from medveil.federated.training import derive_seed
-from medveil.io import jsonable, write_json_atomic
+from medveil.io import jsonable, write_json_atomic, write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meduniverse import FULL, REPO  # noqa: E402
@@ -52,16 +57,25 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {  # each: overrides of the shi
     "shipped": {},
     # the config shipped until 2026-12-04 (at the depth the FULL setting then used)
     "previous": {"model": {"stem": "patch", "depth": 4}, "federation": {"rounds": 5}, "local": {"epochs": 2},
-                 "curation": {"epochs": 3.0}},
+                 "curation": {"epochs": 3.0, "pool_balance": False}},
+    # the config shipped from the morning to the evening of 2026-12-04
+    "r2": {"federation": {"rounds": 2}, "curation": {"pool_balance": False}},
     "patch": {"model": {"stem": "patch"}},
     "conv": {"model": {"stem": "conv"}},
     "depth4": {"model": {"depth": 4}},
     "auto": {"local": {"augment": "auto"}},
     "r1e30": {"federation": {"rounds": 1}, "local": {"epochs": 30}},
     "r2e30": {"local": {"epochs": 30}},
-    "r3e15": {"federation": {"rounds": 3}},
+    "r3e15": {"federation": {"rounds": 3}},  # = shipped since the evening of 2026-12-04
     "c10": {"curation": {"epochs": 10.0}},
     "base_init": {"curation": {"init": "base"}},
+    # the shipped config's pool (1000 images per set; breast and retina give far fewer)
+    "pool1000": {"data": {"max_pool": 1000}},
+    # federated_validation_pool.json (its names: pool1000, pool1000_auto, pool1000_bal)
+    "r2_pool1000": {"data": {"max_pool": 1000}, "federation": {"rounds": 2}, "curation": {"pool_balance": False}},
+    "r2_pool1000_auto": {"data": {"max_pool": 1000}, "federation": {"rounds": 2},
+                         "curation": {"pool_balance": False}, "local": {"augment": "auto"}},
+    "r2_pool1000_bal": {"data": {"max_pool": 1000}, "federation": {"rounds": 2}},
 }
 VERSION = 1
 
@@ -77,6 +91,28 @@ def variant_config(variant: str, data_dir: Path, seed: int, device: str = "cpu")
     return raw
 
 
+STAGE0_SECTIONS = ("seed", "device", "init_checkpoint", "model", "data", "clients", "pretrain")  # all stage 0 reads
+
+
+def share_stage0(variant: str, cfg: Any, run: Path, data_dir: Path, root: Path, seed: int, device: str) -> None:
+    """Start ``run`` from another variant's stage-0 checkpoint of the same seed when everything
+    stage 0 reads is equal (MIM pretraining is deterministic on the CPU, so this is the checkpoint
+    the run would write itself); the run resumes at stage 1. Saves a pretraining per variant."""
+    want = {k: v for k, v in cfg.to_dict().items() if k in STAGE0_SECTIONS}
+    for other in VARIANTS:
+        src = root / (f"{other}-seed{seed}" + ("" if device == "cpu" else f"-{device}")) / "run"
+        ckpt = src / "checkpoints" / "stage_000.pt"
+        if other == variant or device != "cpu" or not ckpt.is_file() or not (src / "config.toml").is_file():
+            continue
+        theirs = load_config(src / "config.toml").to_dict()  # what that run was made with
+        if {k: v for k, v in theirs.items() if k in STAGE0_SECTIONS} == want:
+            (run / "checkpoints").mkdir(parents=True)
+            shutil.copy(ckpt, run / "checkpoints" / "stage_000.pt")
+            write_text_atomic(run / "config.toml", dump_toml(cfg))
+            print(f"{variant} seed {seed}: stage 0 from {other}'s run (the same pretraining)", flush=True)
+            return
+
+
 def run_one(variant: str, data_dir: Path, root: Path, seed: int, device: str = "cpu") -> dict[str, Any]:
     raw = variant_config(variant, data_dir, seed, device)
     key = jsonable({"version": VERSION, "config": raw})
@@ -87,6 +123,8 @@ def run_one(variant: str, data_dir: Path, root: Path, seed: int, device: str = "
     cfg = config_from_dict(raw, data_dir)
     t, c = time.time(), time.process_time()
     run = folder / "run"  # resumed only with the same config (run_federation checks it)
+    if not run.exists():
+        share_stage0(variant, cfg, run, data_dir, root, seed, device)
     metrics = run_federation(cfg, run, resume=run.exists(), progress=False)
     result = {"universal": {n: {"acc": m["acc"], "bacc": m["bacc"]} for n, m in metrics["final"].items()},
               "cpu_s": time.process_time() - c, "seconds": time.time() - t}

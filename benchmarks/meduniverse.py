@@ -136,6 +136,7 @@ def pretrained(setting: dict[str, Any], data_dir: Path, seed: int) -> tuple[Fede
 def fork(base: Federation, cfg: FederationConfig, stage0: dict[str, Any]) -> Federation:
     """A federation on the same clients and pool, starting from the shared stage-0 server."""
     server = Server(cfg.model, base.server.pool)
+    server.pool_groups = base.server.pool_groups
     server.load_state_dict(copy.deepcopy(stage0))
     return Federation(cfg, base.clients, server, make_curator(cfg.federation.strategy, cfg.curation))
 

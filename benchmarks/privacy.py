@@ -18,7 +18,8 @@ epsilon = inf is the same run without DP. Under DP every site trains all paramet
 per-example gradients (``trainable = "all"``) at 4x the [local] learning rate (``lr_scale``): the
 library's defaults, both chosen on validation splits (``--eval-split val --trainable ...`` and
 ``--dp-lr-scale ...``: results/privacy_trainable_validation.json, privacy_lr_validation.json;
-``--dp-batch ...`` compares [privacy] batch_size, privacy_batch_validation.json);
+``--dp-batch ...`` compares [privacy] batch_size, privacy_batch_validation.json; ``--stages 2x3,1x6``
+compares fewer, longer stages, with and without DP, privacy_stages_validation.json);
 delta = 1 / (10 n), RDP accountant, clipping norm 1;
 the noise multiplier is the smallest that fits the planned stages in the target. Head calibration
 and class weighting are off for every run, epsilon = inf included (DP skips the one and refuses
@@ -88,10 +89,20 @@ def job_config(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: floa
     return config_from_dict(raw, data_dir)
 
 
+def with_stages(setting: dict[str, Any], stages: str) -> dict[str, Any]:
+    """The setting with "RxE": R stages of E local epochs each."""
+    rounds, epochs = (int(v) for v in stages.lower().split("x"))
+    return {**setting, "federation": {**setting["federation"], "rounds": rounds},
+            "local": {**setting["local"], "epochs": epochs}}
+
+
 def run_job(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: float, cache: Path,
             eval_split: str = "test", trainable: str = "all",
-            dp_lr_scale: float = PrivacyOptions().lr_scale, dp_batch: int = 0) -> dict[str, Any]:
+            dp_lr_scale: float = PrivacyOptions().lr_scale, dp_batch: int = 0, stages: str = "") -> dict[str, Any]:
     variant: dict[str, Any] = {"eval_split": eval_split, "trainable": trainable}
+    if stages:
+        variant["stages"] = stages
+        setting = with_stages(setting, stages)
     if dp_lr_scale != PrivacyOptions().lr_scale:
         variant["dp_lr_scale"] = dp_lr_scale
     if dp_batch:
@@ -175,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                                                        "(default: the library's default)")
     p.add_argument("--dp-batch", default="", help="[privacy] batch_size (expected DP-SGD batch; 0: the [local] "
                                                     "one), or a comma-separated list to compare (default: 0)")
+    p.add_argument("--stages", default="", help="RxE: R stages of E local epochs each (default: the setting's), or "
+                                                  "a comma-separated list to compare; the no-DP row runs each too")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -189,16 +202,18 @@ def main(argv: list[str] | None = None) -> int:
     trainables = args.trainable.split(",")
     scales = [float(x) for x in args.dp_lr_scale.split(",")] if args.dp_lr_scale else [PrivacyOptions().lr_scale]
     batches = [int(b) for b in args.dp_batch.split(",")] if args.dp_batch else [0]
-    variants = [(t, x, b) for t in trainables for x in scales for b in batches]
+    stage_list = args.stages.split(",") if args.stages else [""]
+    variants = [(t, x, b, st) for t in trainables for x in scales for b in batches for st in stage_list]
     for eps in epsilons:
-        no_dp = [("all", PrivacyOptions().lr_scale, 0)]  # no DP: no variant
-        for trainable, scale, batch in variants if np.isfinite(eps) else no_dp:
+        no_dp = [("all", PrivacyOptions().lr_scale, 0, st) for st in stage_list]  # no DP: only the stages vary
+        for trainable, scale, batch, st in variants if np.isfinite(eps) else no_dp:
             key = "inf" if not np.isfinite(eps) else f"{eps:g}"
             if len(variants) > 1 and key != "inf":
                 key += ((f" {trainable}" if len(trainables) > 1 else "") + (f" lr x{scale:g}" if len(scales) > 1 else "")
                         + (f" batch {batch or setting['local']['batch_size']}" if len(batches) > 1 else ""))
+            key += f" {st}" if len(stage_list) > 1 else ""
             for seed in range(seeds):
-                r = run_job(setting, args.data_dir, seed, eps, cache, args.eval_split, trainable, scale, batch)
+                r = run_job(setting, args.data_dir, seed, eps, cache, args.eval_split, trainable, scale, batch, st)
                 results.setdefault(key, []).append(r)
                 print(f"epsilon {key} seed {seed}: mean acc {np.mean([m['acc'] for m in r['final'].values()]):.3f}, "
                       f"{r['seconds']:.0f} s", flush=True)
@@ -207,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(out, {"mode": "quick" if args.quick else "full", "seeds": seeds, "setting": setting,
                             "epsilons": [str(e) for e in epsilons], "eval_split": args.eval_split,
                             "trainable": args.trainable, "dp_lr_scale": args.dp_lr_scale, "dp_batch": args.dp_batch,
+                            "stages": args.stages,
                             "recipe_from": str(SHIPPED.relative_to(REPO)),
                             "elapsed_s": time.time() - t0,  # this invocation (finished jobs are reused)
                             "sum_job_s": sum(r["seconds"] for runs in results.values() for r in runs),

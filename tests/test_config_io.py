@@ -36,3 +36,17 @@ def test_unknown_keys_named_with_the_known_ones():
     with pytest.raises(ConfigError, match="ViT config: unknown key.*embed_dimm"):
         dataclass_from_dict(ViTConfig, {"embed_dimm": 8}, "ViT config")
     assert dataclass_from_dict(ViTConfig, {"depth": 2}, "ViT config").depth == 2
+
+
+def test_the_shipped_medmnist6_config_loads_with_its_recipe(shared_data, monkeypatch):
+    """The recipe chosen on validation is what `medveil federate --config ...medmnist6.toml` runs."""
+    from pathlib import Path
+
+    from medveil.federated.config import load_config
+
+    monkeypatch.setenv("MEDVEIL_DATA_ROOT", str(shared_data))
+    cfg = load_config(Path(__file__).resolve().parents[1] / "src" / "medveil" / "configs" / "medmnist6.toml")
+    assert (cfg.model.stem, cfg.model.depth, cfg.federation.rounds, cfg.local.epochs) == ("cnn", 2, 3, 15)
+    assert cfg.curation.pool_balance and cfg.curation.epochs == 20.0 and cfg.data.max_pool == 1000
+    assert [c.name for c in cfg.clients] == ["bloodmnist", "organamnist", "retinamnist", "breastmnist",
+                                             "pneumoniamnist", "ham10000"]

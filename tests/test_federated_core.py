@@ -17,11 +17,12 @@ from medveil.federated.curation import (
     distill_kl,
     interpolate,
     make_curator,
+    pool_batches,
     weighted_average,
 )
 from medveil.federated.messages import ClientUpdate, JoinRequest, message_nbytes, to_payload
 from medveil.federated.server import Server
-from medveil.federated.sites import build_sites
+from medveil.federated.sites import build_sites, pool_groups
 from medveil.federated.training import TrainRecipe
 from medveil.federated.updates import check_update, screen_updates
 from medveil.models import ViTConfig
@@ -112,6 +113,38 @@ def test_distill_reduces_kl_and_guards_other_heads(setup):
     assert result["forget_kl_before"] == pytest.approx(0.0, abs=1e-6)  # beta's target: its own outputs
     assert result["forget_kl_after"] < result["kd_after"] + 0.05
     assert not torch.equal(server.backbone_state()["blocks.0.mlp.fc1.weight"], before["blocks.0.mlp.fc1.weight"])
+
+
+def test_pool_groups_name_each_pool_image_s_source(setup):
+    _, clients, pool = setup
+    groups = pool_groups(clients, pool)
+    assert [c.n_pool for c in clients] == [12, 10]  # a quarter of 48 and of 40 train images
+    assert groups.tolist() == [0] * 12 + [1] * 10
+    assert pool_groups(clients, pool[:5]) is None  # sizes that do not add up: no groups
+
+
+def test_pool_batches_plain_passes_and_balanced_sources():
+    plain = pool_batches(10, 4, 4, torch.Generator().manual_seed(0))
+    assert [len(b) for b in plain] == [4, 4, 2, 4]  # shuffled passes, as before the option existed
+    assert sorted(torch.cat(plain[:3]).tolist()) == list(range(10))
+    groups = torch.tensor([0] * 90 + [1] * 10)  # a source of 10 beside one of 90
+    batches = pool_batches(100, 200, 50, torch.Generator().manual_seed(0), groups)
+    drawn = groups[torch.cat(batches)]
+    assert len(batches) == 200 and all(len(b) == 50 for b in batches)
+    assert abs(float((drawn == 1).double().mean()) - 0.5) < 0.02  # each source half the draws
+    again = pool_batches(100, 200, 50, torch.Generator().manual_seed(0), groups)
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
+
+
+def test_distill_with_pool_balance_trains_and_says_so(setup):
+    server = fresh_server(setup)
+    _, clients, pool = setup
+    server.pool_groups = pool_groups(clients, pool)
+    u1, u2 = real_updates(setup, server)
+    curator = DistillCurator(CurationParams(epochs=2.0, batch_size=16, pool_balance=True))
+    result = curator.curate(server, [u1, u2], seed=0, progress=False)
+    assert result["pool_balanced"] is True and result["steps"] == 3
+    assert result["kd_after"] < result["kd_before"]
 
 
 def test_distill_kl_properties():

@@ -21,6 +21,9 @@ schedule. Multi-label heads use the per-class Bernoulli KL.
 Defaults: tau = 2 (spec: 1..4), lam = 0.5 (the group's FedNet), mu = 1.0 (our choice: MIM and
 tau^2-scaled KL are both O(1)), five passes over the pool with AdamW lr 1e-3 (chosen over one
 pass at lr 5e-4 on the quick benchmark's data; figures in ``benchmarks/results/``).
+``pool_balance = true``: distillation batches weigh every source dataset of the pool the same
+(the server knows where its unlabelled images came from; a small site's share of the pool is
+otherwise tiny: 109 breast images beside 1000 of each large set in ``medmnist6.toml``).
 Student initialisation ``init``: "average" (default, our choice) starts from the n_k-weighted
 average of the teachers' backbones and copies the teachers' heads, then distils; "base" starts
 from the current global model (pure distillation: the server's weights only move through KD).
@@ -41,6 +44,7 @@ what one faulty or malicious site can do to the backbone.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +62,7 @@ from medveil.progress import bar as progress_bar
 STRATEGIES = ("distill", "relay", "fedavg")
 DEFAULT_SCHEDULE = {"distill": "parallel", "relay": "sequential", "fedavg": "parallel"}
 MULTILABEL = "multi-label"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,6 +77,7 @@ class CurationParams:
     lr: float = 1e-3
     mask_ratio: float = 0.75
     init: str = "average"     # distill student init: "average" | "base"
+    pool_balance: bool = False  # distill: every source dataset of the pool weighs the same
     relay_alpha: float = 1.0
     aggregation: str = "mean"  # fedavg backbone: "mean" (n_k-weighted) | "median" | "trimmed_mean"
     trim_fraction: float = 0.2  # trimmed_mean: share cut at each end, in [0, 0.5)
@@ -132,6 +138,23 @@ def distill_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float, task: s
         return tau**2 * kl.sum(dim=1).mean()
     return tau**2 * F.kl_div(F.log_softmax(student / tau, dim=1), F.log_softmax(teacher / tau, dim=1),
                              reduction="batchmean", log_target=True)
+
+
+def pool_batches(n: int, n_steps: int, batch_size: int, gen: torch.Generator,
+                 groups: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """``n_steps`` index batches over a pool of ``n`` images. Without ``groups``: shuffled passes
+    (every image once per pass). With ``groups`` (the source dataset of each image): each batch
+    drawn with replacement so that every source weighs the same; a source with 109 images is seen
+    as often as one with 1000 (the teachers of small sites are distilled on images like theirs)."""
+    if groups is None:
+        steps: list[torch.Tensor] = []
+        while len(steps) < n_steps:
+            steps += batch_indices(n, batch_size, gen)
+        return steps[:n_steps]
+    counts = torch.bincount(groups).double()
+    weights = 1.0 / counts[groups]
+    return list(torch.multinomial(weights, n_steps * batch_size, replacement=True,
+                                  generator=gen).split(batch_size))
 
 
 class Curator:
@@ -228,15 +251,17 @@ class DistillCurator(Curator):
         opt = torch.optim.AdamW(params, lr=p.lr, weight_decay=0.0)
         gen = torch.Generator().manual_seed(seed)
         n_steps = max(1, round(p.epochs * len(pool) / p.batch_size))
-        steps: list[torch.Tensor] = []
-        while len(steps) < n_steps:
-            steps += batch_indices(len(pool), p.batch_size, gen)
+        if p.pool_balance and server.pool_groups is None:
+            log.warning("[curation] pool_balance: the pool's sources are unknown (a pool_path pool), "
+                        "so every image weighs the same")
+        steps = pool_batches(len(pool), n_steps, p.batch_size, gen,
+                             server.pool_groups if p.pool_balance else None)
         device = server.device
         model.train()
         server.heads.train()
         mim_total = 0.0
         with seeded(seed):
-            for idx in progress_bar(steps[:n_steps], desc="curation: distill", leave=False,
+            for idx in progress_bar(steps, desc="curation: distill", leave=False,
                                     disable=not progress):
                 x = pool[idx].to(device)
                 f = model.forward_features(x)
@@ -255,7 +280,8 @@ class DistillCurator(Curator):
                 opt.step()
         model.eval()
         server.heads.eval()
-        return {"aggregated": len(updates), "steps": n_steps,
+        balance = {"pool_balanced": server.pool_groups is not None} if p.pool_balance else {}
+        return {"aggregated": len(updates), "steps": n_steps, **balance,
                 "kd_before": kd_before, "kd_after": self.mean_kl(server, teachers),
                 "forget_kl_before": forget_before, "forget_kl_after": self.mean_kl(server, old),
                 "mim_loss": mim_total / n_steps if p.mim_mu > 0 else None}

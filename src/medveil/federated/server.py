@@ -53,6 +53,7 @@ class Server:
     def __init__(self, cfg: ViTConfig, pool: torch.Tensor, seed: int = 0) -> None:
         self.cfg = cfg
         self.pool = pool  # (M, C, H, W) float in [0, 1], unlabelled
+        self.pool_groups: torch.Tensor | None = None  # (M,) source dataset of each pool image, if known
         with seeded(seed):
             self.model = MaskedAutoencoderViT(cfg)
         self.heads = nn.ModuleDict()

@@ -68,6 +68,7 @@ class ClientData:
     y_train: torch.Tensor  # (N,) int64, or (N, K) for multi-label
     x_test: torch.Tensor
     y_test: torch.Tensor
+    n_pool: int = 0  # train images this client's dataset gave the server pool (unlabelled)
 
     @property
     def num_classes(self) -> int:
@@ -150,6 +151,7 @@ def load_client(spec: ClientSpec, opts: SiteOptions, img_size: int, channels: in
         y_train=torch.from_numpy(train.labels[train_idx]),
         x_test=to_tensor(test.images[test_idx], size=img_size, channels=channels),
         y_test=torch.from_numpy(test.labels[test_idx]),
+        n_pool=len(pool_idx) if n_pool else 0,
     )
     return client, pool
 
@@ -180,6 +182,15 @@ def build_sites(
     else:
         pool = torch.empty(0, channels, img_size, img_size)
     return clients, pool
+
+
+def pool_groups(clients: list[ClientData], pool: torch.Tensor) -> torch.Tensor | None:
+    """Which dataset each pool image came from (int64, (M,)): the server knows where its own
+    unlabelled images came from, though not their labels. None for a ``pool_path`` pool (one source)."""
+    sizes = [c.n_pool for c in clients]
+    if not any(sizes) or sum(sizes) != len(pool):
+        return None
+    return torch.repeat_interleave(torch.arange(len(clients)), torch.tensor(sizes))
 
 
 def load_pool(path: Path, img_size: int, channels: int, cap: int = 0, seed: int = 0) -> torch.Tensor:

@@ -33,7 +33,7 @@ from medveil.federated.curation import Curator, make_curator
 from medveil.federated.messages import ClientUpdate, EvalReport, FitInstructions, message_nbytes
 from medveil.federated.records import StageRecord
 from medveil.federated.server import Server
-from medveil.federated.sites import ClientData, build_sites, load_pool
+from medveil.federated.sites import ClientData, build_sites, load_pool, pool_groups
 from medveil.federated.training import derive_seed
 from medveil.federated.transport import Exchange, LocalTransport, Transport
 from medveil.federated.updates import Rejection, screen_updates
@@ -92,6 +92,7 @@ def prepare(cfg: FederationConfig, client_fit: LocalFit = local_fit,
     device = torch.device(cfg.device)
     server = Server(cfg.model, pool.to(device) if device.type != "cpu" else pool,
                     seed=derive_seed(cfg.seed, "init"))
+    server.pool_groups = pool_groups(clients, pool)
     server.model.to(device)
     return Federation(cfg, clients, server, curator, client_fit, transport)
 
