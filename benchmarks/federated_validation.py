@@ -107,7 +107,9 @@ def share_stage0(variant: str, cfg: Any, run: Path, data_dir: Path, root: Path, 
         theirs = load_config(src / "config.toml").to_dict()  # what that run was made with
         if {k: v for k, v in theirs.items() if k in STAGE0_SECTIONS} == want:
             (run / "checkpoints").mkdir(parents=True)
-            shutil.copy(ckpt, run / "checkpoints" / "stage_000.pt")
+            part = run / "checkpoints" / "stage_000.pt.part"  # a killed copy never looks like a checkpoint
+            shutil.copy(ckpt, part)
+            os.replace(part, run / "checkpoints" / "stage_000.pt")
             write_text_atomic(run / "config.toml", dump_toml(cfg))
             print(f"{variant} seed {seed}: stage 0 from {other}'s run (the same pretraining)", flush=True)
             return

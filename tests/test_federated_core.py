@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from medveil.errors import DataError, UpdateRejected
+from medveil.errors import ConfigError, DataError, UpdateRejected
 from medveil.federated.client import join_request, local_fit
 from medveil.federated.curation import (
     CurationParams,
@@ -224,6 +224,8 @@ def test_messages_payload_and_size(setup):
 def test_make_curator_rejects_unknown_strategy():
     with pytest.raises(Exception, match="unknown strategy 'magic'"):
         make_curator("magic", CurationParams())
+    with pytest.raises(ConfigError, match="pool_balance applies to strategy 'distill' only"):
+        make_curator("fedavg", CurationParams(pool_balance=True))
 
 
 def test_eval_split_val_scores_on_the_validation_images_and_leaves_train_alone(tmp_path, setup):

@@ -289,6 +289,8 @@ class DistillCurator(Curator):
 
 def make_curator(strategy: str, params: CurationParams) -> Curator:
     """The curator for a strategy name; ConfigError for an unknown name."""
+    if params.pool_balance and strategy != "distill":
+        raise ConfigError(f"[curation] pool_balance applies to strategy 'distill' only, not {strategy!r}")
     if strategy == "distill":
         return DistillCurator(params)
     if strategy == "relay":
