@@ -49,9 +49,8 @@ from medveil.io import jsonable, write_json_atomic
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meduniverse import FULL, QUICK, REPO  # noqa: E402
 from meduniverse_tables import DATASETS  # noqa: E402
-from shipped import setting_sizes  # noqa: E402
+from shipped import MEDMNIST6 as SHIPPED, setting_sizes  # noqa: E402
 
-SHIPPED = REPO / "src" / "medveil" / "configs" / "medmnist6.toml"
 SIZES = {"full": setting_sizes(FULL), "quick": setting_sizes(QUICK)}  # the shipped depth
 HELD = {"full": DATASETS, "quick": ("retinamnist", "breastmnist")}
 MAX_VAL = 1000

@@ -49,9 +49,8 @@ from medveil.io import jsonable, write_json_atomic, write_text_atomic
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meduniverse import FULL, REPO  # noqa: E402
 from meduniverse_tables import DATASETS  # noqa: E402
-from shipped import setting_sizes  # noqa: E402
+from shipped import MEDMNIST6 as SHIPPED, setting_sizes  # noqa: E402
 
-SHIPPED = REPO / "src" / "medveil" / "configs" / "medmnist6.toml"
 SIZES = setting_sizes(FULL)  # FULL's sizes, the shipped depth
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {  # each: overrides of the shipped config
     "shipped": {},
@@ -94,18 +93,26 @@ def variant_config(variant: str, data_dir: Path, seed: int, device: str = "cpu")
 STAGE0_SECTIONS = ("seed", "device", "init_checkpoint", "model", "data", "clients", "pretrain")  # all stage 0 reads
 
 
-def share_stage0(variant: str, cfg: Any, run: Path, data_dir: Path, root: Path, seed: int, device: str) -> None:
-    """Start ``run`` from another variant's stage-0 checkpoint of the same seed when everything
-    stage 0 reads is equal (MIM pretraining is deterministic on the CPU, so this is the checkpoint
-    the run would write itself); the run resumes at stage 1. Saves a pretraining per variant."""
-    want = {k: v for k, v in cfg.to_dict().items() if k in STAGE0_SECTIONS}
+def run_folder(root: Path, variant: str, seed: int, device: str) -> Path:
+    return root / (f"{variant}-seed{seed}" + ("" if device == "cpu" else f"-{device}"))
+
+
+def stage0_view(cfg: Any) -> dict[str, Any]:
+    """The parts of a config that stage 0 (MIM pretraining on the pool) reads."""
+    return {k: v for k, v in cfg.to_dict().items() if k in STAGE0_SECTIONS}
+
+
+def share_stage0(variant: str, cfg: Any, run: Path, root: Path, seed: int) -> None:
+    """Start ``run`` (on the CPU) from another variant's stage-0 checkpoint of the same seed when
+    everything stage 0 reads is equal (MIM pretraining is deterministic on the CPU, so this is the
+    checkpoint the run would write itself); the run resumes at stage 1. Saves a pretraining per variant."""
+    want = stage0_view(cfg)
     for other in VARIANTS:
-        src = root / (f"{other}-seed{seed}" + ("" if device == "cpu" else f"-{device}")) / "run"
+        src = run_folder(root, other, seed, "cpu") / "run"
         ckpt = src / "checkpoints" / "stage_000.pt"
-        if other == variant or device != "cpu" or not ckpt.is_file() or not (src / "config.toml").is_file():
+        if other == variant or not ckpt.is_file() or not (src / "config.toml").is_file():
             continue
-        theirs = load_config(src / "config.toml").to_dict()  # what that run was made with
-        if {k: v for k, v in theirs.items() if k in STAGE0_SECTIONS} == want:
+        if stage0_view(load_config(src / "config.toml")) == want:  # what that run was made with
             (run / "checkpoints").mkdir(parents=True)
             part = run / "checkpoints" / "stage_000.pt.part"  # a killed copy never looks like a checkpoint
             shutil.copy(ckpt, part)
@@ -118,15 +125,15 @@ def share_stage0(variant: str, cfg: Any, run: Path, data_dir: Path, root: Path, 
 def run_one(variant: str, data_dir: Path, root: Path, seed: int, device: str = "cpu") -> dict[str, Any]:
     raw = variant_config(variant, data_dir, seed, device)
     key = jsonable({"version": VERSION, "config": raw})
-    folder = root / (f"{variant}-seed{seed}" + ("" if device == "cpu" else f"-{device}"))
+    folder = run_folder(root, variant, seed, device)
     path = folder / "result.json"
     if path.is_file() and json.loads(path.read_text()).get("key") == key:
         return json.loads(path.read_text())["result"]
     cfg = config_from_dict(raw, data_dir)
     t, c = time.time(), time.process_time()
     run = folder / "run"  # resumed only with the same config (run_federation checks it)
-    if not run.exists():
-        share_stage0(variant, cfg, run, data_dir, root, seed, device)
+    if not run.exists() and device == "cpu":
+        share_stage0(variant, cfg, run, root, seed)
     metrics = run_federation(cfg, run, resume=run.exists(), progress=False)
     result = {"universal": {n: {"acc": m["acc"], "bacc": m["bacc"]} for n, m in metrics["final"].items()},
               "cpu_s": time.process_time() - c, "seconds": time.time() - t}
