@@ -18,6 +18,8 @@ Every variant overrides the shipped config of the day. The config changed on 202
 _device.json) list their variants as overrides of the previous config, at FULL's depth 4. It
 changed again that evening (three stages, [curation] pool_balance): _device2.json and _pool.json
 list theirs as overrides of the two-stage config without pool balance (variant "r2" now).
+FULL's pool cap went from 200 to 300 images per set that night (it now scales with the sites'
+size, see benchmarks/meduniverse.py); every result file records the sizes it ran at.
 
 A variant whose stage 0 (model, data, pretraining) equals that of a variant already run for the
 seed starts from that run's stage-0 checkpoint (identical on the CPU; its CPU-min then leave

@@ -1,22 +1,26 @@
 """MedUniverse benchmark: the federated universal model vs its baselines on six MedMNIST-format
 datasets (28 px, six modalities) of ../shared/data/medmnist.
 
+Full mode runs the shipped recipe (src/medveil/configs/medmnist6.toml: hybrid stem, three stages of
+15 local epochs, 20 distillation passes with pool balance, head calibration) at smaller sizes, see
+FULL; quick mode and --previous run their own short-stage recipes (QUICK, FULL_PREVIOUS).
 Per seed, every method starts from the SAME stage-0 backbone (MAE on the server pool, held
 apart from every train split) and gets the same budget (R stages x E local epochs; baselines
 R*E epochs):
   meduniverse  federation, strategy "distill" (our reconstruction, the default)
   fedavg       federation, FedAvg backbones + per-client heads (FedPer-style)
-  fedprox      as fedavg with the FedProx term (mu = 0.01)
-  relay        federation, strategy "relay" (sequential, next base = last client's backbone)
-  local_only   each client alone, ViT from random init, R*E epochs
-  centralised  all labelled data pooled, one backbone + per-client heads, R*E epochs (upper bound)
+  fedprox      as fedavg with the FedProx term (mu = 0.01)                          [quick, --all-methods]
+  relay        federation, strategy "relay" (sequential, next base = last client's backbone)   [idem]
+  local_only   each client alone, ViT from random init, R*E epochs                             [idem]
+  centralised  all labelled data pooled, one backbone + per-client heads, R*E epochs (upper bound) [idem]
   mim_only     the stage-0 backbone (the paper's baseline), evaluated by (ii) only
   alone_small_cnn / alone_resnet18   what a hospital does instead: a small CNN / ResNet-18 from
                scratch on exactly its own train images, its own recipe (medveil.evaluate.site_alone)
   published    MedMNIST v2 ResNet-18 (28), all train images, GPU: a reference row, not a run
   +cal         meduniverse / fedavg with head calibration ([federation] calibrate_heads: after the
                last stage the clients refit their heads on the final backbone); same backbone,
-               so (ii) is that of the method without it
+               so (ii) is that of the method without it. Full mode calibrates, as shipped: its
+               plain rows are the models the clients received before calibration.
 Evaluations: (i) the model with the client's own head on its test split; (ii) the backbone
 fine-tuned (same recipe for all) and linearly probed (logistic regression on frozen features).
 LODO: for each held-out dataset, pretrain on a pool of the five others, federate them, then
@@ -27,12 +31,13 @@ Statistics: mean +/- std over seeds; paired two-sided Wilcoxon signed-rank and p
 over (dataset, seed) pairs (medveil.evaluate.stats).
 
     python benchmarks/meduniverse.py --quick      # 4.7 min from scratch on 2 cores (9.0 job-min)
-    python benchmarks/meduniverse.py              # full: 55 min from scratch on 2 cores (109 job-min)
-    python benchmarks/meduniverse.py --seeds 5 --lodo-seeds 3 --out benchmarks/results/meduniverse_5seeds.json
+    python benchmarks/meduniverse.py              # full: 3 seeds + LODO (seed 0): ~110 min (215 job-min)
+    python benchmarks/meduniverse.py --previous   # the full setting until 2026-12-04: 55 min
+    python benchmarks/meduniverse.py --previous --seeds 5 --lodo-seeds 3 --out benchmarks/results/meduniverse_previous_5seeds.json
 Each finished job (a seed of the main comparison, its centralised baseline, its calibrated runs, a LODO
-fold) is stored under benchmarks/results/jobs/ with its settings; a killed or interrupted run resumes
-from there.
-Writes benchmarks/results/meduniverse[_quick].json and prints the tables.
+fold, the sites alone) is stored under benchmarks/results/jobs/ with its settings; a killed or
+interrupted run resumes from there.
+Writes benchmarks/results/meduniverse[_quick|_previous].json and prints the tables.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import os
 import platform
 import sys
 import time
+import tomllib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
@@ -66,15 +72,18 @@ from medveil.models.cnn import CNN_ARCHS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meduniverse_tables import CALIBRATED, DATASETS, tables  # noqa: E402
+from shipped import MEDMNIST6  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+NO_BALANCE = {"pool_balance": False}  # a distill option; the shipped recipe sets it
 FEDERATED = {  # method -> config overrides
     "meduniverse": {"federation": {"strategy": "distill"}},
-    "fedavg": {"federation": {"strategy": "fedavg"}},
-    "fedprox": {"federation": {"strategy": "fedavg"}, "local": {"fedprox_mu": 0.01}},
-    "relay": {"federation": {"strategy": "relay"}},
+    "fedavg": {"federation": {"strategy": "fedavg"}, "curation": NO_BALANCE},
+    "fedprox": {"federation": {"strategy": "fedavg"}, "local": {"fedprox_mu": 0.01}, "curation": NO_BALANCE},
+    "relay": {"federation": {"strategy": "relay"}, "curation": NO_BALANCE},
 }
-BASELINES = ("local_only", "centralised", "mim_only")
+# A setting without "methods" (QUICK, FULL_PREVIOUS) runs them all; mim_only and the site alone always run.
+ALL_METHODS = (*FEDERATED, "local_only", "centralised")
 FINETUNED = ("mim_only", "meduniverse", "fedavg")  # backbones also fine-tuned in (ii); all are probed
 # The centralised baseline is a job of its own ("central", cached apart from the seed's other
 # methods). Version 2: pooled training with the clients' recipe (class weights, head lr scale);
@@ -101,7 +110,11 @@ QUICK: dict[str, Any] = {  # patch 7 at 28 px (4x4 tokens): fast enough for 3 se
     "evaluation": {"finetune_epochs": 6, "finetune_lr": 5e-4, "finetune_batch_size": 32},
     "lodo_heldout": ("retinamnist", "breastmnist"),
 }
-FULL: dict[str, Any] = {  # patch 4 at 28 px (7x7 tokens), 3x the data, 4 stages, LODO on all six
+# The full setting until 2026-12-04 (--previous): its own short-stage recipe (plain patch ViT, 4
+# stages x 2 epochs, 3 curation passes, a 200-image pool per set), every method. Made with it:
+# meduniverse_previous.json, meduniverse_previous_5seeds.json, and the privacy benchmark's FULL_DP
+# (privacy.py); meduniverse_validation.py still builds on it, so their figures stay reproducible.
+FULL_PREVIOUS: dict[str, Any] = {
     "seeds": 3,
     "model": {"img_size": 28, "patch_size": 4, "in_chans": 3, "embed_dim": 64, "depth": 4, "num_heads": 4,
               "decoder_embed_dim": 64, "decoder_depth": 1, "decoder_num_heads": 4},
@@ -113,12 +126,37 @@ FULL: dict[str, Any] = {  # patch 4 at 28 px (7x7 tokens), 3x the data, 4 stages
     "evaluation": {"finetune_epochs": 8, "finetune_lr": 5e-4, "finetune_batch_size": 32},
     "lodo_heldout": DATASETS,
 }
+SECTIONS = ("model", "data", "pretrain", "federation", "local", "curation", "evaluation")
+
+
+def shipped_setting(model: dict[str, Any], data: dict[str, Any], **rest: Any) -> dict[str, Any]:
+    """The shipped config's recipe (every section of src/medveil/configs/medmnist6.toml: stem,
+    depth, stages, local recipe, curation, calibration) with smaller [model] sizes and [data] caps."""
+    raw = tomllib.loads(MEDMNIST6.read_text())
+    return {**{s: dict(raw.get(s, {})) for s in SECTIONS}, **rest,
+            "model": {**raw["model"], **model}, "data": {**raw["data"], **data}}
+
+
+# Full mode: the shipped recipe at 600 train images per site (of the shipped 2000) and ViT dim 64
+# (of 192), so that three seeds and six LODO folds fit in 90 min on 2 cores. The pool cap scales
+# with the sites (1000 -> 300 per set), so the server pool keeps the shipped config's size
+# relative to the labelled data (1525 pool images for 3437 train images, 0.44; shipped 4266 for
+# 9301, 0.46) and so its ratio of distillation steps to local steps (20 passes over the pool per
+# stage, 3 x 15 local epochs). Methods: the shipped MedUniverse and FedAvg (both calibrated, as
+# shipped; the received model before calibration is kept too), the MIM-only start and the site
+# alone (the ResNet-18 alone on the first seed only); FedProx, relay, local ViT and centralised ViT
+# run in quick mode (or --all-methods).
+FULL: dict[str, Any] = shipped_setting(
+    model={"img_size": 28, "patch_size": 4, "in_chans": 3, "embed_dim": 64, "num_heads": 4,
+           "decoder_embed_dim": 64, "decoder_depth": 1, "decoder_num_heads": 4},
+    data={"pool_fraction": 0.2, "max_train": 600, "max_test": 500, "max_pool": 300},
+    seeds=3, lodo_seeds=1, lodo_heldout=DATASETS, methods=("meduniverse", "fedavg"), resnet_seeds=1)
 
 
 def make_config(setting: dict[str, Any], data_dir: Path, seed: int, names: tuple[str, ...],
                 overrides: dict[str, Any] | None = None) -> FederationConfig:
     raw: dict[str, Any] = {"seed": seed, "clients": [{"name": n, "path": str(data_dir / f"{n}.npz")} for n in names]}
-    for section in ("model", "data", "pretrain", "federation", "local", "curation", "evaluation"):
+    for section in SECTIONS:
         raw[section] = dict(setting[section])
     for section, values in (overrides or {}).items():
         raw[section].update(values)
@@ -155,28 +193,34 @@ def run_seed(setting: dict[str, Any], data_dir: Path, seed: int, log: list[str])
     log.append(f"seed {seed}: pretrain {pre.seconds:.0f}s, MIM loss {pre.mim_loss[0]:.3f} -> "
                f"{pre.mim_loss[-1]:.3f}")
     cpu = {"pretrain": pre.cpu_seconds}  # CPU-seconds of training only (evaluation (ii) apart)
-    for method, overrides in FEDERATED.items():
+    methods = setting.get("methods", ALL_METHODS)
+    for method in (m for m in FEDERATED if m in methods):
         t = time.time()
-        mcfg = make_config(setting, data_dir, seed, DATASETS, overrides)
+        mcfg = make_config(setting, data_dir, seed, DATASETS, FEDERATED[method])
         fed = fork(base, mcfg, stage0)
         stages = run_stages(fed, 1, mcfg.federation.rounds + 1, progress=False)
         cpu[method] = sum(s.cpu_seconds or 0.0 for s in stages)
         last = stages[-1].clients
         per = backbone_eval(mcfg.model.to_dict(), fed.server.backbone_state(), base.clients, recipe_eval,
                             eval_seed, cfg.evaluation.probe_C, finetune=method in FINETUNED)
-        for name in per:
-            per[name]["universal"] = last[name].test
+        calibrated = mcfg.federation.calibrate_heads and f"{method}+cal" in CALIBRATED
+        for name in per:  # with calibration (the shipped recipe): the received model is the plain row
+            per[name]["universal"] = last[name].test_before_calibration if calibrated else last[name].test
+        if calibrated:
+            results[f"{method}+cal"] = {n: {"universal": c.test, "before_calibration": c.test_before_calibration}
+                                        for n, c in last.items()}
         results[method] = per
         results.setdefault("_stages", {})[method] = [
             {n: c.test["acc"] for n, c in s.clients.items() if c.test} for s in stages]
         results.setdefault("_bytes", {})[method] = {
             n: dict(stages[-1].clients[n].bytes) for n in last}
         timing[method] = time.time() - t
-    budget = replace(cfg.local, epochs=cfg.federation.rounds * cfg.local.epochs, fedprox_mu=0.0)
-    t, c = time.time(), time.process_time()
-    results["local_only"] = {n: {"universal": m} for n, m in
-                             local_only(cfg.model, base.clients, budget, derive_seed(seed, "local")).items()}
-    timing["local_only"], cpu["local_only"] = time.time() - t, time.process_time() - c
+    if "local_only" in methods:
+        budget = replace(cfg.local, epochs=cfg.federation.rounds * cfg.local.epochs, fedprox_mu=0.0)
+        t, c = time.time(), time.process_time()
+        results["local_only"] = {n: {"universal": m} for n, m in
+                                 local_only(cfg.model, base.clients, budget, derive_seed(seed, "local")).items()}
+        timing["local_only"], cpu["local_only"] = time.time() - t, time.process_time() - c
     results["_timing"] = timing
     results["_cpu"] = cpu
     log.append(f"seed {seed}: done in {time.time() - t0:.0f}s "
@@ -219,11 +263,13 @@ def run_calibrated(setting: dict[str, Any], data_dir: Path, seed: int, log: list
 
 def run_alone(setting: dict[str, Any], data_dir: Path, seed: int, log: list[str]) -> dict[str, Any]:
     """Each site alone: a small CNN and a ResNet-18 from scratch on exactly the train images it
-    holds in the federation (same splits, same test images), with their CPU-seconds."""
+    holds in the federation (same splits, same test images), with their CPU-seconds. A setting's
+    ``resnet_seeds`` (full mode: 1, since it costs 19 CPU-min per seed against the small CNN's 2)
+    limits the ResNet-18 to the first seeds."""
     cfg = make_config(setting, data_dir, seed, DATASETS)
     clients = prepare(cfg).clients
     result: dict[str, Any] = {}
-    for arch in CNN_ARCHS:
+    for arch in (a for a in CNN_ARCHS if a != "resnet18" or seed < setting.get("resnet_seeds", seed + 1)):
         result[f"alone_{arch}"] = {c.name: {"universal": train_site_alone(arch, c, SiteAloneRecipe(),
                                                                           derive_seed(seed, "alone"))}
                                    for c in clients}
@@ -290,10 +336,14 @@ def run_job(job: tuple[str, int, str], setting: dict[str, Any], data_dir: Path,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small settings, < 10 min on 2 cores")
+    parser.add_argument("--previous", action="store_true", help="the full setting until 2026-12-04 "
+                        "(FULL_PREVIOUS: its own short-stage recipe; meduniverse_previous*.json)")
     parser.add_argument("--seeds", type=int, help="number of seeds (default 3)")
     parser.add_argument("--no-lodo", action="store_true", help="skip leave-one-dataset-out")
+    parser.add_argument("--all-methods", action="store_true", help="full mode with FedProx, relay, local ViT "
+                        "and centralised ViT too (quick mode always runs them; about twice the time)")
     parser.add_argument("--lodo-seeds", type=int, help="leave-one-dataset-out on the first N seeds only "
-                        "(default: every seed; more seeds for the main comparison at less cost)")
+                        "(default: full mode 1, quick mode every seed)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads per worker (default 1: tiny models, robust on a shared machine)")
     parser.add_argument("--workers", type=int, default=2,
@@ -309,15 +359,22 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"meduniverse benchmark: datasets missing in {args.data_dir}: {', '.join(missing)}", file=sys.stderr)
         return 2
-    setting = QUICK if args.quick else FULL
+    mode = "quick" if args.quick else "previous" if args.previous else "full"
+    setting = {"quick": QUICK, "previous": FULL_PREVIOUS, "full": FULL}[mode]
+    if args.all_methods:
+        setting = {**setting, "methods": ALL_METHODS}
     seeds = list(range(args.seeds or setting["seeds"]))
-    out = args.out or REPO / "benchmarks" / "results" / f"meduniverse{'_quick' if args.quick else ''}.json"
-    cache = args.work or REPO / "benchmarks" / "results" / "jobs" / f"meduniverse{'_quick' if args.quick else ''}"
+    suffix = "" if mode == "full" else f"_{mode}"
+    out = args.out or REPO / "benchmarks" / "results" / f"meduniverse{suffix}.json"
+    cache = args.work or REPO / "benchmarks" / "results" / "jobs" / f"meduniverse{suffix}"
     t0 = time.time()
-    jobs = [(kind, seed, "") for seed in seeds for kind in ("seed", "central", "calibrated", "alone")]
+    kinds = ["seed"] + (["central"] if "centralised" in setting.get("methods", ALL_METHODS) else []) \
+        + ([] if setting["federation"].get("calibrate_heads") else ["calibrated"])  # else inside "seed"
+    jobs = [(kind, seed, "") for seed in seeds for kind in kinds]  # the long jobs first
     if not args.no_lodo:
-        jobs += [("lodo", seed, held) for seed in seeds[:args.lodo_seeds or len(seeds)]
+        jobs += [("lodo", seed, held) for seed in seeds[:args.lodo_seeds or setting.get("lodo_seeds") or len(seeds)]
                  for held in setting["lodo_heldout"]]
+    jobs += [("alone", seed, "") for seed in seeds]
     done: dict[tuple[str, int, str], Any] = {}
     log: list[str] = []
     if args.workers <= 1:
@@ -334,17 +391,18 @@ def main(argv: list[str] | None = None) -> int:
                 done[futures[future]] = future.result()
                 log += done[futures[future]][1]
                 print("\n".join(done[futures[future]][1]), flush=True)
-    results = [{**done[("seed", s, "")][0], "centralised": done[("central", s, "")][0],
-                **done[("calibrated", s, "")][0], **done[("alone", s, "")][0]} for s in seeds]
+    results = [{**done[("seed", s, "")][0], **done[("alone", s, "")][0],
+                **({"centralised": done[("central", s, "")][0]} if "central" in kinds else {}),
+                **(done[("calibrated", s, "")][0] if "calibrated" in kinds else {})} for s in seeds]
     lodo = [{"seed": j[1], "held": j[2], **done[j][0]} for j in jobs if j[0] == "lodo"]
     text, summary = tables(results, lodo)
     elapsed = time.time() - t0
     job_seconds = sum(done[j][2] for j in jobs)
     print(text)
-    print(f"\njobs took {job_seconds / 60:.1f} min in all; this call {elapsed / 60:.1f} min ({'quick' if args.quick else 'full'} mode, {len(seeds)} seeds, "
+    print(f"\njobs took {job_seconds / 60:.1f} min in all; this call {elapsed / 60:.1f} min ({mode} mode, {len(seeds)} seeds, "
           f"{args.workers} worker(s) x {args.threads} thread(s))")
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"mode": "quick" if args.quick else "full", "seeds": seeds, "setting": setting,
+    payload = {"mode": mode, "seeds": seeds, "setting": setting,
                "datasets": DATASETS, "elapsed_s": elapsed, "sum_job_s": job_seconds, "machine": platform.platform(),
                "torch_threads": args.threads, "workers": args.workers, "command": " ".join(sys.argv), "summary": summary,
                "results": results, "lodo": lodo, "log": log, "table": text}

@@ -32,6 +32,8 @@ def tables(results: list[dict[str, Any]], lodo: list[dict[str, Any]]) -> tuple[s
             ("mim_only", "probe"), ("meduniverse", "probe"), ("fedavg", "probe"), ("fedprox", "probe"),
             ("relay", "probe"),
             ("mim_only", "finetune"), ("meduniverse", "finetune"), ("fedavg", "finetune")]
+    ran = {m for r in results for m in r}  # full mode runs fewer methods than quick mode
+    rows = [(m, k) for m, k in rows if m in ran]
     for metric in ("acc", "bacc"):
         lines.append(f"\n{metric} (%), mean ± std over {len(results)} seeds; (i) universal = model + own "
                      f"head, (ii) probe / finetune of the backbone")
@@ -57,6 +59,7 @@ def tables(results: list[dict[str, Any]], lodo: list[dict[str, Any]]) -> tuple[s
     comparisons += [(("meduniverse", k), ("mim_only", k)) for k in ("probe", "finetune")]
     comparisons += [(("meduniverse+cal", "universal"), ("alone_small_cnn", "universal")),
                     (("meduniverse", "finetune"), ("alone_small_cnn", "universal"))]
+    comparisons = [(a, b) for a, b in comparisons if a[0] in ran and b[0] in ran]
     for metric in ("acc", "bacc"):
         for (ma, ka), (mb, kb) in comparisons:
             a = [x for d in DATASETS for x in cell(results, ma, d, ka, metric)]

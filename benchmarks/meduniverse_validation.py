@@ -1,6 +1,7 @@
 """Why head calibration: the evidence it was chosen on, from VALIDATION data only.
 
-Each client's train split (the meduniverse benchmark's full setting) is cut into 5/6 train and
+Each client's train split (the meduniverse benchmark's full setting of the day, FULL_PREVIOUS
+since FULL runs the shipped recipe) is cut into 5/6 train and
 1/6 validation (seeded); the federation trains on the 5/6 and every number here is measured on
 the 1/6, so the test splits the benchmark reports were not looked at to make the choice. Per
 seed: MedUniverse (distill) with ``calibrate_heads`` on, reporting
@@ -55,7 +56,7 @@ def with_validation_split(clients: list, seed: int) -> list:
 
 def run_seed(seed: int, data_dir: Path) -> dict[str, Any]:
     torch.set_num_threads(1)
-    cfg, base, _ = bench.pretrained(bench.FULL, data_dir, seed)  # stage 0 uses the pool only
+    cfg, base, _ = bench.pretrained(bench.FULL_PREVIOUS, data_dir, seed)  # stage 0 uses the pool only
     base.clients[:] = with_validation_split(base.clients, seed)  # what fork() hands the federation
     clients = {c.name: c for c in base.clients}
     stage0 = base.server.state_dict()
@@ -70,7 +71,7 @@ def run_seed(seed: int, data_dir: Path) -> dict[str, Any]:
                 teachers[c.name] = classification_metrics(c.task.value, c.y_test.numpy(), logits.numpy())
             return super().curate(server, updates, seed, progress)
 
-    mcfg = bench.make_config(bench.FULL, data_dir, seed, bench.DATASETS,
+    mcfg = bench.make_config(bench.FULL_PREVIOUS, data_dir, seed, bench.DATASETS,
                              {"federation": {"strategy": "distill", "calibrate_heads": True}})
     fed = bench.fork(base, mcfg, stage0)
     fed.curator = Recording(mcfg.curation)

@@ -18,8 +18,9 @@ MEDMNIST6 = REPO / "src" / "medveil" / "configs" / "medmnist6.toml"
 
 def setting_sizes(setting: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """A benchmark setting's sizes to lay over a shipped config: its [model] sizes (image, patch,
-    widths, heads, decoder) and [data] caps, not its depth: the shipped architecture keeps its own."""
-    return {"model": {k: v for k, v in setting["model"].items() if k != "depth"}, "data": dict(setting["data"])}
+    widths, heads, decoder) and [data] caps, not its depth or stem: the shipped architecture keeps its own."""
+    return {"model": {k: v for k, v in setting["model"].items() if k not in ("depth", "stem")},
+            "data": dict(setting["data"])}
 
 
 def shipped_sites(config: Path, threads: int, names: list[str] | None = None

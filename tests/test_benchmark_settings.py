@@ -1,0 +1,46 @@
+"""The MedUniverse benchmark's full mode measures the shipped recipe (benchmarks/meduniverse.py,
+FULL): every training section of src/medveil/configs/medmnist6.toml, only smaller sizes."""
+
+from __future__ import annotations
+
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from medveil.federated.config import config_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import meduniverse as bench  # noqa: E402
+
+SHIPPED = tomllib.loads((REPO / "src" / "medveil" / "configs" / "medmnist6.toml").read_text())
+
+
+@pytest.mark.parametrize("section", ["pretrain", "federation", "local", "curation", "evaluation"])
+def test_full_mode_runs_the_shipped_recipe(section):
+    assert bench.FULL[section] == SHIPPED[section]
+
+
+def test_full_mode_keeps_the_shipped_architecture_at_smaller_sizes():
+    model, data = bench.FULL["model"], bench.FULL["data"]
+    assert (model["stem"], model["depth"]) == (SHIPPED["model"]["stem"], SHIPPED["model"]["depth"])
+    assert model["embed_dim"] < SHIPPED["model"]["embed_dim"]
+    assert data["max_train"] < SHIPPED["data"]["max_train"]
+    # the pool cap scales with the sites' size (1000 -> 300 for 2000 -> 600 train images)
+    assert data["max_pool"] / SHIPPED["data"]["max_pool"] == pytest.approx(
+        data["max_train"] / SHIPPED["data"]["max_train"])
+
+
+def test_full_mode_configs_are_valid_and_baselines_drop_pool_balance(tmp_path):
+    for name in ("bloodmnist", "b"):  # the config only checks that a client's file exists
+        (tmp_path / f"{name}.npz").touch()
+    for method, overrides in bench.FEDERATED.items():
+        cfg = bench.make_config(bench.FULL, tmp_path, 0, ("bloodmnist",), overrides)
+        assert cfg.curation.pool_balance is (method == "meduniverse")
+        assert cfg.federation.calibrate_heads is True
+    assert bench.FULL["methods"] == ("meduniverse", "fedavg")
+    assert "methods" not in bench.QUICK  # quick mode runs every method
+    config_from_dict({"clients": [{"name": "b", "path": "b.npz"}], **{s: bench.FULL_PREVIOUS[s]
+                      for s in bench.SECTIONS}}, tmp_path)
