@@ -50,7 +50,6 @@ import os
 import platform
 import sys
 import time
-import tomllib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
@@ -71,8 +70,8 @@ from medveil.federated.training import derive_seed
 from medveil.models.cnn import CNN_ARCHS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from meduniverse_settings import FULL, FULL_PREVIOUS, QUICK, SECTIONS  # noqa: E402 (other benchmarks import them here)
 from meduniverse_tables import CALIBRATED, DATASETS, tables  # noqa: E402
-from shipped import MEDMNIST6  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NO_BALANCE = {"pool_balance": False}  # a distill option; the shipped recipe sets it
@@ -97,60 +96,6 @@ CALIBRATED_VERSION = 1
 LODO_VERSION = 2
 # Version 2 of a seed job records each method's training CPU time ("_cpu"); version-1 jobs are rerun.
 SEED_VERSION = 2
-
-QUICK: dict[str, Any] = {  # patch 7 at 28 px (4x4 tokens): fast enough for 3 seeds + LODO on 2 cores
-    "seeds": 3,
-    "model": {"img_size": 28, "patch_size": 7, "in_chans": 3, "embed_dim": 64, "depth": 3, "num_heads": 4,
-              "decoder_embed_dim": 64, "decoder_depth": 1, "decoder_num_heads": 4},
-    "data": {"pool_fraction": 0.2, "max_train": 200, "max_test": 200, "max_pool": 80},
-    "pretrain": {"epochs": 15, "batch_size": 64, "lr": 1.5e-3, "warmup_epochs": 2},
-    "federation": {"rounds": 3},
-    "local": {"epochs": 2, "batch_size": 32, "lr": 5e-4, "class_weighting": "balanced"},
-    "curation": {"epochs": 5.0, "batch_size": 64, "lr": 1e-3},
-    "evaluation": {"finetune_epochs": 6, "finetune_lr": 5e-4, "finetune_batch_size": 32},
-    "lodo_heldout": ("retinamnist", "breastmnist"),
-}
-# The full setting until 2026-12-04 (--previous): its own short-stage recipe (plain patch ViT, 4
-# stages x 2 epochs, 3 curation passes, a 200-image pool per set), every method. Made with it:
-# meduniverse_previous.json, meduniverse_previous_5seeds.json, and the privacy benchmark's FULL_DP
-# (privacy.py); meduniverse_validation.py still builds on it, so their figures stay reproducible.
-FULL_PREVIOUS: dict[str, Any] = {
-    "seeds": 3,
-    "model": {"img_size": 28, "patch_size": 4, "in_chans": 3, "embed_dim": 64, "depth": 4, "num_heads": 4,
-              "decoder_embed_dim": 64, "decoder_depth": 1, "decoder_num_heads": 4},
-    "data": {"pool_fraction": 0.2, "max_train": 600, "max_test": 500, "max_pool": 200},
-    "pretrain": {"epochs": 20, "batch_size": 64, "lr": 1.5e-3, "warmup_epochs": 2},
-    "federation": {"rounds": 4},
-    "local": {"epochs": 2, "batch_size": 32, "lr": 5e-4, "class_weighting": "balanced"},
-    "curation": {"epochs": 3.0, "batch_size": 64, "lr": 1e-3},
-    "evaluation": {"finetune_epochs": 8, "finetune_lr": 5e-4, "finetune_batch_size": 32},
-    "lodo_heldout": DATASETS,
-}
-SECTIONS = ("model", "data", "pretrain", "federation", "local", "curation", "evaluation")
-
-
-def shipped_setting(model: dict[str, Any], data: dict[str, Any], **rest: Any) -> dict[str, Any]:
-    """The shipped config's recipe (every section of src/medveil/configs/medmnist6.toml: stem,
-    depth, stages, local recipe, curation, calibration) with smaller [model] sizes and [data] caps."""
-    raw = tomllib.loads(MEDMNIST6.read_text())
-    return {**{s: dict(raw.get(s, {})) for s in SECTIONS}, **rest,
-            "model": {**raw["model"], **model}, "data": {**raw["data"], **data}}
-
-
-# Full mode: the shipped recipe at 600 train images per site (of the shipped 2000) and ViT dim 64
-# (of 192), so that three seeds and six LODO folds fit in 90 min on 2 cores. The pool cap scales
-# with the sites (1000 -> 300 per set), so the server pool keeps the shipped config's size
-# relative to the labelled data (1525 pool images for 3437 train images, 0.44; shipped 4266 for
-# 9301, 0.46) and so its ratio of distillation steps to local steps (20 passes over the pool per
-# stage, 3 x 15 local epochs). Methods: the shipped MedUniverse and FedAvg (both calibrated, as
-# shipped; the received model before calibration is kept too), the MIM-only start and the site
-# alone (the ResNet-18 alone on the first seed only); FedProx, relay, local ViT and centralised ViT
-# run in quick mode (or --all-methods).
-FULL: dict[str, Any] = shipped_setting(
-    model={"img_size": 28, "patch_size": 4, "in_chans": 3, "embed_dim": 64, "num_heads": 4,
-           "decoder_embed_dim": 64, "decoder_depth": 1, "decoder_num_heads": 4},
-    data={"pool_fraction": 0.2, "max_train": 600, "max_test": 500, "max_pool": 300},
-    seeds=3, lodo_seeds=1, lodo_heldout=DATASETS, methods=("meduniverse", "fedavg"), resnet_seeds=1)
 
 
 def make_config(setting: dict[str, Any], data_dir: Path, seed: int, names: tuple[str, ...],
@@ -341,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, help="number of seeds (default 3)")
     parser.add_argument("--no-lodo", action="store_true", help="skip leave-one-dataset-out")
     parser.add_argument("--all-methods", action="store_true", help="full mode with FedProx, relay, local ViT "
-                        "and centralised ViT too (quick mode always runs them; about twice the time)")
+                        "and centralised ViT too (quick mode always runs them; the extra time is not measured)")
     parser.add_argument("--lodo-seeds", type=int, help="leave-one-dataset-out on the first N seeds only "
                         "(default: full mode 1, quick mode every seed)")
     parser.add_argument("--threads", type=int, default=1,
