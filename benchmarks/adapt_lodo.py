@@ -12,9 +12,11 @@ split (capped) for adapt's choices, and the same test images for every row.
 
 Why smaller than the shipped config: six federations at its size (2000 images per site, ViT dim
 192) take about 4 hours on 2 cores; at SIZES (600 per site, dim 64, the FULL setting of
-benchmarks/meduniverse.py, the shipped depth) a fold takes a few minutes. The recipe is the
+benchmarks/meduniverse.py, the shipped depth) six folds take about two hours. The recipe is the
 shipped one (results/adapt_lodo.json was measured with the config shipped before 2026-12-04:
-patch stem, depth 4, five short stages).
+patch stem, depth 4, five short stages, and FULL's pool cap of then, 200 images per set; it is
+300 since FULL scales it with the sites, so a rerun runs new folds). A fold of the shipped recipe
+at these sizes takes 16-18 min (benchmarks/meduniverse.py's LODO).
 
     python benchmarks/adapt_lodo.py                 # six folds, seed 0
     python benchmarks/adapt_lodo.py --quick         # two folds, a smaller model (< 10 min)

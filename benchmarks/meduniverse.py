@@ -150,7 +150,8 @@ def run_seed(setting: dict[str, Any], data_dir: Path, seed: int, log: list[str])
                             eval_seed, cfg.evaluation.probe_C, finetune=method in FINETUNED)
         calibrated = mcfg.federation.calibrate_heads and f"{method}+cal" in CALIBRATED
         for name in per:  # with calibration (the shipped recipe): the received model is the plain row
-            per[name]["universal"] = last[name].test_before_calibration if calibrated else last[name].test
+            per[name]["universal"] = (last[name].test_before_calibration if mcfg.federation.calibrate_heads
+                                      else last[name].test)
         if calibrated:
             results[f"{method}+cal"] = {n: {"universal": c.test, "before_calibration": c.test_before_calibration}
                                         for n, c in last.items()}
@@ -288,16 +289,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all-methods", action="store_true", help="full mode with FedProx, relay, local ViT "
                         "and centralised ViT too (quick mode always runs them; the extra time is not measured)")
     parser.add_argument("--lodo-seeds", type=int, help="leave-one-dataset-out on the first N seeds only "
-                        "(default: full mode 1, quick mode every seed)")
+                        "(default: full mode 1, quick and previous modes every seed)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads per worker (default 1: tiny models, robust on a shared machine)")
     parser.add_argument("--workers", type=int, default=2,
                         help="parallel processes over seeds / LODO folds (default 2; results do not depend on it)")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get(
         "MEDVEIL_SHARED_DATA", REPO.parent / "shared" / "data")) / "medmnist")
-    parser.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/meduniverse[_quick].json)")
+    parser.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/meduniverse[_quick|_previous].json)")
     parser.add_argument("--work", type=Path, help="each finished job's numbers are kept here; a rerun with "
-                        "the same settings resumes from them (default benchmarks/results/jobs/meduniverse[_quick])")
+                        "the same settings resumes from them (default benchmarks/results/jobs/meduniverse[_quick|_previous])")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     missing = [d for d in DATASETS if not (args.data_dir / f"{d}.npz").is_file()]
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     mode = "quick" if args.quick else "previous" if args.previous else "full"
     setting = {"quick": QUICK, "previous": FULL_PREVIOUS, "full": FULL}[mode]
-    if args.all_methods:
+    if args.all_methods and "methods" in setting:  # quick and previous modes run them all already
         setting = {**setting, "methods": ALL_METHODS}
     seeds = list(range(args.seeds or setting["seeds"]))
     suffix = "" if mode == "full" else f"_{mode}"

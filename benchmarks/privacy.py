@@ -10,7 +10,7 @@ the universal model).
 Why FULL_DP and not meduniverse.py's FULL (FULL_PREVIOUS, the full setting when this benchmark
 was written; FULL now runs the shipped recipe, not measured under DP): DP-SGD computes a gradient
 per example, and that setting's patch-4 model (49 tokens against 16, 4 stages against 3) would cost an estimated 4-5x per run
-(not measured): about an hour for the twelve runs. FULL_DP keeps FULL's data (600 train images
+(not measured): about an hour for the twelve runs. FULL_DP keeps FULL_PREVIOUS' data (600 train images
 per site, 500 test, 200 pool images per set: what DP's noise is averaged over) with QUICK's
 patch-7 model; its twelve runs take 13 min on 2 cores, so it can be rerun whenever the recipe
 changes. The training recipe is the shipped config's [local] augmentation and schedule on every row.
