@@ -45,8 +45,10 @@ def tables(results: list[dict[str, Any]], lodo: list[dict[str, Any]]) -> tuple[s
             overall = sum(means) / len(means)
             summary["per_dataset"].setdefault(metric, {})[f"{method}/{kind}"] = {
                 d: dict(zip(("mean", "std"), mean_std(c), strict=True)) for d, c in zip(DATASETS, cells, strict=True)}
+            seeds = sum(method in r for r in results)  # full mode: the ResNet-18 alone on seed 0 only
             lines.append(f"{method:<16}{kind:<11}" + "".join(f"{format_mean_std(c):>15}" for c in cells)
-                         + f"{overall * 100:>9.1f}")
+                         + f"{overall * 100:>9.1f}" + (f"   ({seeds} seed{'s' * (seeds > 1)})"
+                                                       if seeds < len(results) else ""))
         if metric == "acc":
             lines.append(f"{'published':<16}{'(ref)':<11}" + "".join(
                 f"{PUBLISHED_RESNET18_28[d] * 100:>15.1f}" if d in PUBLISHED_RESNET18_28 else f"{'-':>15}"
