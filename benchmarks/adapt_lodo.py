@@ -34,7 +34,6 @@ import os
 import platform
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,7 @@ from medveil.io import jsonable, write_json_atomic
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meduniverse import FULL, QUICK, REPO  # noqa: E402
 from meduniverse_tables import DATASETS  # noqa: E402
-from shipped import MEDMNIST6 as SHIPPED, setting_sizes  # noqa: E402
+from shipped import MEDMNIST6 as SHIPPED, setting_sizes, shipped_raw  # noqa: E402
 
 SIZES = {"full": setting_sizes(FULL), "quick": setting_sizes(QUICK)}  # the shipped depth
 HELD = {"full": DATASETS, "quick": ("retinamnist", "breastmnist")}
@@ -65,7 +64,7 @@ def digest(raw: dict[str, Any]) -> str:
 
 
 def fold_config(mode: str, data_dir: Path, seed: int, held: str) -> dict[str, Any]:
-    raw = tomllib.loads(SHIPPED.read_text())
+    raw = shipped_raw()
     raw["seed"] = seed
     raw["model"].update(SIZES[mode]["model"])
     raw["data"].update(SIZES[mode]["data"])

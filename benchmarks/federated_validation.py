@@ -35,7 +35,6 @@ import os
 import shutil
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,7 @@ from medveil.io import jsonable, write_json_atomic, write_text_atomic
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meduniverse import FULL, REPO  # noqa: E402
 from meduniverse_tables import DATASETS  # noqa: E402
-from shipped import MEDMNIST6 as SHIPPED, setting_sizes  # noqa: E402
+from shipped import setting_sizes, shipped_raw  # noqa: E402
 
 SIZES = setting_sizes(FULL)  # FULL's sizes, the shipped depth
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {  # each: overrides of the shipped config
@@ -82,7 +81,7 @@ VERSION = 1
 
 
 def variant_config(variant: str, data_dir: Path, seed: int, device: str = "cpu") -> dict[str, Any]:
-    raw = tomllib.loads(SHIPPED.read_text())
+    raw = shipped_raw()
     raw["seed"], raw["device"] = seed, device
     raw["model"].update(SIZES["model"])
     raw["data"].update(SIZES["data"], eval_split="val")

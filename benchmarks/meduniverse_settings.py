@@ -4,11 +4,10 @@ full setting until 2026-12-04, --previous)."""
 
 from __future__ import annotations
 
-import tomllib
 from typing import Any
 
 from meduniverse_tables import DATASETS
-from shipped import MEDMNIST6
+from shipped import shipped_raw
 
 QUICK: dict[str, Any] = {  # patch 7 at 28 px (4x4 tokens): fast enough for 3 seeds + LODO on 2 cores
     "seeds": 3,
@@ -44,7 +43,7 @@ SECTIONS = ("model", "data", "pretrain", "federation", "local", "curation", "eva
 def shipped_setting(model: dict[str, Any], data: dict[str, Any], **rest: Any) -> dict[str, Any]:
     """The shipped config's recipe (every section of src/medveil/configs/medmnist6.toml: stem,
     depth, stages, local recipe, curation, calibration) with smaller [model] sizes and [data] caps."""
-    raw = tomllib.loads(MEDMNIST6.read_text())
+    raw = shipped_raw()
     return {**{s: dict(raw.get(s, {})) for s in SECTIONS}, **rest,
             "model": {**raw["model"], **model}, "data": {**raw["data"], **data}}
 

@@ -39,7 +39,6 @@ import platform
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +57,7 @@ from medveil.io import jsonable, write_json_atomic, write_text_atomic
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meduniverse import FULL_PREVIOUS, QUICK, REPO  # noqa: E402
 from meduniverse_tables import DATASETS  # noqa: E402
+from shipped import MEDMNIST6 as SHIPPED, shipped_raw  # noqa: E402
 
 EPSILONS = (1.0, 3.0, 8.0, float("inf"))
 FULL_DP: dict[str, Any] = {**FULL_PREVIOUS, "model": QUICK["model"], "pretrain": QUICK["pretrain"],
@@ -66,12 +66,11 @@ FULL_DP: dict[str, Any] = {**FULL_PREVIOUS, "model": QUICK["model"], "pretrain":
 # config's training recipe (flips, warm-up + cosine), [data] eval_split and [privacy] trainable;
 # 5: [privacy] lr_scale = 4 by default (jobs of version 4 ran DP-SGD at the [local] rate)
 JOB_VERSION = 5
-SHIPPED = REPO / "src" / "medveil" / "configs" / "medmnist6.toml"
 RECIPE_KEYS = ("augment", "schedule", "warmup_epochs")  # the shipped [local] recipe, on the setting's sizes
 
 
 def shipped_recipe() -> dict[str, Any]:
-    shipped = tomllib.loads(SHIPPED.read_text())["local"]
+    shipped = shipped_raw()["local"]
     return {k: shipped[k] for k in RECIPE_KEYS if k in shipped}
 
 

@@ -4,6 +4,7 @@ seed, same splits), for the benchmarks that measure what users of that config ge
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,11 @@ from medveil.federated.sites import ClientData, build_sites
 
 REPO = Path(__file__).resolve().parents[1]
 MEDMNIST6 = REPO / "src" / "medveil" / "configs" / "medmnist6.toml"
+
+
+def shipped_raw() -> dict[str, Any]:
+    """The shipped medmnist6.toml as a plain dict (every section, its [[clients]] too)."""
+    return tomllib.loads(MEDMNIST6.read_text())
 
 
 def setting_sizes(setting: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -44,7 +44,6 @@ what one faulty or malicious site can do to the backbone.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +61,6 @@ from medveil.progress import bar as progress_bar
 STRATEGIES = ("distill", "relay", "fedavg")
 DEFAULT_SCHEDULE = {"distill": "parallel", "relay": "sequential", "fedavg": "parallel"}
 MULTILABEL = "multi-label"
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -251,9 +249,6 @@ class DistillCurator(Curator):
         opt = torch.optim.AdamW(params, lr=p.lr, weight_decay=0.0)
         gen = torch.Generator().manual_seed(seed)
         n_steps = max(1, round(p.epochs * len(pool) / p.batch_size))
-        if p.pool_balance and server.pool_groups is None:
-            log.warning("[curation] pool_balance: the pool's sources are unknown (a pool_path pool), "
-                        "so every image weighs the same")
         steps = pool_batches(len(pool), n_steps, p.batch_size, gen,
                              server.pool_groups if p.pool_balance else None)
         device = server.device

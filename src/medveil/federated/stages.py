@@ -93,6 +93,9 @@ def prepare(cfg: FederationConfig, client_fit: LocalFit = local_fit,
     server = Server(cfg.model, pool.to(device) if device.type != "cpu" else pool,
                     seed=derive_seed(cfg.seed, "init"))
     server.pool_groups = pool_groups(clients, pool)
+    if cfg.curation.pool_balance and server.pool_groups is None:  # said once per run, not per stage
+        log.warning("[curation] pool_balance: the pool's sources are unknown (a pool_path pool), "
+                    "so every image weighs the same")
     server.model.to(device)
     return Federation(cfg, clients, server, curator, client_fit, transport)
 
