@@ -76,6 +76,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {  # each: overrides of the shi
     "r2_pool1000_auto": {"data": {"max_pool": 1000}, "federation": {"rounds": 2},
                          "curation": {"pool_balance": False}, "local": {"augment": "auto"}},
     "r2_pool1000_bal": {"data": {"max_pool": 1000}, "federation": {"rounds": 2}},
+    # heads read [cls, mean of the patch tokens] in every phase (local training, distillation, calibration)
+    "token_avg": {"model": {"global_pool": "token+avg"}},
 }
 VERSION = 1
 

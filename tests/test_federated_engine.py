@@ -28,7 +28,10 @@ def model_tensors(path):
 RECIPES = {"default": {},
            # the convolutional stem with flips + warm-up / cosine (issue 18's recipe levers)
            "conv_flip_cos": {"model": {"stem": "conv"},
-                             "local": {"augment": "flip", "schedule": "cosine", "warmup_epochs": 0.5}}}
+                             "local": {"augment": "flip", "schedule": "cosine", "warmup_epochs": 0.5}},
+           # heads on [cls, mean of patch tokens] (2D wide) through training, curation and calibration
+           "token_avg_calibrated": {"model": {"global_pool": "token+avg"},
+                                    "federation": {"calibrate_heads": True}}}
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
@@ -50,6 +53,7 @@ def test_run_folder_and_resume_identical_to_uninterrupted(tmp_path, recipe):
     assert set(metrics["final"]) == {"alpha", "beta"}
     universal = load_universal(run / "model.pt")
     assert universal.registry["beta"].num_classes == 2
+    assert universal.heads["beta"].in_features == universal.cfg.feature_dim
     assert universal.predict("beta", torch.rand(3, 3, 16, 16)).shape == (3, 2)
     with pytest.raises(MedVeilError, match="no task 'gamma'"):
         universal.predict("gamma", torch.rand(1, 3, 16, 16))

@@ -414,3 +414,24 @@ def test_masked_pixels_cannot_reach_visible_tokens(stem):
     if stem != "patch":  # without the blanking the overlapping stem would leak: the test can fail
         leaky = mae.keep(mae.embed(x2), mae.mask_from_noise(noise, 0.75)[0])
         assert not torch.equal(leaky, mae.keep(mae.embed(x), mae.mask_from_noise(noise, 0.75)[0]))
+
+
+def test_global_pool_token_avg_reads_cls_and_mean_patch_tokens():
+    """[model] global_pool = "token+avg": heads read [cls, mean of patch tokens] (2D); the same
+    weights as the default model (no new parameters), whose features are the first half."""
+    torch.manual_seed(0)
+    token = VisionTransformer(ViTConfig(img_size=16, embed_dim=32, depth=2, num_heads=2), num_classes=3)
+    both = VisionTransformer(ViTConfig(img_size=16, embed_dim=32, depth=2, num_heads=2, global_pool="token+avg"),
+                             num_classes=3)
+    assert both.feature_dim == 64 and token.feature_dim == 32 and both.head.in_features == 64
+    backbone = {k: v for k, v in token.state_dict().items() if not k.startswith("head.")}
+    assert not both.load_state_dict(backbone, strict=False).unexpected_keys
+    x = torch.rand(5, 3, 16, 16)
+    with torch.no_grad():
+        f = both.forward_features(x)
+        tokens = both.encode(both.prepend_cls(both.embed(both.normalize(x))))
+    assert f.shape == (5, 64) and both(x).shape == (5, 3)
+    assert torch.equal(f[:, :32], token.eval().forward_features(x).detach())
+    assert torch.allclose(f[:, 32:], tokens[:, 1:].mean(1))
+    with pytest.raises(MedVeilError, match="global_pool must be one of token, token\\+avg"):
+        ViTConfig(global_pool="max").validate()

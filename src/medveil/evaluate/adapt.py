@@ -124,7 +124,7 @@ def _finetune(model_cfg: dict[str, Any], state: dict[str, torch.Tensor], s: Adap
         head, probe_info = _probe(backbone, s)
         info.update(probe_info)
     else:
-        head = new_head(backbone.embed_dim, d.num_classes, derive_seed(seed, d.name, "head"))
+        head = new_head(backbone.feature_dim, d.num_classes, derive_seed(seed, d.name, "head"))
     train_classifier(backbone, head, d.x_train, d.y_train, d.task, recipe, derive_seed(seed, d.name, "finetune"),
                      augment=d.augmentation(recipe.augment))
     return backbone.eval(), head, info

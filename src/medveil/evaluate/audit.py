@@ -137,7 +137,7 @@ def audit_one(data: ClientData, model_cfg: dict[str, Any], reference_start: dict
     seed = derive_seed(run_seed, data.name, "audit")
     ref_idx, eval_idx = split_nonmembers(len(data.x_test), seed)
     ref_backbone = build_backbone(model_cfg, reference_start)
-    ref_head = new_head(ref_backbone.embed_dim, data.num_classes, derive_seed(seed, "head"))
+    ref_head = new_head(ref_backbone.feature_dim, data.num_classes, derive_seed(seed, "head"))
     train_classifier(ref_backbone, ref_head, data.x_test[ref_idx], data.y_test[ref_idx], data.task, recipe,
                      derive_seed(seed, "reference"), augment=data.augmentation(recipe.augment))
     targets: dict[str, tuple[torch.nn.Module, torch.nn.Module]] = {}

@@ -54,7 +54,7 @@ def finetune_eval(model_config: dict[str, Any], backbone_state: StateDict, data:
                   recipe: TrainRecipe, seed: int) -> dict[str, float]:
     """(ii-a) Fine-tune backbone + a fresh head on the train split; metrics on the test split."""
     backbone = build_backbone(model_config, backbone_state)
-    head = new_head(backbone.embed_dim, data.num_classes, derive_seed(seed, data.name, "head"))
+    head = new_head(backbone.feature_dim, data.num_classes, derive_seed(seed, data.name, "head"))
     train_classifier(backbone, head, data.x_train, data.y_train, data.task, recipe,
                      derive_seed(seed, data.name, "finetune"), augment=data.augmentation(recipe.augment))
     logits = predict_logits(backbone, head, data.x_test)

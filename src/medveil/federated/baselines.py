@@ -47,7 +47,7 @@ def local_only(cfg: ViTConfig, clients: list[ClientData], recipe: TrainRecipe,
     for data in clients:
         with seeded(derive_seed(seed, data.name, "local-init")):
             backbone = VisionTransformer(cfg, num_classes=0)
-        head = new_head(cfg.embed_dim, data.num_classes, derive_seed(seed, data.name, "local-head"))
+        head = new_head(cfg.feature_dim, data.num_classes, derive_seed(seed, data.name, "local-head"))
         train_classifier(backbone, head, data.x_train, data.y_train, data.task, recipe,
                          derive_seed(seed, data.name, "local-fit"), augment=data.augmentation(recipe.augment))
         logits = predict_logits(backbone, head, data.x_test)
@@ -60,7 +60,7 @@ def centralised(cfg: ViTConfig, backbone_state: StateDict, clients: list[ClientD
     """Pooled multi-task training (upper bound); per-client test metrics with their heads."""
     backbone = VisionTransformer(cfg, num_classes=0)
     backbone.load_state_dict(backbone_state, strict=True)
-    heads = nn.ModuleList(new_head(cfg.embed_dim, d.num_classes, derive_seed(seed, d.name, "central-head"))
+    heads = nn.ModuleList(new_head(cfg.feature_dim, d.num_classes, derive_seed(seed, d.name, "central-head"))
                           for d in clients)
     owner = torch.cat([torch.full((len(d.x_train),), i) for i, d in enumerate(clients)])
     offsets = torch.tensor([0] + [len(d.x_train) for d in clients]).cumsum(0)

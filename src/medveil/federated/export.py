@@ -115,7 +115,7 @@ def model_card(universal: UniversalModel, run: dict[str, Any] | None, source: Pa
              "its site.", "",
              "## Model", "",
              f"- ViT: {cfg.img_size} px, {cfg.in_chans} channel(s), patch {cfg.patch_size}, "
-             f"dim {cfg.embed_dim}, depth {cfg.depth}, {cfg.num_heads} heads, stem `{cfg.stem}`",
+             f"dim {cfg.embed_dim}, depth {cfg.depth}, {cfg.num_heads} heads, stem `{cfg.stem}`, heads read `{cfg.global_pool}`",
              "- Input: pixels in [0, 1]; normalisation (mean / std in `config.json`) happens inside the model",
              "- Weights: `model.safetensors` (timm / MAE key names; heads as `heads.<task>.*`)",
              ("- `transformers/`: the backbone as a `ViTModel` (`ViTModel.from_pretrained(DIR / 'transformers')`)"

@@ -106,7 +106,7 @@ class Server:
             if len(class_names) != c:
                 raise DataError(f"client {name!r}: {len(class_names)} class names for {c} classes")
             self.registry[name] = TaskEntry(name, c, request.task, class_names)
-            self.heads[name] = new_head(self.cfg.embed_dim, c, seed).to(self.device)
+            self.heads[name] = new_head(self.cfg.feature_dim, c, seed).to(self.device)
         return self.instructions(name, stage)
 
     def instructions(self, name: str, stage: int) -> FitInstructions:
@@ -148,7 +148,7 @@ class Server:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"], strict=True)
         self.registry = {n: TaskEntry(**e) for n, e in state["registry"].items()}
-        self.heads = nn.ModuleDict({n: nn.Linear(self.cfg.embed_dim, e.num_classes)
+        self.heads = nn.ModuleDict({n: nn.Linear(self.cfg.feature_dim, e.num_classes)
                                     for n, e in self.registry.items()}).to(self.device)
         for n, head_state in state["heads"].items():
             self.heads[n].load_state_dict(head_state, strict=True)

@@ -218,7 +218,7 @@ def extract_features(backbone: VisionTransformer, x: torch.Tensor, batch_size: i
     device = next(backbone.parameters()).device
     out = [backbone.forward_features(x[i:i + batch_size].to(device)).cpu()
            for i in range(0, len(x), batch_size)]
-    return torch.cat(out) if out else torch.empty(0, backbone.embed_dim)
+    return torch.cat(out) if out else torch.empty(0, backbone.feature_dim)
 
 
 @torch.no_grad()

@@ -128,7 +128,7 @@ def _assemble(path: Path, cfg_dict: dict[str, Any], backbone_state: dict[str, to
         registry = {n: TaskEntry(**e) for n, e in registry_dict.items()}
         heads = {}
         for n, e in registry.items():
-            heads[n] = nn.Linear(cfg.embed_dim, e.num_classes)
+            heads[n] = nn.Linear(cfg.feature_dim, e.num_classes)
             heads[n].load_state_dict(heads_state[n], strict=True)
     except (RuntimeError, KeyError, TypeError) as err:
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__

@@ -191,7 +191,7 @@ class ViTFeatureNet(FeatureNet):
         super().__init__()
         self.vit = vit
         self.map_block = min(map_block, len(vit.blocks) - 1)
-        self.dim = vit.embed_dim
+        self.dim = vit.feature_dim
         self.weights_path = weights_path
         self.weights_sha256 = sha256_file(weights_path) if weights_path else None
         self.name = f"vit:{Path(weights_path).name}" if weights_path else "vit"

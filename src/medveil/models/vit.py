@@ -22,6 +22,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GREY_MEAN, GREY_STD = (0.449,), (0.226,)  # the ImageNet channel averages, for 1-channel models
 STEMS = {"patch": PatchEmbed, "conv": ConvStem, "cnn": CnnStem}
+GLOBAL_POOLS = ("token", "token+avg")
 
 
 @dataclass
@@ -43,6 +44,10 @@ class ViTConfig:
     # "cnn": a convolutional trunk (two 3x3 convolutions and a max pool per factor 2 of the patch,
     # layers.CnnStem, own keys) under fewer blocks: a hybrid ViT
     stem: str = "patch"
+    # what a head reads: "token" the cls token after the final norm (timm's global_pool = "token");
+    # "token+avg" the cls token and the mean of the patch tokens, both after the final norm,
+    # concatenated (2 * embed_dim; our extension): the patch tokens carry what the cls token drops
+    global_pool: str = "token"
 
     @classmethod
     def tiny(cls, img_size: int = 32, in_chans: int = 3) -> ViTConfig:
@@ -63,6 +68,11 @@ class ViTConfig:
     def num_patches(self) -> int:
         return self.grid_size**2
 
+    @property
+    def feature_dim(self) -> int:
+        """Width of what ``forward_features`` returns and every head reads."""
+        return self.embed_dim * (2 if self.global_pool == "token+avg" else 1)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -79,6 +89,8 @@ class ViTConfig:
                 raise ConfigError(f"{what} {dim} must be divisible by its head count {heads} and by 4")
         if self.stem not in STEMS:
             raise ConfigError(f"stem must be one of {sorted(STEMS)}, got {self.stem!r}")
+        if self.global_pool not in GLOBAL_POOLS:
+            raise ConfigError(f"global_pool must be one of {', '.join(GLOBAL_POOLS)}, got {self.global_pool!r}")
         if self.in_chans not in (1, 3):
             raise ConfigError(f"in_chans must be 1 or 3, got {self.in_chans}")
 
@@ -91,6 +103,7 @@ class VisionTransformer(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed_dim = cfg.embed_dim
+        self.feature_dim = cfg.feature_dim  # what heads read: D, or 2D for global_pool = "token+avg"
         self.num_classes = num_classes
         D = cfg.embed_dim
         self.patch_embed = STEMS[cfg.stem](cfg.img_size, cfg.patch_size, cfg.in_chans, D)
@@ -100,7 +113,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(sincos_pos_embed(D, cfg.grid_size), requires_grad=False)  # (1, 1+L, D)
         self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = layer_norm(D)
-        self.head: nn.Module = nn.Linear(D, num_classes) if num_classes > 0 else nn.Identity()
+        self.head: nn.Module = nn.Linear(self.feature_dim, num_classes) if num_classes > 0 else nn.Identity()
 
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.in_chans == 3 else (GREY_MEAN, GREY_STD)
         self.register_buffer("input_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
@@ -152,9 +165,12 @@ class VisionTransformer(nn.Module):
         return self.norm(tokens)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) in [0, 1] -> cls token after the final norm, (B, D)."""
-        tokens = self.prepend_cls(self.embed(self.normalize(x)))  # (B, 1+L, D)
-        return self.encode(tokens)[:, 0]
+        """(B, C, H, W) in [0, 1] -> what a head reads: the cls token after the final norm, (B, D),
+        or with global_pool = "token+avg" [cls, mean of the patch tokens], (B, 2D)."""
+        tokens = self.encode(self.prepend_cls(self.embed(self.normalize(x))))  # (B, 1+L, D)
+        if self.cfg.global_pool == "token+avg":
+            return torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=1)  # (B, 2D)
+        return tokens[:, 0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [0, 1] -> (B, num_classes) logits ((B, D) features when num_classes == 0)."""
