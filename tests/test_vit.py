@@ -435,3 +435,15 @@ def test_global_pool_token_avg_reads_cls_and_mean_patch_tokens():
     assert torch.allclose(f[:, 32:], tokens[:, 1:].mean(1))
     with pytest.raises(MedVeilError, match="global_pool must be one of token, token\\+avg"):
         ViTConfig(global_pool="max").validate()
+
+
+def test_vit_feature_net_with_token_avg_heads():
+    """ViTFeatureNet (FID / KID features, k-SALSA's content net) embeds what the heads read (2D
+    with token+avg) and keeps D-channel feature maps on the patch grid."""
+    from medveil.models.features import ViTFeatureNet
+
+    vit = VisionTransformer(ViTConfig(img_size=16, embed_dim=32, depth=2, num_heads=2, global_pool="token+avg"))
+    net = ViTFeatureNet(vit)
+    x = torch.rand(2, 3, 16, 16)
+    assert net.dim == 64 and net.embed(x).shape == (2, 64)
+    assert net.feature_maps(x).shape == (2, 32, 4, 4)

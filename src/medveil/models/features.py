@@ -183,7 +183,8 @@ def load_conv_feature_net(path: str | Path) -> ConvFeatureNet:
 
 
 class ViTFeatureNet(FeatureNet):
-    """A MedVeil ViT as a feature net: embed = final-norm cls token (B, D); feature_maps = patch
+    """A MedVeil ViT as a feature net: embed = what its heads read (final-norm cls token (B, D), or
+    [cls, mean of patch tokens] (B, 2D) with global_pool = "token+avg"); feature_maps = patch
     tokens after block ``map_block`` (early) reshaped to the patch grid (B, D, g, g).
     Inputs are resized to the ViT's img_size (and turned grey for 1-channel ViTs)."""
 
@@ -214,7 +215,7 @@ class ViTFeatureNet(FeatureNet):
             tokens = blk(tokens)
         patches = tokens[:, 1:]  # (B, L, D)
         g = self.vit.cfg.grid_size
-        return patches.transpose(1, 2).reshape(x.shape[0], self.dim, g, g)  # (B, D, g, g)
+        return patches.transpose(1, 2).reshape(x.shape[0], self.vit.embed_dim, g, g)  # (B, D, g, g)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": "ViTFeatureNet", "vit_config": self.vit.cfg.to_dict(),

@@ -173,5 +173,5 @@ class VisionTransformer(nn.Module):
         return tokens[:, 0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) in [0, 1] -> (B, num_classes) logits ((B, D) features when num_classes == 0)."""
+        """(B, C, H, W) in [0, 1] -> (B, num_classes) logits ((B, feature_dim) features when num_classes == 0)."""
         return self.head(self.forward_features(x))
