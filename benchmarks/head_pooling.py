@@ -22,13 +22,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from medveil.federated.calibration import fit_linear_head
 from medveil.federated.config import load_config
 from medveil.federated.engine import latest_checkpoint, load_stage
 from medveil.federated.rebuild import build_backbone
 from medveil.federated.sites import build_sites
+from medveil.federated.training import extract_features
 from medveil.io import write_json_atomic
 from medveil.metrics import classification_metrics
 from medveil.models.mae import DECODER_PREFIXES
@@ -39,17 +39,6 @@ from shipped import REPO  # noqa: E402
 POOLS = ("token", "avg", "token+avg")
 
 
-@torch.no_grad()
-def pooled(backbone: torch.nn.Module, x: torch.Tensor, batch: int = 256) -> dict[str, torch.Tensor]:
-    """(N, C, H, W) -> {pool: (N, D or 2D)} from one pass of the encoder."""
-    parts = []
-    for i in range(0, len(x), batch):
-        t = backbone.encode(backbone.prepend_cls(backbone.embed(backbone.normalize(x[i:i + batch]))))
-        parts.append(torch.cat([t[:, 0], t[:, 1:].mean(1)], 1))  # (B, 2D)
-    f, d = torch.cat(parts), backbone.embed_dim
-    return {"token": f[:, :d], "avg": f[:, d:], "token+avg": f}
-
-
 def score_run(run: Path) -> dict[str, dict[str, dict[str, float]]]:
     cfg = load_config(run / "config.toml")
     cfg.data.eval_split = "val"
@@ -58,15 +47,18 @@ def score_run(run: Path) -> dict[str, dict[str, dict[str, float]]]:
     if ckpt is None:
         raise SystemExit(f"head_pooling: {run}: no checkpoints/stage_*.pt")
     state = load_stage(ckpt)["model"]
-    backbone = build_backbone(cfg.model.to_dict(), {k: v for k, v in state.items()
-                                                    if not k.startswith(DECODER_PREFIXES)}).eval()
+    # the run's backbone read as token+avg: [cls, mean of patch tokens], each pool a slice of it
+    backbone = build_backbone({**cfg.model.to_dict(), "global_pool": "token+avg"},
+                              {k: v for k, v in state.items() if not k.startswith(DECODER_PREFIXES)})
+    d = cfg.model.embed_dim
+    cols = {"token": slice(0, d), "avg": slice(d, 2 * d), "token+avg": slice(0, 2 * d)}
     out: dict[str, dict[str, dict[str, float]]] = {}
     for c in clients:
-        train, val = pooled(backbone, c.x_train), pooled(backbone, c.x_test)
+        train, val = extract_features(backbone, c.x_train), extract_features(backbone, c.x_test)
         for pool in POOLS:
-            head = fit_linear_head(train[pool], c.y_train, c.num_classes, c.task, "balanced")
+            head = fit_linear_head(train[:, cols[pool]], c.y_train, c.num_classes, c.task, "balanced")
             m = classification_metrics(c.task.value, c.y_test.numpy(),
-                                       (val[pool] @ head["weight"].T + head["bias"]).numpy())
+                                       (val[:, cols[pool]] @ head["weight"].T + head["bias"]).numpy())
             out.setdefault(c.name, {})[pool] = {"acc": m["acc"], "bacc": m["bacc"]}
     return out
 

@@ -4,7 +4,6 @@ FULL): every training section of src/medveil/configs/medmnist6.toml, only smalle
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,9 @@ from medveil.federated.config import config_from_dict
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import meduniverse as bench  # noqa: E402
+from shipped import shipped_raw  # noqa: E402
 
-SHIPPED = tomllib.loads((REPO / "src" / "medveil" / "configs" / "medmnist6.toml").read_text())
+SHIPPED = shipped_raw()
 
 
 @pytest.mark.parametrize("section", ["pretrain", "federation", "local", "curation", "evaluation"])
