@@ -31,7 +31,7 @@ Statistics: mean +/- std over seeds; paired two-sided Wilcoxon signed-rank and p
 over (dataset, seed) pairs (medveil.evaluate.stats).
 
     python benchmarks/meduniverse.py --quick      # 4.7 min from scratch on 2 cores (9.0 job-min)
-    python benchmarks/meduniverse.py              # full: 3 seeds + LODO (seed 0): ~110 min (215 job-min)
+    python benchmarks/meduniverse.py              # full: 3 seeds + LODO (seed 0): 86 min from scratch (160 job-min)
     python benchmarks/meduniverse.py --previous   # the full setting until 2026-12-04: 55 min
     python benchmarks/meduniverse.py --previous --seeds 5 --lodo-seeds 3 --out benchmarks/results/meduniverse_previous_5seeds.json
 Each finished job (a seed of the main comparison, its centralised baseline, its calibrated runs, a LODO
@@ -96,6 +96,8 @@ CALIBRATED_VERSION = 1
 LODO_VERSION = 2
 # Version 2 of a seed job records each method's training CPU time ("_cpu"); version-1 jobs are rerun.
 SEED_VERSION = 2
+# Version 1 of the site-alone key: the sites' data only (before it, the whole setting).
+ALONE_VERSION = 1
 
 
 def make_config(setting: dict[str, Any], data_dir: Path, seed: int, names: tuple[str, ...],
@@ -244,13 +246,22 @@ def run_lodo(setting: dict[str, Any], data_dir: Path, seed: int, held: str) -> d
     }
 
 
+def alone_key(job: tuple[str, int, str], setting: dict[str, Any], data_dir: Path) -> Any:
+    """The cache key of a site-alone job: only what its CNNs see (the sites' splits: seed, [data],
+    image size and channels; which seeds get the ResNet-18), so a change of the ViT recipe reuses them."""
+    return jsonable({"job": list(job), "data": setting["data"], "data_dir": str(data_dir),
+                     "img": [setting["model"]["img_size"], setting["model"]["in_chans"]],
+                     "resnet_seeds": setting.get("resnet_seeds"), "version": ALONE_VERSION})
+
+
 def run_job(job: tuple[str, int, str], setting: dict[str, Any], data_dir: Path,
             cache: Path | None = None) -> tuple[Any, list[str], float]:
     """One seed of the main comparison, or one LODO fold; returns (result, log lines, seconds). With
     ``cache`` (a folder) a finished job's result is stored there and reused by a rerun with the
     same setting, so a killed benchmark resumes job by job."""
     kind, seed, held = job
-    key = jsonable({"job": list(job), "setting": setting, "data_dir": str(data_dir),
+    key = alone_key(job, setting, data_dir) if kind == "alone" else jsonable({
+                    "job": list(job), "setting": setting, "data_dir": str(data_dir),
                     **({"version": CENTRAL_VERSION} if kind == "central" else {}),
                     **({"version": CALIBRATED_VERSION} if kind == "calibrated" else {}),
                     **({"version": LODO_VERSION} if kind == "lodo" else {}),

@@ -49,8 +49,8 @@ def shipped_setting(model: dict[str, Any], data: dict[str, Any], **rest: Any) ->
 
 
 # Full mode: the shipped recipe at 600 train images per site (of the shipped 2000) and ViT dim 64
-# (of 192), aiming at three seeds and six LODO folds in 90 min on 2 cores (measured: about 110,
-# README). The pool cap scales
+# (of 192), aiming at three seeds and six LODO folds in 90 min on 2 cores (measured: 86 min on the
+# machine of 2026-12-04 late, 110 on the one before; README). The pool cap scales
 # with the sites (1000 -> 300 per set), so the server pool keeps the shipped config's size
 # relative to the labelled data (1525 pool images for 3437 train images, 0.44; shipped 4266 for
 # 9301, 0.46) and so its ratio of distillation steps to local steps (20 passes over the pool per

@@ -25,7 +25,8 @@ def test_full_mode_runs_the_shipped_recipe(section):
 
 def test_full_mode_keeps_the_shipped_architecture_at_smaller_sizes():
     model, data = bench.FULL["model"], bench.FULL["data"]
-    assert (model["stem"], model["depth"]) == (SHIPPED["model"]["stem"], SHIPPED["model"]["depth"])
+    assert (model["stem"], model["depth"], model["global_pool"]) == (
+        SHIPPED["model"]["stem"], SHIPPED["model"]["depth"], SHIPPED["model"]["global_pool"])
     assert model["embed_dim"] < SHIPPED["model"]["embed_dim"]
     assert data["max_train"] < SHIPPED["data"]["max_train"]
     # the pool cap scales with the sites' size (1000 -> 300 for 2000 -> 600 train images)
@@ -44,3 +45,17 @@ def test_full_mode_configs_are_valid_and_baselines_drop_pool_balance(tmp_path):
     assert "methods" not in bench.QUICK  # quick mode runs every method
     config_from_dict({"clients": [{"name": "b", "path": "b.npz"}], **{s: bench.FULL_PREVIOUS[s]
                       for s in bench.SECTIONS}}, tmp_path)
+
+
+def test_site_alone_jobs_are_cached_by_the_sites_data_only():
+    """A change of the ViT recipe reuses the site-alone jobs (their CNNs never see it); a change of
+    the sites' data, seed or ResNet-18 seeds does not."""
+    key = bench.alone_key(("alone", 0, ""), bench.FULL, Path("d"))
+    vit = {**bench.FULL, "model": {**bench.FULL["model"], "embed_dim": 128, "global_pool": "token"},
+           "local": {**bench.FULL["local"], "epochs": 3}}
+    assert bench.alone_key(("alone", 0, ""), vit, Path("d")) == key
+    for other in ({**bench.FULL, "data": {**bench.FULL["data"], "max_train": 100}},
+                  {**bench.FULL, "model": {**bench.FULL["model"], "img_size": 32}},
+                  {**bench.FULL, "resnet_seeds": 3}):
+        assert bench.alone_key(("alone", 0, ""), other, Path("d")) != key
+    assert bench.alone_key(("alone", 1, ""), bench.FULL, Path("d")) != key
