@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from medveil.federated.calibration import fit_linear_head
+from medveil.federated.sites import ClientData
 from medveil.federated.training import extract_features
 from medveil.federated.universal import load_universal
 from medveil.io import write_json_atomic
@@ -27,6 +29,15 @@ from recipe_validation import with_validation  # noqa: E402
 from shipped import MEDMNIST6, REPO, shipped_sites  # noqa: E402
 
 WEIGHTINGS = ("balanced", "none")
+
+
+def refit_and_score(f_train: torch.Tensor, f_val: torch.Tensor, d: ClientData, weighting: str,
+                    C: float = 1.0) -> dict[str, float]:
+    """A calibration head fit on ``d``'s train features (``f_train``), scored on its held-out split
+    (``f_val``, ``d.y_test``): {"acc", "bacc"}."""
+    head = fit_linear_head(f_train, d.y_train, d.num_classes, d.task, weighting, C=C)
+    m = classification_metrics(d.task.value, d.y_test.numpy(), (f_val @ head["weight"].T + head["bias"]).numpy())
+    return {"acc": m["acc"], "bacc": m["bacc"]}
 
 
 def main(argv: list[str]) -> int:
@@ -49,10 +60,8 @@ def main(argv: list[str]) -> int:
         f_train, f_val = extract_features(universal.backbone, d.x_train), extract_features(universal.backbone, d.x_test)
         for w in WEIGHTINGS:
             for C in cs:
-                head = fit_linear_head(f_train, d.y_train, d.num_classes, d.task, w, C=C)
-                m = classification_metrics(d.task.value, d.y_test.numpy(),
-                                           (f_val @ head["weight"].T + head["bias"]).numpy())
-                results.setdefault(c.name, {})[w if cs == [1.0] else f"{w} C={C:g}"] = {"acc": m["acc"], "bacc": m["bacc"]}
+                results.setdefault(c.name, {})[w if cs == [1.0] else f"{w} C={C:g}"] = refit_and_score(
+                    f_train, f_val, d, w, C)
         print(c.name, {w: f"{r['acc']:.3f} / {r['bacc']:.3f}" for w, r in results[c.name].items()}, flush=True)
     means = {w: {k: float(np.mean([results[n][w][k] for n in results])) for k in ("acc", "bacc")} for w in variants}
     print("mean", means)

@@ -23,17 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-from medveil.federated.calibration import fit_linear_head
 from medveil.federated.config import load_config
 from medveil.federated.engine import latest_checkpoint, load_stage
 from medveil.federated.rebuild import build_backbone
 from medveil.federated.sites import build_sites
 from medveil.federated.training import extract_features
 from medveil.io import write_json_atomic
-from medveil.metrics import classification_metrics
 from medveil.models.mae import DECODER_PREFIXES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from calibration_weighting import refit_and_score  # noqa: E402
 from shipped import REPO  # noqa: E402
 
 POOLS = ("token", "avg", "token+avg")
@@ -56,10 +55,7 @@ def score_run(run: Path) -> dict[str, dict[str, dict[str, float]]]:
     for c in clients:
         train, val = extract_features(backbone, c.x_train), extract_features(backbone, c.x_test)
         for pool in POOLS:
-            head = fit_linear_head(train[:, cols[pool]], c.y_train, c.num_classes, c.task, "balanced")
-            m = classification_metrics(c.task.value, c.y_test.numpy(),
-                                       (val[:, cols[pool]] @ head["weight"].T + head["bias"]).numpy())
-            out.setdefault(c.name, {})[pool] = {"acc": m["acc"], "bacc": m["bacc"]}
+            out.setdefault(c.name, {})[pool] = refit_and_score(train[:, cols[pool]], val[:, cols[pool]], c, "balanced")
     return out
 
 

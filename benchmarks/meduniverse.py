@@ -98,6 +98,8 @@ LODO_VERSION = 2
 SEED_VERSION = 2
 # Version 1 of the site-alone key: the sites' data only (before it, the whole setting).
 ALONE_VERSION = 1
+VERSIONS = {"seed": SEED_VERSION, "central": CENTRAL_VERSION, "calibrated": CALIBRATED_VERSION,
+            "lodo": LODO_VERSION}  # each job kind's cache-key version
 
 
 def make_config(setting: dict[str, Any], data_dir: Path, seed: int, names: tuple[str, ...],
@@ -261,11 +263,7 @@ def run_job(job: tuple[str, int, str], setting: dict[str, Any], data_dir: Path,
     same setting, so a killed benchmark resumes job by job."""
     kind, seed, held = job
     key = alone_key(job, setting, data_dir) if kind == "alone" else jsonable({
-                    "job": list(job), "setting": setting, "data_dir": str(data_dir),
-                    **({"version": CENTRAL_VERSION} if kind == "central" else {}),
-                    **({"version": CALIBRATED_VERSION} if kind == "calibrated" else {}),
-                    **({"version": LODO_VERSION} if kind == "lodo" else {}),
-                    **({"version": SEED_VERSION} if kind == "seed" else {})})
+        "job": list(job), "setting": setting, "data_dir": str(data_dir), "version": VERSIONS[kind]})
     path = cache / f"{kind}-{seed}{'-' + held if held else ''}.json" if cache else None
     if path is not None and path.is_file():
         stored = json.loads(path.read_text())
