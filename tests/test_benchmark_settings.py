@@ -59,3 +59,19 @@ def test_site_alone_jobs_are_cached_by_the_sites_data_only():
                   {**bench.FULL, "resnet_seeds": 3}):
         assert bench.alone_key(("alone", 0, ""), other, Path("d")) != key
     assert bench.alone_key(("alone", 1, ""), bench.FULL, Path("d")) != key
+
+
+def test_demo_config_carries_the_shipped_recipe_at_the_demo_width():
+    """demo.toml (what `medveil demo` federates) runs medmnist6.toml's architecture and stage lengths,
+    smaller only in width and batch (chosen on the samples' val splits: benchmarks/demo_recipe.py)."""
+    from medveil.config_io import read_toml
+    from medveil.federated.demo import demo_config_path
+
+    demo = read_toml(demo_config_path())
+    for key in ("img_size", "patch_size", "stem", "depth", "global_pool"):
+        assert demo["model"][key] == SHIPPED["model"][key], key
+    assert demo["model"]["embed_dim"] < SHIPPED["model"]["embed_dim"]
+    assert demo["federation"]["rounds"] == SHIPPED["federation"]["rounds"]
+    for section, key in (("local", "epochs"), ("local", "augment"), ("local", "schedule"), ("curation", "epochs"),
+                         ("curation", "pool_balance"), ("federation", "calibrate_heads")):
+        assert demo[section][key] == SHIPPED[section][key], (section, key)

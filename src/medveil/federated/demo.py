@@ -1,5 +1,5 @@
 """``medveil demo`` (federated part): a short federation on the six shipped MedMNIST samples
-with the config ``medveil/configs/demo.toml`` (about a minute of CPU time on 2 cores)."""
+with the config ``medveil/configs/demo.toml`` (under 3 minutes on 2 cores)."""
 
 from __future__ import annotations
 
