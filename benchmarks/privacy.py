@@ -6,6 +6,10 @@ the universal model).
 
     python benchmarks/privacy.py --quick    # QUICK setting of meduniverse.py (200 train images per site)
     python benchmarks/privacy.py            # FULL_DP: QUICK's model, FULL_PREVIOUS' data sizes, 3 seeds
+    python benchmarks/privacy.py --shipped --epsilons 8,inf --seeds 1
+        # the shipped recipe (meduniverse.py's FULL: hybrid ViT, 3 stages x 15 local epochs, 20 pool
+        # passes, pool balance; 600 train images per site, 300 pool images per set): what DP costs the
+        # model users get; about 4x FULL_DP's time per job
 
 Why FULL_DP and not meduniverse.py's FULL (FULL_PREVIOUS, the full setting when this benchmark
 was written; FULL now runs the shipped recipe, not measured under DP): DP-SGD computes a gradient
@@ -55,7 +59,7 @@ from medveil.federated.training import derive_seed
 from medveil.io import jsonable, write_json_atomic, write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from meduniverse import FULL_PREVIOUS, QUICK, REPO  # noqa: E402
+from meduniverse import FULL, FULL_PREVIOUS, QUICK, REPO  # noqa: E402
 from meduniverse_tables import DATASETS  # noqa: E402
 from shipped import MEDMNIST6 as SHIPPED, shipped_raw  # noqa: E402
 
@@ -98,8 +102,11 @@ def with_stages(setting: dict[str, Any], stages: str) -> dict[str, Any]:
 
 def run_job(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: float, cache: Path,
             eval_split: str = "test", trainable: str = "all",
-            dp_lr_scale: float = PrivacyOptions().lr_scale, dp_batch: int = 0, stages: str = "") -> dict[str, Any]:
+            dp_lr_scale: float = PrivacyOptions().lr_scale, dp_batch: int = 0, stages: str = "",
+            nonmembers: str = "") -> dict[str, Any]:
     variant: dict[str, Any] = {"eval_split": eval_split, "trainable": trainable}
+    if nonmembers:
+        variant["nonmembers"] = nonmembers
     if stages:
         variant["stages"] = stages
         setting = with_stages(setting, stages)
@@ -125,7 +132,7 @@ def run_job(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: float, 
                 write_text_atomic(Path(tmp) / "sites" / name / "secret", f"{derive_seed(seed, name, 'dp-secret')}\n")
             fit = DPSites(cfg.privacy, Path(tmp) / "sites", cfg.federation.rounds)
         metrics = run_federation(cfg, Path(tmp) / "run", progress=False, client_fit=fit)
-        audit = strip_curves(audit_run(Path(tmp) / "run", progress=False))
+        audit = strip_curves(audit_run(Path(tmp) / "run", progress=False, nonmembers=nonmembers or None))
     result = {"final": metrics["final"], "privacy": metrics.get("privacy", {}), "audit": audit["sites"],
               "seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0}
     write_json_atomic(path, {"key": key, "result": result})
@@ -171,6 +178,8 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="QUICK setting (< 10 min on 2 cores)")
+    p.add_argument("--shipped", action="store_true", help="the shipped recipe at meduniverse.py's FULL sizes "
+                                                          "instead of FULL_DP (writes privacy_shipped.json)")
     p.add_argument("--seeds", type=int, help="seeds (default: 1 quick, 3 full)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data-dir", type=Path, default=Path(os.environ.get(
@@ -188,12 +197,17 @@ def main(argv: list[str] | None = None) -> int:
                                                     "one), or a comma-separated list to compare (default: 0)")
     p.add_argument("--stages", default="", help="RxE: R stages of E local epochs each (default: the setting's), or "
                                                   "a comma-separated list to compare; the no-DP row runs each too")
+    p.add_argument("--audit-nonmembers", choices=("test", "val"), default="",
+                   help="the split the audit's non-members come from (default: the eval split); val with test "
+                        "accuracy separates membership from a train / test shift of the data")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    setting = QUICK if args.quick else FULL_DP
+    if args.quick and args.shipped:
+        p.error("--quick and --shipped are two settings: choose one")
+    setting = QUICK if args.quick else FULL if args.shipped else FULL_DP
     seeds = args.seeds or (1 if args.quick else 3)
-    name = "privacy_quick" if args.quick else "privacy"
+    name = "privacy_quick" if args.quick else "privacy_shipped" if args.shipped else "privacy"
     cache = REPO / "benchmarks" / "results" / "jobs" / name
     out = args.out or REPO / "benchmarks" / "results" / f"{name}.json"
     t0 = time.time()
@@ -213,16 +227,17 @@ def main(argv: list[str] | None = None) -> int:
                         + (f" batch {batch or setting['local']['batch_size']}" if len(batches) > 1 else ""))
             key += f" {st}" if len(stage_list) > 1 else ""
             for seed in range(seeds):
-                r = run_job(setting, args.data_dir, seed, eps, cache, args.eval_split, trainable, scale, batch, st)
+                r = run_job(setting, args.data_dir, seed, eps, cache, args.eval_split, trainable, scale, batch, st,
+                            args.audit_nonmembers)
                 results.setdefault(key, []).append(r)
                 print(f"epsilon {key} seed {seed}: mean acc {np.mean([m['acc'] for m in r['final'].values()]):.3f}, "
                       f"{r['seconds']:.0f} s", flush=True)
     text = table(results)
     print(text)
-    write_json_atomic(out, {"mode": "quick" if args.quick else "full", "seeds": seeds, "setting": setting,
+    write_json_atomic(out, {"mode": "quick" if args.quick else "shipped" if args.shipped else "full", "seeds": seeds, "setting": setting,
                             "epsilons": [str(e) for e in epsilons], "eval_split": args.eval_split,
                             "trainable": args.trainable, "dp_lr_scale": args.dp_lr_scale, "dp_batch": args.dp_batch,
-                            "stages": args.stages,
+                            "stages": args.stages, "audit_nonmembers": args.audit_nonmembers or args.eval_split,
                             "recipe_from": str(SHIPPED.relative_to(REPO)),
                             "elapsed_s": time.time() - t0,  # this invocation (finished jobs are reused)
                             "sum_job_s": sum(r["seconds"] for runs in results.values() for r in runs),

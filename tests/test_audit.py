@@ -24,6 +24,7 @@ from medveil.federated.engine import run_federation
 from medveil.federated.sites import ClientData
 from medveil.federated.training import TrainRecipe, new_head, train_classifier
 from medveil.data import Task
+from medveil.errors import MedVeilError
 from medveil.models import ViTConfig, VisionTransformer
 
 
@@ -85,6 +86,13 @@ def test_audit_a_finished_run(tmp_path, capsys):
                 m = site[target][attack]
                 assert 0.0 <= m["auc"] <= 1.0 and 0.0 <= m["tpr_at_1pct_fpr"] <= 1.0 and "roc" not in m
     assert (tmp_path / "run" / "audit_roc.png").stat().st_size > 5000
+    assert report["nonmembers"] == "test" and report["sites"]["alpha"]["update"]["loss"]["n_nonmembers"] == 12
+    # non-members from the val split (alpha: 12 val images, half of them scored; test has 24)
+    assert main(["audit", str(tmp_path / "run"), "--quiet", "--nonmembers", "val"]) == 0
+    report = json.loads((tmp_path / "run" / "audit.json").read_text())
+    assert report["nonmembers"] == "val" and report["sites"]["alpha"]["update"]["loss"]["n_nonmembers"] == 6
+    with pytest.raises(MedVeilError, match="non-members must come from one of test, val"):
+        audit_run(tmp_path / "run", progress=False, nonmembers="train")
     (tmp_path / "half").mkdir()
     assert main(["audit", str(tmp_path / "half")]) == 2
 
@@ -114,6 +122,13 @@ def test_a_site_audits_its_own_releases_as_the_run_audit_does(tmp_path, capsys):
     assert "alpha" in capsys.readouterr().out
     at_site = json.loads((audit_folder(state / "privacy", "alpha") / "audit.json").read_text())
     assert at_site["sites"]["alpha"] == in_process["sites"]["alpha"]
+    # non-members from the val split: the site and the run agree again
+    in_process_val = json.loads(json.dumps(strip_curves(audit_run(run, progress=False, nonmembers="val"))))
+    assert main(["site", "audit", "--name", "alpha", "--state", str(state), "--model", str(run / "model.pt"),
+                 "--nonmembers", "val"]) == 0
+    at_site = json.loads((audit_folder(state / "privacy", "alpha") / "audit.json").read_text())
+    assert at_site["nonmembers"] == "val" and at_site["sites"]["alpha"] == in_process_val["sites"]["alpha"]
+    assert at_site["sites"]["alpha"] != in_process["sites"]["alpha"]
     assert main(["site", "audit", "--name", "beta", "--state", str(state)]) == 2  # nothing kept for beta
     # a later run: its first release starts the records again (no mix of two runs)
     ins2 = FitInstructions("alpha", 1, cfg.model.to_dict(), u["backbone"], {})

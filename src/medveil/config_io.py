@@ -46,6 +46,30 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
 
 
+def apply_overrides(raw: dict[str, Any], items: Iterable[str], where: str = "--set") -> dict[str, Any]:
+    """``raw`` with each "KEY=VALUE" or "SECTION.KEY=VALUE" of ``items`` set (a copy; ``raw`` is
+    unchanged). VALUE is read as a TOML value (0, 1e-3, true, [1, 2], "text"), else kept as the
+    plain string it is (``federation.strategy=fedavg``). Unknown keys are the config loader's to
+    reject, with the known ones named."""
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in raw.items()}
+    for item in items:
+        name, sep, text = item.partition("=")
+        parts = name.strip().split(".")
+        if not sep or not all(parts) or len(parts) > 2:
+            raise ConfigError(f"{where} {item!r}: expected KEY=VALUE or SECTION.KEY=VALUE")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        if len(parts) == 1:
+            out[parts[0]] = value
+        elif isinstance(out.setdefault(parts[0], {}), Mapping):
+            out[parts[0]][parts[1]] = value
+        else:
+            raise ConfigError(f"{where} {item!r}: {parts[0]!r} is a value, not a [section]")
+    return out
+
+
 def toml_value(v: Any) -> str:
     """One TOML value: booleans, integers, floats (inf / nan spelled as TOML does), strings (as
     JSON strings: every escape TOML needs) and arrays of these."""

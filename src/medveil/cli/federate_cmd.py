@@ -19,6 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     fed.add_argument("--config", type=Path, help="TOML config (optional with --resume: "
                                                  "RUN_DIR/config.toml is used)")
+    fed.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                     help="change one value of the config (repeatable; VALUE as in TOML), e.g. the full-data "
+                          "run of the shipped config: --set data.max_train=0 --set data.max_test=0")
     fed.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run folder")
     fed.add_argument("--resume", action="store_true",
                      help="continue an interrupted run from its last stage checkpoint")
@@ -46,11 +49,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "audit",
         help="membership-inference audit of a finished run where its data is: loss and calibrated "
              "attacks on each site's last update and on the universal model (AUC, TPR at low FPR)",
-        description="Members: each site's train images; non-members: half of its test images (the "
-                    "other half trains the attacker's reference model). Writes RUN_DIR/audit.json and "
+        description="Members: each site's train images; non-members: half of its test images (or "
+                    "--nonmembers val; the other half trains the attacker's reference model). Writes RUN_DIR/audit.json and "
                     "RUN_DIR/audit_roc.png. Compare a run with [privacy] dp = true and one without.",
     )
     au.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    au.add_argument("--nonmembers", choices=("test", "val"),
+                    help="the split the non-members come from (default: the run's eval split, test); val "
+                         "where the test split comes from another source than train (OrganAMNIST, "
+                         "PneumoniaMNIST): the attack would otherwise find members by that shift alone")
     au.add_argument("--quiet", action="store_true", help="no progress")
     au.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's)")
     au.set_defaults(func=run_audit)
@@ -75,7 +82,7 @@ def run_federate(args: argparse.Namespace) -> int:
         if not args.resume:
             raise ConfigError("--config is required (or --resume an existing RUN_DIR)")
         config = args.out / "config.toml"
-    cfg = load_config(config)
+    cfg = load_config(config, overrides=args.overrides)
     metrics = run_federation(cfg, args.out, resume=args.resume, progress=not args.quiet)
     if not args.quiet:
         print(summary_table(metrics))
@@ -99,7 +106,7 @@ def run_audit(args: argparse.Namespace) -> int:
     from medveil.evaluate.audit import audit_run, format_table
 
     _set_threads(args.threads)
-    result = audit_run(args.run_dir, progress=not args.quiet)
+    result = audit_run(args.run_dir, progress=not args.quiet, nonmembers=args.nonmembers)
     print(format_table(result))
     print(f"written: {args.run_dir / 'audit.json'}, {args.run_dir / 'audit_roc.png'}")
     return 0

@@ -117,6 +117,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                                    "export), when the coordinator shared it")
     saudit.add_argument("--out", type=Path, metavar="DIR", help="where to write (default: the site's audit folder "
                                                                 "in --state)")
+    saudit.add_argument("--nonmembers", choices=("test", "val"), help="the split the non-members come from "
+                        "(default: the run's eval split); as for `medveil audit`")
     saudit.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     _state(saudit, "site")
     saudit.set_defaults(func=run_site_audit)
@@ -331,7 +333,7 @@ def run_site_audit(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    result = audit_site_state(args.state.resolve() / PRIVACY_DIR, args.name, args.model, args.out)
+    result = audit_site_state(args.state.resolve() / PRIVACY_DIR, args.name, args.model, args.out, args.nonmembers)
     print(format_table(result))
     print(f"written: {(args.out or args.state / PRIVACY_DIR / args.name / 'audit')}/audit.json, audit_roc.png")
     return 0

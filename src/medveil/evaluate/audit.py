@@ -5,8 +5,14 @@ releases the site kept (:mod:`medveil.federated.site_record`), with the same att
 
 Members: the site's train images used in the federation, subsampled to the class proportions of
 the non-members (a split with another class balance would otherwise give the attack the label
-for free); non-members: its held-out test images, split in two by a seeded draw, one half (R) for
-the attacker's reference model, the other (E) to score. Targets, per site: ``update``, the last model the site sent (what the server saw:
+for free); non-members: its held-out images (the run's eval split, test by default; ``nonmembers =
+"val"`` takes the val split), split in two by a seeded draw, one half (R) for the attacker's
+reference model, the other (E) to score. Members and non-members must come from one distribution:
+where a dataset's test split comes from another source than its train split (OrganAMNIST's and
+PneumoniaMNIST's test patients come from their sources' test sets, their val patients from the
+train sets), every model, trained on the members or not, has a lower loss on the train
+distribution, and the attack "finds" members by the shift alone; the val split is then the
+sounder choice (README: "Differential privacy and the membership-inference audit"). Targets, per site: ``update``, the last model the site sent (what the server saw:
 ``checkpoints/updates.pt``) and ``universal``, the final universal backbone with the site's own
 head (what everyone who gets the model sees).
 
@@ -26,6 +32,7 @@ figure is evidence of leakage only above that band. Writes ``RUN/audit.json`` an
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -151,11 +158,24 @@ def audit_one(data: ClientData, model_cfg: dict[str, Any], reference_start: dict
     return out
 
 
-def audit_run(run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+NONMEMBER_SPLITS = ("test", "val")
+
+
+def _check_nonmembers(nonmembers: str | None) -> None:
+    if nonmembers is not None and nonmembers not in NONMEMBER_SPLITS:
+        raise MedVeilError(f"non-members must come from one of {', '.join(NONMEMBER_SPLITS)}, got {nonmembers!r}")
+
+
+def audit_run(run_dir: str | Path, progress: bool = True, nonmembers: str | None = None) -> dict[str, Any]:
+    """The audit of every site of a finished in-process run; ``nonmembers``: the split the
+    non-members come from ("test" or "val"; default: the run's own eval split)."""
     run = Path(run_dir)
     if not (run / COMPLETE).is_file():
         raise MedVeilError(f"{run}: not a complete federated run (no '{COMPLETE}' marker)")
+    _check_nonmembers(nonmembers)
     cfg = load_config(run / "config.toml")
+    if nonmembers is not None:
+        cfg.data = replace(cfg.data, eval_split=nonmembers)
     universal = load_universal(run / "model.pt")
     updates_path = run / "checkpoints" / UPDATES
     try:
@@ -167,7 +187,7 @@ def audit_run(run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     recipe = cfg.evaluation.finetune_recipe(cfg.local)
     model_cfg = cfg.model.to_dict()
     result: dict[str, Any] = {"run": str(run), "dp": cfg.privacy.dp, "sites": {},
-                              "chance": CHANCE,
+                              "nonmembers": cfg.data.eval_split, "chance": CHANCE,
                               "reference": f"MIM-only backbone + head fine-tuned ({recipe.epochs} epochs) on half "
                                            f"of each site's held-out images"}
     for data in progress_bar(clients, desc="audit", disable=not progress):
@@ -183,13 +203,15 @@ def audit_run(run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     return result
 
 
-def audit_site_state(state_dir: str | Path, name: str, model: str | Path | None, out: str | Path | None = None
-                     ) -> dict[str, Any]:
+def audit_site_state(state_dir: str | Path, name: str, model: str | Path | None, out: str | Path | None = None,
+                     nonmembers: str | None = None) -> dict[str, Any]:
     """A Flower site's own audit (``medveil site audit``), from what it kept in its state folder
     (:mod:`medveil.federated.site_record`: its data options, the backbone it first trained from,
     its last update) and, when given, the final universal ``model`` the server shared. The same
     attacks, reference model and seeds as ``medveil audit`` on the in-process run. Writes
-    ``audit.json`` and ``audit_roc.png`` into ``out`` (default: the site's audit folder)."""
+    ``audit.json`` and ``audit_roc.png`` into ``out`` (default: the site's audit folder);
+    ``nonmembers`` as for :func:`audit_run`."""
+    _check_nonmembers(nonmembers)
     folder = audit_folder(state_dir, name)
     if not (folder / SITE).is_file():
         raise MedVeilError(f"{folder}: no releases of site {name!r} recorded (it has not trained in a run "
@@ -199,7 +221,7 @@ def audit_site_state(state_dir: str | Path, name: str, model: str | Path | None,
     if "reference_recipe" not in site:
         raise MedVeilError(f"{folder / SITE}: written by an older MedVeil coordinator (no reference recipe); "
                            f"rerun the federation")
-    data = load_site(name, kept["data"], site)
+    data = load_site(name, kept["data"], site if nonmembers is None else {**site, "eval_split": nonmembers})
     try:
         start = torch.load(folder / REFERENCE_START, map_location="cpu", weights_only=True)
         last = torch.load(folder / LAST_UPDATE, map_location="cpu", weights_only=True)
@@ -219,6 +241,7 @@ def audit_site_state(state_dir: str | Path, name: str, model: str | Path | None,
         pair = (universal.backbone, universal.heads[name])
     recipe = TrainRecipe(**site["reference_recipe"])
     result: dict[str, Any] = {"run": f"site {name} ({folder})", "dp": bool(site.get("privacy", {}).get("dp")),
+                              "nonmembers": nonmembers or str(site.get("eval_split", "test")),
                               "sites": {name: audit_one(data, model_cfg, start["backbone"], recipe, update, pair,
                                                         int(site["seed"]))},
                               "chance": CHANCE,

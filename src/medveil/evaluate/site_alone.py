@@ -47,6 +47,16 @@ class SiteAloneRecipe:
 def train_site_alone(arch: str, data: ClientData, recipe: SiteAloneRecipe, seed: int) -> dict[str, Any]:
     """Train ``arch`` on ``data``'s train split alone; test metrics plus ``cpu_seconds``."""
     cpu0, wall0 = time.process_time(), time.perf_counter()
+    model = fit_site_alone(arch, data, recipe, seed)
+    with torch.no_grad():
+        logits = torch.cat([model(data.x_test[i:i + 256]) for i in range(0, len(data.x_test), 256)])
+    metrics = classification_metrics(data.task.value, data.y_test.numpy(), logits.numpy())
+    return {**metrics, "cpu_seconds": time.process_time() - cpu0, "wall_seconds": time.perf_counter() - wall0,
+            "n_train": len(data.x_train)}
+
+
+def fit_site_alone(arch: str, data: ClientData, recipe: SiteAloneRecipe, seed: int) -> torch.nn.Module:
+    """``arch`` trained on ``data``'s train split with ``recipe``; returned in eval mode."""
     with seeded(derive_seed(seed, data.name, arch, "init")):
         model = build_cnn(arch, data.x_train.shape[1], data.num_classes)
     steps = recipe.epochs * math.ceil(len(data.x_train) / recipe.batch_size)
@@ -69,12 +79,7 @@ def train_site_alone(arch: str, data: ClientData, recipe: SiteAloneRecipe, seed:
                 loss.backward()
                 opt.step()
                 sched.step()
-    model.eval()
-    with torch.no_grad():
-        logits = torch.cat([model(data.x_test[i:i + 256]) for i in range(0, len(data.x_test), 256)])
-    metrics = classification_metrics(data.task.value, data.y_test.numpy(), logits.numpy())
-    return {**metrics, "cpu_seconds": time.process_time() - cpu0, "wall_seconds": time.perf_counter() - wall0,
-            "n_train": len(data.x_train)}
+    return model.eval()
 
 
 def site_alone(clients: list[ClientData], seed: int, archs: tuple[str, ...] = CNN_ARCHS,

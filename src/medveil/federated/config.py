@@ -29,11 +29,12 @@ config as ``config.toml``, so ``--resume`` and ``medveil evaluate`` need nothing
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from medveil.config_io import dumps_toml, read_toml, reject_unknown
+from medveil.config_io import apply_overrides, dumps_toml, read_toml, reject_unknown
 from medveil.errors import ConfigError
 from medveil.federated.curation import DEFAULT_SCHEDULE, STRATEGIES, CurationParams, make_curator
 from medveil.federated.privacy import PrivacyOptions
@@ -190,9 +191,11 @@ def validate(cfg: FederationConfig, where: str = "config", remote_clients: bool 
         spec.resolve()  # a missing dataset fails now, not after pretraining
 
 
-def load_config(path: str | Path, remote_clients: bool = False) -> FederationConfig:
+def load_config(path: str | Path, remote_clients: bool = False, overrides: Iterable[str] = ()) -> FederationConfig:
+    """The config file at ``path``, with ``overrides`` ("SECTION.KEY=VALUE", :func:`apply_overrides`) laid over it."""
     path = Path(path)
-    return config_from_dict(read_toml(path), path.parent, str(path), remote_clients)
+    raw = apply_overrides(read_toml(path), overrides) if overrides else read_toml(path)
+    return config_from_dict(raw, path.parent, str(path) + (" with --set" if overrides else ""), remote_clients)
 
 
 def dump_toml(cfg: FederationConfig) -> str:
