@@ -6,10 +6,11 @@ the universal model).
 
     python benchmarks/privacy.py --quick    # QUICK setting of meduniverse.py (200 train images per site)
     python benchmarks/privacy.py            # FULL_DP: QUICK's model, FULL_PREVIOUS' data sizes, 3 seeds
-    python benchmarks/privacy.py --shipped --epsilons 8,inf --seeds 1
+    python benchmarks/privacy.py --shipped --epsilons 8,inf --seeds 3
         # the shipped recipe (meduniverse.py's FULL: hybrid ViT, 3 stages x 15 local epochs, 20 pool
         # passes, pool balance; 600 train images per site, 300 pool images per set): what DP costs the
-        # model users get; about 4x FULL_DP's time per job
+        # model users get; 13 min per DP job, 8.5 without (FULL_DP: about 1 min), so not all four
+        # epsilons by default (results/privacy_shipped.json)
 
 Why FULL_DP and not meduniverse.py's FULL (FULL_PREVIOUS, the full setting when this benchmark
 was written; FULL now runs the shipped recipe, not measured under DP): DP-SGD computes a gradient

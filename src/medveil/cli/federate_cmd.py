@@ -50,8 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="membership-inference audit of a finished run where its data is: loss and calibrated "
              "attacks on each site's last update and on the universal model (AUC, TPR at low FPR)",
         description="Members: each site's train images; non-members: half of its test images (or "
-                    "--nonmembers val; the other half trains the attacker's reference model). Writes RUN_DIR/audit.json and "
-                    "RUN_DIR/audit_roc.png. Compare a run with [privacy] dp = true and one without.",
+                    "--nonmembers val; the other half trains the attacker's reference model). Writes "
+                    "RUN_DIR/audit.json and RUN_DIR/audit_roc.png. Compare a run with [privacy] dp = true "
+                    "and one without.",
     )
     au.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     au.add_argument("--nonmembers", choices=("test", "val"),

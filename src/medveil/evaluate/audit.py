@@ -12,7 +12,12 @@ where a dataset's test split comes from another source than its train split (Org
 PneumoniaMNIST's test patients come from their sources' test sets, their val patients from the
 train sets), every model, trained on the members or not, has a lower loss on the train
 distribution, and the attack "finds" members by the shift alone; the val split is then the
-sounder choice (README: "Differential privacy and the membership-inference audit"). Targets, per site: ``update``, the last model the site sent (what the server saw:
+sounder choice (README: "Differential privacy and the membership-inference audit"). Where the
+held-out images come in groups (many CT slices per patient), R and E share patients, the
+calibrated attack's reference model has seen E's patients, and that attack can overstate leakage; the
+split cannot be grouped without patient ids.
+
+Targets, per site: ``update``, the last model the site sent (what the server saw:
 ``checkpoints/updates.pt``) and ``universal``, the final universal backbone with the site's own
 head (what everyone who gets the model sees).
 
