@@ -12,7 +12,10 @@ audit's loss threshold, members matched to the non-members' classes) then scores
     unseen train B vs test images  N train images the model never saw: AUC 0.5 unless the splits differ
     unseen train B vs val images   the same against val: the control
 
-    python benchmarks/audit_shift.py            # six datasets of ../shared/data/medmnist, N = 600, 3 seeds
+    OMP_NUM_THREADS=1 python benchmarks/audit_shift.py   # six datasets of ../shared/data/medmnist, N = 600, 3 seeds
+
+The committed results were made with one thread; another thread count trains other weights from
+the same seed (CPU float sums in another order): single AUCs then move by up to 0.03.
 
 Writes benchmarks/results/audit_shift.json and prints the table (AUC, mean over seeds).
 """
@@ -31,7 +34,7 @@ import torch
 from medveil.data import load_dataset
 from medveil.data.tensors import to_tensor
 from medveil.evaluate.audit import attack_metrics, example_losses, matched_members
-from medveil.evaluate.site_alone import SiteAloneRecipe, fit_site_alone
+from medveil.evaluate.site_alone import SiteAloneRecipe, fit_site_alone, predict
 from medveil.federated.sites import ClientData
 from medveil.federated.training import derive_seed
 from medveil.io import write_json_atomic
@@ -39,11 +42,6 @@ from medveil.io import write_json_atomic
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = ("bloodmnist", "organamnist", "retinamnist", "breastmnist", "pneumoniamnist", "ham10000")
 PAIRS = (("members", "test"), ("members", "val"), ("unseen", "test"), ("unseen", "val"))
-
-
-def losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, task: object) -> np.ndarray:
-    with torch.no_grad():
-        return example_losses(torch.cat([model(x[i:i + 256]) for i in range(0, len(x), 256)]), y, task)
 
 
 def one(path: Path, n: int, seed: int) -> dict[str, float]:
@@ -66,7 +64,7 @@ def one(path: Path, n: int, seed: int) -> dict[str, float]:
     client = ClientData(name=path.stem, task=ds.task, class_names=list(ds.class_names), modality=ds.modality,
                         source=str(path), x_train=x_a, y_train=y_a, x_test=data["test"][0], y_test=data["test"][1])
     model = fit_site_alone("small_cnn", client, SiteAloneRecipe(), seed)
-    loss = {k: losses(model, x, y, ds.task) for k, (x, y) in data.items()}
+    loss = {k: example_losses(predict(model, x), y, ds.task) for k, (x, y) in data.items()}
     out = {}
     for inside, outside in PAIRS:
         keep = matched_members(data[inside][1].numpy(), data[outside][1].numpy(), derive_seed(seed, inside, outside))

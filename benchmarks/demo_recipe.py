@@ -7,7 +7,7 @@ universal model's mean val accuracy / balanced accuracy over six sites and seeds
 seconds of one federation (what a user waits for), beside the small CNN alone on the same images.
 
     python benchmarks/demo_recipe.py                      # every variant, 3 seeds (about 15 min)
-    python benchmarks/demo_recipe.py --variants demo,shipped_arch --seeds 2
+    python benchmarks/demo_recipe.py --variants previous,shipped_recipe --seeds 2
 
 Writes benchmarks/results/demo_recipe.json; finished runs are kept under --root (a rerun reuses them).
 """
@@ -15,7 +15,6 @@ Writes benchmarks/results/demo_recipe.json; finished runs are kept under --root 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import tomllib
@@ -26,23 +25,24 @@ import numpy as np
 
 from medveil.evaluate.site_alone import SiteAloneRecipe, train_site_alone
 from medveil.federated.config import config_from_dict
-from medveil.federated.engine import run_federation
 from medveil.federated.sites import build_sites
 from medveil.federated.training import derive_seed
-from medveil.io import jsonable, write_json_atomic
+from medveil.io import write_json_atomic
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from federated_validation import cached_federation  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "src" / "medveil" / "configs" / "demo.toml"
-# the shipped medmnist6.toml architecture (hybrid trunk to the 7x7 grid, 2 blocks, cls + patch-mean heads)
-SHIPPED_ARCH = {"patch_size": 4, "stem": "cnn", "depth": 2, "global_pool": "token+avg"}
-VARIANTS: dict[str, dict[str, dict[str, Any]]] = {  # each: overrides of demo.toml
-    "demo": {},
-    "shipped_arch": {"model": SHIPPED_ARCH, "curation": {"pool_balance": True}},
-    "shipped_arch_long": {"model": SHIPPED_ARCH, "curation": {"pool_balance": True, "epochs": 10.0},
-                          "local": {"epochs": 5}},
-    # medmnist6.toml's stage lengths too (15 local epochs, 20 pool passes), at the demo's width
-    "shipped_recipe": {"model": SHIPPED_ARCH, "curation": {"pool_balance": True, "epochs": 20.0},
-                       "local": {"epochs": 15}},
+# Every variant overrides demo.toml as it ships now (since 2026-12-05: medmnist6.toml's recipe at
+# width 96, "shipped_recipe"); "previous" restores the demo.toml shipped before (a patch-7 ViT of
+# depth 4, three stages of 2 local epochs, 5 pool passes, no pool balance).
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "previous": {"model": {"patch_size": 7, "depth": 4, "stem": "patch", "global_pool": "token"},
+                 "local": {"epochs": 2}, "curation": {"epochs": 5.0, "pool_balance": False}},
+    "shipped_arch": {"local": {"epochs": 2}, "curation": {"epochs": 5.0}},  # with the previous stages
+    "shipped_arch_long": {"local": {"epochs": 5}, "curation": {"epochs": 10.0}},
+    "shipped_recipe": {},  # medmnist6.toml's stage lengths too (15 local epochs, 20 pool passes)
 }
 VERSION = 1
 
@@ -57,24 +57,13 @@ def variant_raw(variant: str, seed: int) -> dict[str, Any]:
 
 
 def run_one(variant: str, seed: int, root: Path) -> dict[str, Any]:
-    raw = variant_raw(variant, seed)
-    key = jsonable({"version": VERSION, "config": raw})
-    folder = root / f"{variant}-seed{seed}"
-    path = folder / "result.json"
-    if path.is_file() and json.loads(path.read_text()).get("key") == key:
-        return json.loads(path.read_text())["result"]
-    cfg = config_from_dict(raw, DEMO.parent)
-    t, c = time.time(), time.process_time()
-    metrics = run_federation(cfg, folder / "run", resume=(folder / "run").exists(), progress=False)
-    result = {"universal": {n: {"acc": m["acc"], "bacc": m["bacc"]} for n, m in metrics["final"].items()},
-              "cpu_s": time.process_time() - c, "seconds": time.time() - t}
-    write_json_atomic(path, {"key": key, "result": result})
-    return result
+    return cached_federation(variant_raw(variant, seed), DEMO.parent, root / f"{variant}-seed{seed}", VERSION)
 
 
 def alone(seed: int) -> dict[str, Any]:
-    """The small CNN alone on each site's same train images, scored on the same val images."""
-    cfg = config_from_dict(variant_raw("demo", seed), DEMO.parent)
+    """The small CNN alone on each site's same train images, scored on the same val images (in the
+    shape of a federation's result, so :func:`summary` reads both)."""
+    cfg = config_from_dict(variant_raw("shipped_recipe", seed), DEMO.parent)
     clients, _ = build_sites(cfg.clients, cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.seed)
     t = time.time()
     out = {c.name: train_site_alone("small_cnn", c, SiteAloneRecipe(), derive_seed(seed, "alone")) for c in clients}
@@ -107,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         rows[v] = summary([run_one(v, s, args.root) for s in range(args.seeds)])
         print(f"{v}: {rows[v]['acc']:.3f} / {rows[v]['bacc']:.3f} ({rows[v]['seconds']:.0f} s)", flush=True)
     rows["small CNN alone"] = summary([alone(s) for s in range(args.seeds)])
-    sites = list(rows["demo" if "demo" in rows else variants[0]]["sites"])
+    sites = list(rows[variants[0]]["sites"])
     lines = [f"demo.toml variants, val acc (mean of {args.seeds} seeds; 60 val images per site)",
              f"{'variant':<18}" + "".join(f"{s[:10]:>11}" for s in sites) + f"{'acc / bacc':>15}{'wall s':>8}"]
     for name, r in rows.items():

@@ -35,6 +35,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,23 +126,34 @@ def share_stage0(variant: str, cfg: Any, run: Path, root: Path, seed: int) -> No
             return
 
 
-def run_one(variant: str, data_dir: Path, root: Path, seed: int, device: str = "cpu") -> dict[str, Any]:
-    raw = variant_config(variant, data_dir, seed, device)
-    key = jsonable({"version": VERSION, "config": raw})
-    folder = run_folder(root, variant, seed, device)
+def cached_federation(raw: dict[str, Any], base_dir: Path, folder: Path, version: int,
+                      prepare: Callable[[Any, Path], None] | None = None) -> dict[str, Any]:
+    """The federation of config ``raw`` in ``folder``/run, its result kept in ``folder``/result.json
+    (reused while config and ``version`` are the same; a killed run resumes): the universal model's
+    acc / bacc per site, CPU and wall seconds. ``prepare(cfg, run)`` runs before a fresh start."""
+    key = jsonable({"version": version, "config": raw})
     path = folder / "result.json"
     if path.is_file() and json.loads(path.read_text()).get("key") == key:
         return json.loads(path.read_text())["result"]
-    cfg = config_from_dict(raw, data_dir)
+    cfg = config_from_dict(raw, base_dir)
     t, c = time.time(), time.process_time()
     run = folder / "run"  # resumed only with the same config (run_federation checks it)
-    if not run.exists() and device == "cpu":
-        share_stage0(variant, cfg, run, root, seed)
+    if not run.exists() and prepare is not None:
+        prepare(cfg, run)
     metrics = run_federation(cfg, run, resume=run.exists(), progress=False)
     result = {"universal": {n: {"acc": m["acc"], "bacc": m["bacc"]} for n, m in metrics["final"].items()},
               "cpu_s": time.process_time() - c, "seconds": time.time() - t}
     write_json_atomic(path, {"key": key, "result": result})
     return result
+
+
+def run_one(variant: str, data_dir: Path, root: Path, seed: int, device: str = "cpu") -> dict[str, Any]:
+    def from_shared_stage0(cfg: Any, run: Path) -> None:
+        share_stage0(variant, cfg, run, root, seed)
+
+    return cached_federation(variant_config(variant, data_dir, seed, device), data_dir,
+                             run_folder(root, variant, seed, device), VERSION,
+                             from_shared_stage0 if device == "cpu" else None)
 
 
 def alone(data_dir: Path, root: Path, seed: int) -> dict[str, Any]:

@@ -48,9 +48,7 @@ def train_site_alone(arch: str, data: ClientData, recipe: SiteAloneRecipe, seed:
     """Train ``arch`` on ``data``'s train split alone; test metrics plus ``cpu_seconds``."""
     cpu0, wall0 = time.process_time(), time.perf_counter()
     model = fit_site_alone(arch, data, recipe, seed)
-    with torch.no_grad():
-        logits = torch.cat([model(data.x_test[i:i + 256]) for i in range(0, len(data.x_test), 256)])
-    metrics = classification_metrics(data.task.value, data.y_test.numpy(), logits.numpy())
+    metrics = classification_metrics(data.task.value, data.y_test.numpy(), predict(model, data.x_test).numpy())
     return {**metrics, "cpu_seconds": time.process_time() - cpu0, "wall_seconds": time.perf_counter() - wall0,
             "n_train": len(data.x_train)}
 
@@ -80,6 +78,12 @@ def fit_site_alone(arch: str, data: ClientData, recipe: SiteAloneRecipe, seed: i
                 opt.step()
                 sched.step()
     return model.eval()
+
+
+def predict(model: torch.nn.Module, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Logits (N, num_classes) of a site-alone CNN in eval mode, ``batch`` images at a time."""
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
 def site_alone(clients: list[ClientData], seed: int, archs: tuple[str, ...] = CNN_ARCHS,
