@@ -27,9 +27,12 @@ library's defaults, both chosen on validation splits (``--eval-split val --train
 ``--dp-batch ...`` compares [privacy] batch_size, privacy_batch_validation.json; ``--stages 2x3,1x6``
 compares fewer, longer stages, with and without DP, privacy_stages_validation.json);
 delta = 1 / (10 n), RDP accountant, clipping norm 1;
-the noise multiplier is the smallest that fits the planned stages in the target. Head calibration
-and class weighting are off for every run, epsilon = inf included (DP skips the one and refuses
-the other), so the rows differ only by DP.
+the noise multiplier is the smallest that fits the planned stages in the target. Class weighting
+is off for every run, epsilon = inf included (refused under DP), and so is head calibration unless
+``--dp-calibration E`` asks for it: then the last round refits every head, under DP by E epochs of
+DP-SGD in the pool's feature basis ([privacy] calibration_epochs, planned in the budget), without
+DP by the exact fit ("refit exact"); ``--dp-calibration 0,20`` shows both (results/privacy_shipped.json).
+Either way the rows differ only by DP.
 The sites' DP secrets are derived from the seed (a real site draws its own), so a rerun gives
 the same numbers. Each finished (epsilon, seed) job is kept under benchmarks/results/jobs/privacy[_quick]/.
 Writes benchmarks/results/privacy[_quick].json and prints the table.
@@ -80,18 +83,46 @@ def shipped_recipe() -> dict[str, Any]:
 
 
 def job_config(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: float, eval_split: str = "test",
-               trainable: str = "all", dp_lr_scale: float = PrivacyOptions().lr_scale, dp_batch: int = 0):
+               trainable: str = "all", dp_lr_scale: float = PrivacyOptions().lr_scale, dp_batch: int = 0,
+               calibration: int = 0):
+    """The run's config; ``calibration`` > 0: the last round refits the heads (under DP by DP-SGD
+    for that many epochs, [privacy] calibration_epochs; without DP by the exact fit)."""
     raw: dict[str, Any] = {"seed": seed, "clients": [{"name": n, "path": str(data_dir / f"{n}.npz")} for n in DATASETS]}
     for section in ("model", "data", "pretrain", "federation", "local", "curation", "evaluation"):
         raw[section] = dict(setting[section])
     raw["local"].update(shipped_recipe())
     raw["data"]["eval_split"] = eval_split
-    raw["federation"].update(strategy="distill", calibrate_heads=False)
+    raw["federation"].update(strategy="distill", calibrate_heads=calibration > 0)
     raw["local"]["class_weighting"] = "none"  # balanced weights read every private label: refused under DP
     if np.isfinite(epsilon):
         raw["privacy"] = {"dp": True, "target_epsilon": epsilon, "trainable": trainable, "lr_scale": dp_lr_scale,
-                          "batch_size": dp_batch}
+                          "batch_size": dp_batch, "calibration_epochs": calibration}
     return config_from_dict(raw, data_dir)
+
+
+def kept_run(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: float, eval_split: str = "val",
+             calibration: int = 0) -> Path:
+    """A finished run of the job (``calibration`` as for :func:`job_config`), kept under runs/bench/
+    (not committed) for the benchmarks that study a run afterwards (dp_head_refit.py,
+    audit_grouped.py); made when absent."""
+    name = {id(FULL): "shipped", id(QUICK): "quick", id(FULL_DP): "full_dp"}.get(id(setting), "other")
+    refit = f"-refit{calibration}" if calibration else ""
+    folder = REPO / "runs" / "bench" / f"privacy-{name}-eps{epsilon:g}-seed{seed}-{eval_split}{refit}"
+    run = folder / "run"
+    if not (run / "complete").is_file():
+        cfg = job_config(setting, data_dir, seed, epsilon, eval_split, calibration=calibration)
+        run_federation(cfg, run, progress=True, client_fit=job_fit(cfg, folder / "sites", seed), resume=run.is_dir())
+    return run
+
+
+def job_fit(cfg, sites: Path, seed: int):
+    """The sites' training for a job: plain, or DP-SGD with the sites' secrets derived from the
+    seed (a benchmark must be reproducible; a real site draws its own)."""
+    if not cfg.privacy.dp:
+        return local_fit
+    for name in DATASETS:
+        write_text_atomic(sites / name / "secret", f"{derive_seed(seed, name, 'dp-secret')}\n")
+    return DPSites(cfg.privacy, sites, cfg.federation.rounds, planned_calibration=cfg.federation.calibrate_heads)
 
 
 def with_stages(setting: dict[str, Any], stages: str) -> dict[str, Any]:
@@ -104,8 +135,10 @@ def with_stages(setting: dict[str, Any], stages: str) -> dict[str, Any]:
 def run_job(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: float, cache: Path,
             eval_split: str = "test", trainable: str = "all",
             dp_lr_scale: float = PrivacyOptions().lr_scale, dp_batch: int = 0, stages: str = "",
-            nonmembers: str = "") -> dict[str, Any]:
+            nonmembers: str = "", calibration: int = 0) -> dict[str, Any]:
     variant: dict[str, Any] = {"eval_split": eval_split, "trainable": trainable}
+    if calibration:
+        variant["calibration"] = f"cal{calibration}" if np.isfinite(epsilon) else "calexact"
     if nonmembers:
         variant["nonmembers"] = nonmembers
     if stages:
@@ -126,12 +159,8 @@ def run_job(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: float, 
             return stored["result"]
     t0, c0 = time.time(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="medveil-privacy-") as tmp:
-        cfg = job_config(setting, data_dir, seed, epsilon, eval_split, trainable, dp_lr_scale, dp_batch)
-        fit = local_fit
-        if cfg.privacy.dp:  # the sites' secrets from the seed: a benchmark must be reproducible
-            for name in DATASETS:
-                write_text_atomic(Path(tmp) / "sites" / name / "secret", f"{derive_seed(seed, name, 'dp-secret')}\n")
-            fit = DPSites(cfg.privacy, Path(tmp) / "sites", cfg.federation.rounds)
+        cfg = job_config(setting, data_dir, seed, epsilon, eval_split, trainable, dp_lr_scale, dp_batch, calibration)
+        fit = job_fit(cfg, Path(tmp) / "sites", seed)
         metrics = run_federation(cfg, Path(tmp) / "run", progress=False, client_fit=fit)
         audit = strip_curves(audit_run(Path(tmp) / "run", progress=False, nonmembers=nonmembers or None))
     result = {"final": metrics["final"], "privacy": metrics.get("privacy", {}), "audit": audit["sites"],
@@ -198,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
                                                     "one), or a comma-separated list to compare (default: 0)")
     p.add_argument("--stages", default="", help="RxE: R stages of E local epochs each (default: the setting's), or "
                                                   "a comma-separated list to compare; the no-DP row runs each too")
+    p.add_argument("--dp-calibration", default="", help="heads refit in a last round: under DP by DP-SGD on the head "
+                                                         "for this many epochs ([privacy] calibration_epochs), without "
+                                                         "DP by the exact fit; a comma-separated list to compare; 0: "
+                                                         "no refit (default)")
     p.add_argument("--audit-nonmembers", choices=("test", "val"), default="",
                    help="the split the audit's non-members come from (default: the eval split); val with test "
                         "accuracy separates membership from a train / test shift of the data")
@@ -218,18 +251,23 @@ def main(argv: list[str] | None = None) -> int:
     scales = [float(x) for x in args.dp_lr_scale.split(",")] if args.dp_lr_scale else [PrivacyOptions().lr_scale]
     batches = [int(b) for b in args.dp_batch.split(",")] if args.dp_batch else [0]
     stage_list = args.stages.split(",") if args.stages else [""]
-    variants = [(t, x, b, st) for t in trainables for x in scales for b in batches for st in stage_list]
-    for eps in epsilons:
-        no_dp = [("all", PrivacyOptions().lr_scale, 0, st) for st in stage_list]  # no DP: only the stages vary
-        for trainable, scale, batch, st in variants if np.isfinite(eps) else no_dp:
+    calibrations = [int(c) for c in args.dp_calibration.split(",")] if args.dp_calibration else [0]
+    variants = [(t, x, b, st, c) for t in trainables for x in scales for b in batches for st in stage_list
+                for c in calibrations]
+    for eps in epsilons:  # no DP: only the stages vary, and whether heads are refit (exactly)
+        no_dp = [("all", PrivacyOptions().lr_scale, 0, st, c) for st in stage_list
+                 for c in sorted({min(c, 1) for c in calibrations})]
+        for trainable, scale, batch, st, cal in variants if np.isfinite(eps) else no_dp:
             key = "inf" if not np.isfinite(eps) else f"{eps:g}"
             if len(variants) > 1 and key != "inf":
                 key += ((f" {trainable}" if len(trainables) > 1 else "") + (f" lr x{scale:g}" if len(scales) > 1 else "")
                         + (f" batch {batch or setting['local']['batch_size']}" if len(batches) > 1 else ""))
             key += f" {st}" if len(stage_list) > 1 else ""
+            if len(calibrations) > 1 or calibrations[0]:
+                key += (" no refit" if not cal else f" refit {cal} ep" if np.isfinite(eps) else " refit exact")
             for seed in range(seeds):
                 r = run_job(setting, args.data_dir, seed, eps, cache, args.eval_split, trainable, scale, batch, st,
-                            args.audit_nonmembers)
+                            args.audit_nonmembers, cal)
                 results.setdefault(key, []).append(r)
                 print(f"epsilon {key} seed {seed}: mean acc {np.mean([m['acc'] for m in r['final'].values()]):.3f}, "
                       f"{r['seconds']:.0f} s", flush=True)
@@ -239,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                             "epsilons": [str(e) for e in epsilons], "eval_split": args.eval_split,
                             "trainable": args.trainable, "dp_lr_scale": args.dp_lr_scale, "dp_batch": args.dp_batch,
                             "stages": args.stages, "audit_nonmembers": args.audit_nonmembers or args.eval_split,
+                            "dp_calibration": args.dp_calibration,
                             "recipe_from": str(SHIPPED.relative_to(REPO)),
                             "elapsed_s": time.time() - t0,  # this invocation (finished jobs are reused)
                             "sum_job_s": sum(r["seconds"] for runs in results.values() for r in runs),

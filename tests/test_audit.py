@@ -46,6 +46,21 @@ def test_attack_metrics_on_known_scores():
     assert np.bincount(y_in[keep]).tolist() == [20, 20] and len(set(keep)) == 40
 
 
+def test_a_grouped_reference_split_keeps_look_alikes_together():
+    """reference_split = "grouped": near-copies of one image (slices of one patient) fall in one
+    look-alike group, and each group lies whole in R or in E."""
+    from medveil.evaluate.audit import image_groups
+
+    g = torch.Generator().manual_seed(0)
+    patients = torch.rand(6, 1, 16, 16, generator=g)
+    x = patients.repeat_interleave(10, 0) + 0.02 * torch.rand(60, 1, 16, 16, generator=g)  # 10 slices each
+    groups = image_groups(x, size=10)
+    assert len(set(groups.tolist())) == 6
+    assert all(len(set(groups[10 * p:10 * p + 10].tolist())) == 1 for p in range(6))
+    ref, ev = split_nonmembers(60, 3, groups)
+    assert len(ref) == len(ev) == 30 and not set(groups[ref].tolist()) & set(groups[ev].tolist())
+
+
 def toy_site(n: int = 32) -> ClientData:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2 * n, 1, 16, 16, generator=g)
@@ -93,6 +108,8 @@ def test_audit_a_finished_run(tmp_path, capsys):
     assert report["nonmembers"] == "val" and report["sites"]["alpha"]["update"]["loss"]["n_nonmembers"] == 6
     with pytest.raises(MedVeilError, match="non-members must come from one of test, val"):
         audit_run(tmp_path / "run", progress=False, nonmembers="train")
+    with pytest.raises(MedVeilError, match="reference split must be one of random, grouped"):
+        audit_run(tmp_path / "run", progress=False, reference_split="pairs")
     (tmp_path / "half").mkdir()
     assert main(["audit", str(tmp_path / "half")]) == 2
 
@@ -129,6 +146,12 @@ def test_a_site_audits_its_own_releases_as_the_run_audit_does(tmp_path, capsys):
     at_site = json.loads((audit_folder(state / "privacy", "alpha") / "audit.json").read_text())
     assert at_site["nonmembers"] == "val" and at_site["sites"]["alpha"] == in_process_val["sites"]["alpha"]
     assert at_site["sites"]["alpha"] != in_process["sites"]["alpha"]
+    grouped = json.loads(json.dumps(strip_curves(audit_run(run, progress=False, reference_split="grouped"))))
+    assert main(["site", "audit", "--name", "alpha", "--state", str(state), "--model", str(run / "model.pt"),
+                 "--reference-split", "grouped"]) == 0
+    at_site = json.loads((audit_folder(state / "privacy", "alpha") / "audit.json").read_text())
+    assert at_site["reference_split"] == grouped["reference_split"] == "grouped"
+    assert at_site["sites"]["alpha"] == grouped["sites"]["alpha"] != in_process["sites"]["alpha"]
     assert main(["site", "audit", "--name", "beta", "--state", str(state)]) == 2  # nothing kept for beta
     # a later run: its first release starts the records again (no mix of two runs)
     ins2 = FitInstructions("alpha", 1, cfg.model.to_dict(), u["backbone"], {})

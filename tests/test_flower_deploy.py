@@ -225,26 +225,31 @@ def test_differential_privacy_over_flower_equals_in_process(deployment):
     from medveil.federated.dp_site import DPSites
 
     pilot, root = deployment["pilot"], deployment["root"]
-    raw = {**federation_raw(deployment["pool"], None), "privacy": {"dp": True, "target_epsilon": 8.0}}
+    privacy = {"dp": True, "target_epsilon": 8.0, "calibration_epochs": 1}  # the head refit with DP-SGD too
+    raw = {**federation_raw(deployment["pool"], None), "privacy": privacy}
+    raw["federation"]["calibrate_heads"] = True
     remote = write_remote_config(root / "coordinator-dp.toml", raw)
     out = root / "run-flower-dp"
     status = pilot.run(remote, out, timeout=RUN_TIMEOUT, stage_timeout=120.0, join_timeout=60.0)
     assert status == "finished:completed", pilot.procs.log_tail("superlink", 40)
     flower = json.loads((out / "metrics.json").read_text())
     assert set(flower["privacy"]) == set(SITES) and all(v["epsilon"] <= 8.0 for v in flower["privacy"].values())
+    assert sorted(flower["stages"][-1]["calibration"]["calibrated"]) == sorted(SITES)
 
     local_root = root / "dp-local-sites"
     for name in SITES:  # the sites' secrets, as if the same hospitals ran the in-process engine
         secret = pilot.workdir / f"site_{name}" / "privacy" / name / "secret"
         (local_root / name).mkdir(parents=True)
         (local_root / name / "secret").write_text(secret.read_text())
-    local_cfg = config_from_dict({**federation_raw(deployment["pool"], deployment["files"]),
-                                  "privacy": raw["privacy"]}, root)
+    local_raw = {**federation_raw(deployment["pool"], deployment["files"]), "privacy": privacy}
+    local_raw["federation"]["calibrate_heads"] = True
+    local_cfg = config_from_dict(local_raw, root)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         local = run_federation(local_cfg, root / "run-local-dp", progress=False,
-                               client_fit=DPSites(local_cfg.privacy, local_root, local_cfg.federation.rounds))
+                               client_fit=DPSites(local_cfg.privacy, local_root, local_cfg.federation.rounds,
+                                                  planned_calibration=True))
     finally:
         torch.set_num_threads(threads)
     assert local["privacy"] == flower["privacy"]

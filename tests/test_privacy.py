@@ -64,12 +64,62 @@ def test_noise_plan_fits_every_planned_stage_and_refuses_after(kind):
     assert not ok
 
 
+def test_noise_plan_with_a_head_refit_keeps_room_for_it():
+    """With the calibration round's head refit planned, the noise is the smallest that fits the
+    stages and the refit; the refit is a release of its own in the ledger (work "calibrate"),
+    distinct from the stage's training even from the same received model."""
+    opts = PrivacyOptions(dp=True, target_epsilon=3.0)
+    q, steps, refit = 0.1, 30, 20
+    alone = plan_noise(opts, q, steps, stages=3, delta=1e-3)
+    sigma = plan_noise(opts, q, steps, stages=3, delta=1e-3, calibration_steps=refit)
+    assert sigma > alone
+    assert epsilon_of([(sigma, q, 3 * steps + refit)], 1e-3, "rdp") <= 3.0  # one history = stage by stage (RDP)
+    ledger = Ledger("a", 1e-3, "rdp", target_epsilon=3.0)
+    for stage in (1, 2, 3):
+        ledger.record(entry(stage, steps, noise=sigma, rate=q))
+    calibrate = {**entry(3, refit, noise=sigma, rate=q), "work": "calibrate"}
+    ok, eps = ledger.allows(calibrate)
+    assert ok and 2.7 <= eps <= 3.0, eps
+    ledger.record(calibrate)
+    assert len(ledger.entries) == 4 and ledger.epsilon() == pytest.approx(eps)
+    ledger.record(dict(calibrate))  # the same refit again (a resumed run): replaced, nothing new spent
+    assert len(ledger.entries) == 4
+    replan = {**calibrate, "noise": sigma * 1.1}  # the same refit with another plan would reuse its noise draw
+    assert ledger.conflict(replan) == calibrate and ledger.conflict(dict(calibrate)) is None
+
+
+def test_dp_head_refit_learns_from_fixed_features_and_is_seeded():
+    """dp_fit_head: DP-SGD on the head alone over fixed features, calibration_epochs epochs at the
+    stages' rate; the same secret gives the same head, another secret another one."""
+    from medveil.federated.dp_training import dp_fit_head
+
+    torch.manual_seed(0)
+    y = torch.arange(120) % 3
+    f = torch.randn(120, 8) * 0.3
+    f[torch.arange(120), y] += 2.0
+    opts = PrivacyOptions(dp=True, calibration_epochs=6)
+    recipe = TrainRecipe(epochs=15, batch_size=20, lr=5e-4)
+
+    def fit(secret):
+        head = new_head(8, 3, 0)
+        stats = dp_fit_head(head, f, y, "multi-class", recipe, opts, noise_multiplier=0.5, secret_seed=secret)
+        assert stats["steps"] == 6 * 6  # 6 epochs of round(120 / 20) steps, not the 15 of a stage
+        return head
+
+    a, b, c = fit(5), fit(5), fit(6)
+    assert torch.equal(a.weight, b.weight) and not torch.equal(a.weight, c.weight)
+    with torch.no_grad():
+        assert (a(f).argmax(1) == y).float().mean() > 0.9
+
+
 def test_privacy_config_bad_input(tmp_path, monkeypatch):
     for privacy, message in (({"dp": True, "target_epsilon": 0.0}, "target_epsilon must be > 0"),
                              ({"dp": True, "accountant": "gdp"}, "accountant must be one of"),
                              ({"dp": True, "trainable": "some"}, "trainable must be one of"),
                              ({"dp": True, "lr_scale": 0.0}, "lr_scale must be > 0"),
-                             ({"dp": True, "batch_size": -1}, "batch_size must be >= 0")):
+                             ({"dp": True, "batch_size": -1}, "batch_size must be >= 0"),
+                             ({"dp": True, "calibration_epochs": -1}, "calibration_epochs must be"),
+                             ({"dp": True, "calibration_epochs": 1.5}, "calibration_epochs must be")):
         with pytest.raises(ConfigError, match=message):
             tiny_config(tmp_path, privacy=privacy)
     with pytest.raises(ConfigError, match="fedprox"):
@@ -189,7 +239,7 @@ def tiny_dp_config(folder, **privacy):
 
 @pytest.mark.slow
 def test_federation_under_dp_spends_reports_and_resumes_identically(tmp_path):
-    cfg = tiny_dp_config(tmp_path, target_epsilon=4.0)
+    cfg = tiny_dp_config(tmp_path, target_epsilon=4.0, calibration_epochs=0)
     sites_a = tmp_path / "sites_a"
     full = run_federation(cfg, tmp_path / "full", progress=False, client_fit=DPSites(cfg.privacy, sites_a, 2))
     for name in ("alpha", "beta"):
@@ -199,7 +249,7 @@ def test_federation_under_dp_spends_reports_and_resumes_identically(tmp_path):
         assert ledger["epsilon"] == pytest.approx(eps[1]) and [e["stage"] for e in ledger["entries"]] == [1, 2]
         assert "train_loss" not in full["stages"][1]["clients"][name]["fit"]  # only public parameters leave
         assert full["privacy"][name]["epsilon"] == pytest.approx(eps[1])
-    assert "skipped" in full["stages"][-1]["calibration"]  # no head refit outside DP-SGD
+    assert "skipped" in full["stages"][-1]["calibration"]  # no head refit outside DP-SGD (calibration_epochs 0)
     export_model(tmp_path / "full" / "model.pt", tmp_path / "export")  # the model card states the budget
     card = (tmp_path / "export" / "README.md").read_text()
     assert "Differential privacy (DP-SGD)" in card and f"| alpha | {full['privacy']['alpha']['epsilon']:.2f} |" in card
@@ -224,12 +274,51 @@ def test_federation_under_dp_spends_reports_and_resumes_identically(tmp_path):
 
 
 @pytest.mark.slow
+def test_under_dp_the_calibration_round_refits_heads_with_dp_sgd_within_the_budget(tmp_path):
+    """[privacy] calibration_epochs > 0: the last round refits each head by DP-SGD in the pool's
+    feature basis, a third release in each site's ledger, planned from the start so the total
+    stays within the target; killed after stage 1 and resumed, the same model and ledgers."""
+    cfg = tiny_dp_config(tmp_path, target_epsilon=4.0, calibration_epochs=2, calibration_dims=8)
+    metrics = run_federation(cfg, tmp_path / "run", progress=False)
+    last = metrics["stages"][-1]
+    assert sorted(last["calibration"]["calibrated"]) == ["alpha", "beta"]
+    assert last["calibration"]["basis_dims"] == 8
+    for name in ("alpha", "beta"):
+        ledger = json.loads((tmp_path / "run" / "sites" / name / "privacy.json").read_text())
+        assert [e.get("work", "fit") for e in ledger["entries"]] == ["fit", "fit", "calibrate"]
+        stage_eps = last["clients"][name]["fit"]["epsilon"]
+        assert stage_eps < ledger["epsilon"] <= 4.0 and ledger["epsilon"] > 3.6  # planned: the budget spent
+        assert metrics["privacy"][name]["epsilon"] == pytest.approx(ledger["epsilon"])
+        assert last["calibration"]["dp"][name]["epsilon"] == pytest.approx(ledger["epsilon"])
+        refit = ledger["entries"][-1]
+        assert refit["steps"] == last["calibration"]["dp"][name]["dp_steps"] == 2 * round(1 / refit["rate"])
+    sites_b = tmp_path / "sites_b"
+    for name in ("alpha", "beta"):
+        (sites_b / name).mkdir(parents=True)
+        (sites_b / name / "secret").write_text((tmp_path / "run" / "sites" / name / "secret").read_text())
+    fit_b = DPSites(cfg.privacy, sites_b, 2, planned_calibration=True)
+    run_federation(cfg, tmp_path / "part", max_stages=2, progress=False, client_fit=fit_b)
+    resumed = run_federation(load_config(tmp_path / "part" / "config.toml"), tmp_path / "part", resume=True,
+                             progress=False, client_fit=fit_b)
+    a = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "model.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    heads_a, heads_b = a["extra"]["heads"], b["extra"]["heads"]  # the refit heads too
+    assert all(torch.equal(heads_a[n][k], heads_b[n][k]) for n in heads_a for k in heads_a[n])
+    assert resumed["privacy"] == metrics["privacy"]
+
+
+@pytest.mark.slow
 def test_a_site_over_budget_is_absent_with_the_reason(tmp_path):
     q, steps = dp_plan(36, TrainRecipe(epochs=1, batch_size=16))  # alpha: 48 train images, 25 % pooled
     one_stage = epsilon_of([(1.0, q, steps)], 1 / 360, "rdp")
     with pytest.raises(ConfigError, match="custom client_fit"):  # DP is never skipped silently
         run_federation(tiny_dp_config(tmp_path), tmp_path / "custom", progress=False,
                        client_fit=lambda *a, **k: None)
+    with pytest.raises(ConfigError, match="does not plan the run's head refit"):  # refused before anything is written
+        run_federation(tiny_dp_config(tmp_path, calibration_epochs=2), tmp_path / "unplanned", progress=False,
+                       client_fit=DPSites(PrivacyOptions(dp=True), tmp_path / "s", 2))
+    assert not (tmp_path / "unplanned").exists()
     cfg = tiny_dp_config(tmp_path, noise_multiplier=1.0, target_epsilon=1.2 * one_stage)
     metrics = run_federation(cfg, tmp_path / "run", progress=False)  # default: RUN/sites/<name>/
     assert (tmp_path / "run" / "sites" / "alpha" / "privacy.json").is_file()
@@ -249,7 +338,7 @@ def test_a_flower_site_keeps_its_own_privacy_terms(tmp_path):
     from medveil.federated.dp_site import DPSites
     from medveil.federated.flower.app import _site_fit
 
-    dp_site = {"privacy": {"dp": True, "target_epsilon": 8.0}, "planned_stages": 2}
+    dp_site = {"privacy": {"dp": True, "target_epsilon": 8.0, "calibration_epochs": 0}, "planned_stages": 2}
     ctx = SimpleNamespace(node_config={"state-dir": str(tmp_path), "max-epsilon": 2.0})
     with pytest.raises(SiteRefused, match="outside DP-SGD"):
         _site_fit(ctx, dp_site, calibrate=True)
@@ -257,5 +346,9 @@ def test_a_flower_site_keeps_its_own_privacy_terms(tmp_path):
         _site_fit(ctx, {}, calibrate=False)
     fit = _site_fit(ctx, dp_site, calibrate=False)
     assert isinstance(fit, DPSites) and fit.target == 2.0  # the stricter of 8 (run) and 2 (site)
+    refit = {"privacy": {"dp": True, "target_epsilon": 8.0, "calibration_epochs": 2}, "planned_stages": 2,
+             "planned_calibration": True}
+    fit = _site_fit(ctx, refit, calibrate=True)  # the run plans the head refit with DP-SGD: the site does it
+    assert isinstance(fit, DPSites) and fit.planned_calibration
     with pytest.raises(ConfigError, match="state-dir"):
         _site_fit(SimpleNamespace(node_config={}), dp_site, calibrate=False)

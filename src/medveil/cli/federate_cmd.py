@@ -59,6 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="the split the non-members come from (default: the run's eval split, test); val "
                          "where the test split comes from another source than train (OrganAMNIST, "
                          "PneumoniaMNIST): the attack would otherwise find members by that shift alone")
+    au.add_argument("--reference-split", choices=("random", "grouped"), default="random",
+                    help="how the non-members are halved between the reference model and scoring: a random draw "
+                         "(default) or whole look-alike groups (held-out images that come many per patient, "
+                         "e.g. CT slices: a random draw lets the reference model see the scored patients); "
+                         "grouping clusters all held-out images at once: memory grows with their count squared")
     au.add_argument("--quiet", action="store_true", help="no progress")
     au.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's)")
     au.set_defaults(func=run_audit)
@@ -107,7 +112,8 @@ def run_audit(args: argparse.Namespace) -> int:
     from medveil.evaluate.audit import audit_run, format_table
 
     _set_threads(args.threads)
-    result = audit_run(args.run_dir, progress=not args.quiet, nonmembers=args.nonmembers)
+    result = audit_run(args.run_dir, progress=not args.quiet, nonmembers=args.nonmembers,
+                       reference_split=args.reference_split)
     print(format_table(result))
     print(f"written: {args.run_dir / 'audit.json'}, {args.run_dir / 'audit_roc.png'}")
     return 0

@@ -119,6 +119,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                                 "in --state)")
     saudit.add_argument("--nonmembers", choices=("test", "val"), help="the split the non-members come from "
                         "(default: the run's eval split); as for `medveil audit`")
+    saudit.add_argument("--reference-split", choices=("random", "grouped"), default="random",
+                        help="random (default) or grouped halves of the non-members; as for `medveil audit`")
     saudit.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     _state(saudit, "site")
     saudit.set_defaults(func=run_site_audit)
@@ -333,7 +335,8 @@ def run_site_audit(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    result = audit_site_state(args.state.resolve() / PRIVACY_DIR, args.name, args.model, args.out, args.nonmembers)
+    result = audit_site_state(args.state.resolve() / PRIVACY_DIR, args.name, args.model, args.out, args.nonmembers,
+                              args.reference_split)
     print(format_table(result))
     print(f"written: {(args.out or args.state / PRIVACY_DIR / args.name / 'audit')}/audit.json, audit_roc.png")
     return 0

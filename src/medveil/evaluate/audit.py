@@ -13,9 +13,12 @@ PneumoniaMNIST's test patients come from their sources' test sets, their val pat
 train sets), every model, trained on the members or not, has a lower loss on the train
 distribution, and the attack "finds" members by the shift alone; the val split is then the
 sounder choice (README: "Differential privacy and the membership-inference audit"). Where the
-held-out images come in groups (many CT slices per patient), R and E share patients, the
-calibrated attack's reference model has seen E's patients, and that attack can overstate leakage; the
-split cannot be grouped without patient ids.
+held-out images come in groups (many CT slices per patient), a random draw puts one patient's
+images in R and in E, the calibrated attack's reference model has seen E's patients, and that
+attack can overstate leakage. Without patient ids, ``reference_split = "grouped"`` splits by
+look-alike groups instead (:func:`image_groups`: Ward clusters of the held-out images' pixels,
+about ``GROUP_SIZE`` per cluster, whole clusters to R or to E by scikit-learn's
+``GroupShuffleSplit``); the default stays the random draw.
 
 Targets, per site: ``update``, the last model the site sent (what the server saw:
 ``checkpoints/updates.pt``) and ``universal``, the final universal backbone with the site's own
@@ -112,8 +115,28 @@ def matched_members(y_in: np.ndarray, y_out: np.ndarray, seed: int) -> np.ndarra
     return np.sort(np.concatenate(keep)) if keep else np.arange(0)
 
 
-def split_nonmembers(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(reference half R, evaluation half E) of the held-out indices."""
+REFERENCE_SPLITS = ("random", "grouped")
+GROUP_SIZE = 10  # held-out images per look-alike group (not tuned; benchmarks/audit_grouped.py measures it)
+
+
+def image_groups(x: torch.Tensor, size: int = GROUP_SIZE) -> np.ndarray:
+    """(N,) group ids: Ward clusters of the images' pixels, N // size of them (adjacent CT slices
+    of one patient look alike and land in one group)."""
+    from sklearn.cluster import AgglomerativeClustering
+
+    flat = x.reshape(len(x), -1).double().numpy()
+    return AgglomerativeClustering(n_clusters=max(2, len(x) // size), linkage="ward").fit_predict(flat)
+
+
+def split_nonmembers(n: int, seed: int, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(reference half R, evaluation half E) of the held-out indices; with ``groups``, each group
+    whole on one side (half of the groups each)."""
+    if groups is not None:
+        from sklearn.model_selection import GroupShuffleSplit
+
+        split = GroupShuffleSplit(n_splits=1, test_size=0.5, random_state=seed % 2**32)
+        ref, ev = next(split.split(np.arange(n), groups=groups))
+        return np.sort(ref), np.sort(ev)
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[: n // 2]), np.sort(order[n // 2:])
 
@@ -138,16 +161,19 @@ def audit_site(data: ClientData, targets: dict[str, tuple[torch.nn.Module, torch
 
 def audit_one(data: ClientData, model_cfg: dict[str, Any], reference_start: dict[str, torch.Tensor],
               recipe: TrainRecipe, update: tuple[int, torch.nn.Module, torch.nn.Module] | None,
-              universal: tuple[torch.nn.Module, torch.nn.Module] | None, run_seed: int) -> dict[str, Any]:
+              universal: tuple[torch.nn.Module, torch.nn.Module] | None, run_seed: int,
+              reference_split: str = "random") -> dict[str, Any]:
     """One site's audit: the reference model (``reference_start`` + a head fine-tuned with
-    ``recipe`` on half of the held-out images), then both attacks on each target present
-    (``update``: (stage, backbone, head) the site sent last; ``universal``: (backbone, its head)).
-    In-process (:func:`audit_run`) and at a Flower site (:func:`audit_site_state`) alike."""
+    ``recipe`` on half of the held-out images, drawn at random or by look-alike groups), then
+    both attacks on each target present (``update``: (stage, backbone, head) the site sent last;
+    ``universal``: (backbone, its head)). In-process (:func:`audit_run`) and at a Flower site
+    (:func:`audit_site_state`) alike."""
     if len(data.x_test) < 4:
         raise MedVeilError(f"{data.source}: site {data.name!r} has {len(data.x_test)} held-out images; "
                            f"the audit needs at least 4 (half for the reference model, half to score)")
     seed = derive_seed(run_seed, data.name, "audit")
-    ref_idx, eval_idx = split_nonmembers(len(data.x_test), seed)
+    groups = image_groups(data.x_test) if reference_split == "grouped" else None
+    ref_idx, eval_idx = split_nonmembers(len(data.x_test), seed, groups)
     ref_backbone = build_backbone(model_cfg, reference_start)
     ref_head = new_head(ref_backbone.feature_dim, data.num_classes, derive_seed(seed, "head"))
     train_classifier(ref_backbone, ref_head, data.x_test[ref_idx], data.y_test[ref_idx], data.task, recipe,
@@ -166,18 +192,22 @@ def audit_one(data: ClientData, model_cfg: dict[str, Any], reference_start: dict
 NONMEMBER_SPLITS = ("test", "val")
 
 
-def _check_nonmembers(nonmembers: str | None) -> None:
+def _check_nonmembers(nonmembers: str | None, reference_split: str = "random") -> None:
     if nonmembers is not None and nonmembers not in NONMEMBER_SPLITS:
         raise MedVeilError(f"non-members must come from one of {', '.join(NONMEMBER_SPLITS)}, got {nonmembers!r}")
+    if reference_split not in REFERENCE_SPLITS:
+        raise MedVeilError(f"the reference split must be one of {', '.join(REFERENCE_SPLITS)}, got {reference_split!r}")
 
 
-def audit_run(run_dir: str | Path, progress: bool = True, nonmembers: str | None = None) -> dict[str, Any]:
+def audit_run(run_dir: str | Path, progress: bool = True, nonmembers: str | None = None,
+              reference_split: str = "random") -> dict[str, Any]:
     """The audit of every site of a finished in-process run; ``nonmembers``: the split the
-    non-members come from ("test" or "val"; default: the run's own eval split)."""
+    non-members come from ("test" or "val"; default: the run's own eval split);
+    ``reference_split``: how they are halved ("random" or "grouped", module docstring)."""
     run = Path(run_dir)
     if not (run / COMPLETE).is_file():
         raise MedVeilError(f"{run}: not a complete federated run (no '{COMPLETE}' marker)")
-    _check_nonmembers(nonmembers)
+    _check_nonmembers(nonmembers, reference_split)
     cfg = load_config(run / "config.toml")
     if nonmembers is not None:
         cfg.data = replace(cfg.data, eval_split=nonmembers)
@@ -192,7 +222,8 @@ def audit_run(run_dir: str | Path, progress: bool = True, nonmembers: str | None
     recipe = cfg.evaluation.finetune_recipe(cfg.local)
     model_cfg = cfg.model.to_dict()
     result: dict[str, Any] = {"run": str(run), "dp": cfg.privacy.dp, "sites": {},
-                              "nonmembers": cfg.data.eval_split, "chance": CHANCE,
+                              "nonmembers": cfg.data.eval_split, "reference_split": reference_split,
+                              "chance": CHANCE,
                               "reference": f"MIM-only backbone + head fine-tuned ({recipe.epochs} epochs) on half "
                                            f"of each site's held-out images"}
     for data in progress_bar(clients, desc="audit", disable=not progress):
@@ -200,7 +231,7 @@ def audit_run(run_dir: str | Path, progress: bool = True, nonmembers: str | None
         update = None if u is None else (int(u["stage"]), build_backbone(model_cfg, u["backbone"]),
                                          build_head(u["head"], data.num_classes, f"{updates_path}: {data.name}"))
         pair = (universal.backbone, universal.heads[data.name]) if data.name in universal.heads else None
-        result["sites"][data.name] = audit_one(data, model_cfg, mim, recipe, update, pair, cfg.seed)
+        result["sites"][data.name] = audit_one(data, model_cfg, mim, recipe, update, pair, cfg.seed, reference_split)
         if update is None:  # absent, refused or rejected in the last stage with an accepted update
             result["sites"][data.name]["update_missing"] = f"no accepted update of {data.name!r} in {updates_path}"
     plot_roc(result, run / "audit_roc.png")
@@ -209,14 +240,14 @@ def audit_run(run_dir: str | Path, progress: bool = True, nonmembers: str | None
 
 
 def audit_site_state(state_dir: str | Path, name: str, model: str | Path | None, out: str | Path | None = None,
-                     nonmembers: str | None = None) -> dict[str, Any]:
+                     nonmembers: str | None = None, reference_split: str = "random") -> dict[str, Any]:
     """A Flower site's own audit (``medveil site audit``), from what it kept in its state folder
     (:mod:`medveil.federated.site_record`: its data options, the backbone it first trained from,
     its last update) and, when given, the final universal ``model`` the server shared. The same
     attacks, reference model and seeds as ``medveil audit`` on the in-process run. Writes
     ``audit.json`` and ``audit_roc.png`` into ``out`` (default: the site's audit folder);
-    ``nonmembers`` as for :func:`audit_run`."""
-    _check_nonmembers(nonmembers)
+    ``nonmembers`` and ``reference_split`` as for :func:`audit_run`."""
+    _check_nonmembers(nonmembers, reference_split)
     folder = audit_folder(state_dir, name)
     if not (folder / SITE).is_file():
         raise MedVeilError(f"{folder}: no releases of site {name!r} recorded (it has not trained in a run "
@@ -247,8 +278,9 @@ def audit_site_state(state_dir: str | Path, name: str, model: str | Path | None,
     recipe = TrainRecipe(**site["reference_recipe"])
     result: dict[str, Any] = {"run": f"site {name} ({folder})", "dp": bool(site.get("privacy", {}).get("dp")),
                               "nonmembers": nonmembers or str(site.get("eval_split", "test")),
+                              "reference_split": reference_split,
                               "sites": {name: audit_one(data, model_cfg, start["backbone"], recipe, update, pair,
-                                                        int(site["seed"]))},
+                                                        int(site["seed"]), reference_split)},
                               "chance": CHANCE,
                               "reference": f"the backbone this site first trained from (stage {int(start['stage'])}) "
                                            f"+ head fine-tuned ({recipe.epochs} epochs) on half of its held-out images"}

@@ -93,11 +93,17 @@ def local_evaluate(data: ClientData, ins: FitInstructions, device: str = "cpu") 
     return EvalReport(client_name=data.name, stage=ins.stage, n_samples=len(data.x_test), metrics=metrics)
 
 
+def calibration_of(fit: LocalFit) -> LocalFit:
+    """The head refit that goes with a training function: its own ``calibrate`` (a DP site's:
+    DP-SGD on the head) or the exact fit of :func:`local_calibrate`."""
+    return getattr(fit, "calibrate", local_calibrate)
+
+
 def serve(data: ClientData, job: ClientJob, device: str = "cpu", fit: LocalFit = local_fit) -> ClientReply:
     """A site's work for one message (``fit``: the local training function, replaceable by
-    tests and baselines)."""
+    tests and baselines; calibration: :func:`calibration_of` it)."""
     if job.work == EVALUATE:
         return ClientReply(report=local_evaluate(data, job.instructions, device=device))
     report = local_evaluate(data, job.instructions, device=device) if job.evaluate_first else None
-    train = local_calibrate if job.work == CALIBRATE else fit
+    train = calibration_of(fit) if job.work == CALIBRATE else fit
     return ClientReply(update=train(data, job.instructions, job.recipe, job.seed, device=device), report=report)

@@ -13,6 +13,13 @@ a state folder (in-process: ``RUN/sites/<name>/``) holding
 
 Before training, the site checks the ledger: if this stage would take it past ``target_epsilon``
 it raises :class:`~medveil.errors.SiteRefused` and the server records it absent with the reason.
+
+The calibration round (``[federation] calibrate_heads``) under DP: with ``[privacy]
+calibration_epochs`` > 0 the site refits its head on the final backbone's features by DP-SGD on
+the head alone (:func:`~medveil.federated.dp_training.dp_fit_head`) in the public basis the
+server computed on its pool (:mod:`~medveil.federated.feature_basis`), folded back to a head on
+raw features: a release of its own in the ledger (``"work": "calibrate"``), planned in the noise
+from the start (``planned_calibration``); with 0 it refuses, and the server skips the round.
 The update's ``fit`` metrics carry only public parameters: ``epsilon`` (spent so far, this
 release included), ``delta``, ``noise_multiplier``, ``sample_rate``; never the training loss.
 """
@@ -24,15 +31,19 @@ import secrets
 from dataclasses import replace
 from pathlib import Path
 
+import torch.nn as nn
+
 from medveil.errors import ConfigError, SiteRefused
-from medveil.federated.dp_training import dp_plan, dp_recipe, dp_train_classifier, wide_seed
+from medveil.federated.dp_training import dp_fit_head, dp_plan, dp_recipe, dp_train_classifier, wide_seed
+from medveil.federated.feature_basis import fold_head, to_basis
 from medveil.federated.messages import ClientUpdate, FitInstructions
 from medveil.federated.privacy import Ledger, PrivacyOptions, plan_noise
 from medveil.federated.rebuild import received_models
-from medveil.federated.sites import ClientData
-from medveil.federated.training import TrainRecipe
 from medveil.federated.server import clone_state
+from medveil.federated.sites import ClientData
+from medveil.federated.training import TrainRecipe, extract_features, new_head
 from medveil.io import write_text_atomic
+from medveil.models import VisionTransformer
 
 
 def site_secret(state: Path) -> int:
@@ -47,9 +58,10 @@ def site_secret(state: Path) -> int:
 
 
 def model_digest(ins: FitInstructions) -> str:
-    """SHA-256 (16 hex) of the model a site received: its backbone and head tensors, by key."""
+    """SHA-256 (16 hex) of the model a site received: its backbone and head tensors (and any
+    feature basis), by key."""
     h = hashlib.sha256()
-    for part in (ins.backbone, ins.head):
+    for part in (ins.backbone, ins.head, ins.features):
         for key in sorted(part):
             h.update(key.encode())
             h.update(part[key].detach().cpu().contiguous().numpy().tobytes())
@@ -58,11 +70,15 @@ def model_digest(ins: FitInstructions) -> str:
 
 class DPSites:
     """``LocalFit`` under DP (one state folder per site under ``root``). ``max_epsilon``: the
-    site's own ceiling (a Flower site's node config); the stricter of it and the run's target holds."""
+    site's own ceiling (a Flower site's node config); the stricter of it and the run's target holds.
+    ``planned_calibration``: the run ends with a calibration round (planned in the noise when
+    ``opts.calibration_epochs`` > 0)."""
 
-    def __init__(self, opts: PrivacyOptions, root: Path, planned_stages: int, max_epsilon: float = 0.0) -> None:
+    def __init__(self, opts: PrivacyOptions, root: Path, planned_stages: int, max_epsilon: float = 0.0,
+                 planned_calibration: bool = False) -> None:
         self.opts, self.root, self.planned_stages = opts, Path(root), max(1, planned_stages)
         self.target = min(opts.target_epsilon, max_epsilon) if max_epsilon > 0 else opts.target_epsilon
+        self.planned_calibration = planned_calibration and opts.calibration_epochs > 0
 
     def ledger(self, data: ClientData) -> Ledger:
         found = Ledger.load(self.root / data.name / "privacy.json")
@@ -72,28 +88,72 @@ class DPSites:
         return Ledger(site=data.name, delta=self.opts.site_delta(len(data.x_train)), accountant=self.opts.accountant,
                       target_epsilon=self.target)
 
-    def __call__(self, data: ClientData, ins: FitInstructions, recipe: TrainRecipe, seed: int,
-                 device: str = "cpu") -> ClientUpdate:
-        state = self.root / data.name
-        ledger = self.ledger(data)
-        q, steps = dp_plan(len(data.x_train), dp_recipe(recipe, self.opts))
+    def _plan(self, data: ClientData, recipe: TrainRecipe, ledger: Ledger) -> tuple[float, float, int, int]:
+        """(noise multiplier, sampling rate, steps of a stage, steps of the calibration refit)."""
+        dp = dp_recipe(recipe, self.opts)
+        q, steps = dp_plan(len(data.x_train), dp)
+        calib = dp_plan(len(data.x_train), replace(dp, epochs=self.opts.calibration_epochs))[1]
         planned = replace(self.opts, target_epsilon=ledger.target_epsilon)
-        sigma = plan_noise(planned, q, steps, self.planned_stages, ledger.delta)
-        entry = {"stage": ins.stage, "model": model_digest(ins), "noise": sigma, "rate": q, "steps": steps}
+        sigma = plan_noise(planned, q, steps, self.planned_stages, ledger.delta,
+                           calib if self.planned_calibration else 0)
+        return sigma, q, steps, calib
+
+    def _admit(self, ledger: Ledger, entry: dict) -> None:
+        what = "the head calibration" if entry.get("work") == "calibrate" else f"stage {entry['stage']}"
+        clash = ledger.conflict(entry)
+        if clash is not None:
+            raise SiteRefused(f"privacy: {what} was already released from this model with another DP plan (noise "
+                              f"{clash['noise']:.4g}, rate {clash['rate']:.4g}, {clash['steps']} steps; now "
+                              f"{entry['noise']:.4g}, {entry['rate']:.4g}, {entry['steps']}): a second release "
+                              f"would reuse its noise draw")
         ok, eps = ledger.allows(entry)
         if not ok:
-            raise SiteRefused(f"privacy budget: stage {ins.stage} would bring epsilon to {eps:.2f}, over the "
+            raise SiteRefused(f"privacy budget: {what} would bring epsilon to {eps:.2f}, over the "
                               f"target {ledger.target_epsilon} (spent {ledger.epsilon():.2f})")
-        backbone, head = received_models(data, ins, device)
-        secret = wide_seed(site_secret(state), ins.stage, entry["model"])
-        dp_train_classifier(backbone, head, data.x_train, data.y_train, data.task, recipe, self.opts, sigma, secret,
-                            augment=data.augmentation(recipe.augment))
+
+    def _release(self, data: ClientData, ledger: Ledger, entry: dict, ins: FitInstructions,
+                 backbone: VisionTransformer | None, head: nn.Linear) -> ClientUpdate:
+        """Record the release in the ledger (saved before the update leaves) and make the update."""
         ledger.record(entry)
-        ledger.save(state / "privacy.json")  # before the update leaves the site
+        ledger.save(self.root / data.name / "privacy.json")  # before the update leaves the site
         return ClientUpdate(
-            client_name=data.name, stage=ins.stage, backbone=clone_state(backbone.state_dict()),
+            client_name=data.name, stage=ins.stage, backbone=clone_state(backbone.state_dict()) if backbone else {},
             head=clone_state(head.state_dict()), n_samples=len(data.x_train),
             # public parameters only: the training loss is a statistic of the private data
-            metrics={"epsilon": ledger.epsilon(), "delta": ledger.delta, "noise_multiplier": sigma,
-                     "sample_rate": q, "dp_steps": float(steps)},
+            metrics={"epsilon": ledger.epsilon(), "delta": ledger.delta, "noise_multiplier": entry["noise"],
+                     "sample_rate": entry["rate"], "dp_steps": float(entry["steps"])},
         )
+
+    def __call__(self, data: ClientData, ins: FitInstructions, recipe: TrainRecipe, seed: int,
+                 device: str = "cpu") -> ClientUpdate:
+        ledger = self.ledger(data)
+        sigma, q, steps, _ = self._plan(data, recipe, ledger)
+        entry = {"stage": ins.stage, "model": model_digest(ins), "noise": sigma, "rate": q, "steps": steps}
+        self._admit(ledger, entry)
+        backbone, head = received_models(data, ins, device)
+        secret = wide_seed(site_secret(self.root / data.name), ins.stage, entry["model"])
+        dp_train_classifier(backbone, head, data.x_train, data.y_train, data.task, recipe, self.opts, sigma, secret,
+                            augment=data.augmentation(recipe.augment))
+        return self._release(data, ledger, entry, ins, backbone, head)
+
+    def calibrate(self, data: ClientData, ins: FitInstructions, recipe: TrainRecipe, seed: int,
+                  device: str = "cpu") -> ClientUpdate:
+        """The calibration round under DP: the received head refit by DP-SGD on the received
+        backbone's features (a head-only update); refused when the run did not plan it."""
+        if not self.planned_calibration:
+            raise SiteRefused("a head refit on private labels is not covered by the privacy budget: the run did not "
+                              "plan it in its noise ([privacy] calibration_epochs = 0, or the sites' training was "
+                              "set up without planned_calibration)")
+        ledger = self.ledger(data)
+        sigma, q, _, steps = self._plan(data, recipe, ledger)
+        entry = {"stage": ins.stage, "model": model_digest(ins), "noise": sigma, "rate": q, "steps": steps,
+                 "work": "calibrate"}
+        self._admit(ledger, entry)
+        backbone, received = received_models(data, ins, device)
+        secret = wide_seed(site_secret(self.root / data.name), ins.stage, entry["model"], "calibrate")
+        z = to_basis(extract_features(backbone, data.x_train), ins.features)
+        # in the pool's basis: a fresh head (the received one lives on raw features); without one, the received head
+        head = new_head(z.shape[1], data.num_classes, secret & 0x7FFFFFFF) if ins.features else received
+        dp_fit_head(head, z, data.y_train, data.task, recipe, self.opts, sigma, secret)
+        received.load_state_dict(fold_head(head, ins.features))
+        return self._release(data, ledger, entry, ins, None, received)

@@ -98,27 +98,71 @@ def dp_train_classifier(backbone: VisionTransformer, head: nn.Linear, x: torch.T
     FedProx: refused under DP); returns
     {"train_loss" (site-side only: not sent), "steps"}."""
     from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
 
     opts.check_recipe(recipe.class_weighting, recipe.fedprox_mu)
     recipe = dp_recipe(recipe, opts)
-    n = len(x)
-    q, steps = dp_plan(n, recipe)
-    device = next(head.parameters()).device
+    q, steps = dp_plan(len(x), recipe)
     set_trainable(backbone, head, opts.trainable)
     model = GradSampleModule(_Classifier(backbone, head), loss_reduction="mean")
     _, groups = param_groups(backbone, head, recipe)
     base = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    use_aug = augment is not None and recipe.augment != "none" and not augment.is_identity
+    model.train()
+    backbone.set_drop_path(0.0)  # per-example gradients of one deterministic path
+    loss = _dp_sgd(model, base, lr_schedule(base, recipe, max(1, round(1 / q))), x, y, task,
+                   recipe.label_smoothing, q, steps, noise_multiplier, opts.max_grad_norm, secret_seed,
+                   augment if use_aug else None)
+    for p in list(backbone.parameters()) + list(head.parameters()):
+        p.requires_grad_(True)
+        p.grad = None
+    backbone.pos_embed.requires_grad_(False)
+    backbone.eval()
+    head.eval()
+    return {"train_loss": loss, "steps": float(steps)}
+
+
+def dp_fit_head(head: nn.Linear, features: torch.Tensor, y: torch.Tensor, task: Task | str, recipe: TrainRecipe,
+                opts: PrivacyOptions, noise_multiplier: float, secret_seed: int) -> dict[str, float]:
+    """DP-SGD on a linear head alone, in place, over fixed features (N, D) of the private images
+    (the received backbone's, in the server's public basis, :mod:`.feature_basis`: computing
+    them spends nothing), from the head it starts with: ``opts.calibration_epochs`` epochs at the
+    sampling rate and batch of the stages (:func:`dp_plan`), AdamW at ``opts.calibration_lr``,
+    warm-up + cosine as the recipe schedules. Returns {"train_loss" (site-side only), "steps"}."""
+    from opacus import GradSampleModule
+
+    recipe = replace(dp_recipe(recipe, opts), epochs=opts.calibration_epochs)
+    q, steps = dp_plan(len(features), recipe)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    model = GradSampleModule(head, loss_reduction="mean")
+    base = torch.optim.AdamW(head.parameters(), lr=opts.calibration_lr, weight_decay=recipe.weight_decay)
+    model.train()
+    loss = _dp_sgd(model, base, lr_schedule(base, recipe, max(1, round(1 / q))), features, y, task,
+                   recipe.label_smoothing, q, steps, noise_multiplier, opts.max_grad_norm, secret_seed, None)
+    for p in head.parameters():
+        p.grad = None
+    head.eval()
+    return {"train_loss": loss, "steps": float(steps)}
+
+
+def _dp_sgd(model: nn.Module, base: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR | None,
+            x: torch.Tensor, y: torch.Tensor, task: Task | str, label_smoothing: float, q: float, steps: int,
+            noise_multiplier: float, max_grad_norm: float, secret_seed: int,
+            augment: AugmentPolicy | None) -> float:
+    """``steps`` DP-SGD steps of ``model`` (an Opacus ``GradSampleModule``) through ``base``:
+    Poisson batches of rate q, per-example gradients clipped to ``max_grad_norm``, Gaussian
+    noise; sampling, noise and augmentation seeded from ``secret_seed``. Returns the mean
+    training loss (site-side only). Unwraps the module's hooks when done."""
+    from opacus.optimizers import DPOptimizer
+
+    n = len(x)
+    device = next(model.parameters()).device
     noise_gen = torch.Generator(device=device).manual_seed(wide_seed(secret_seed, "noise"))
     sample_gen = torch.Generator().manual_seed(wide_seed(secret_seed, "sample"))
     aug_gen = torch.Generator().manual_seed(wide_seed(secret_seed, "augment"))
-    opt = DPOptimizer(base, noise_multiplier=noise_multiplier, max_grad_norm=opts.max_grad_norm,
+    opt = DPOptimizer(base, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                       expected_batch_size=max(1, round(q * n)), generator=noise_gen)
-    sched = lr_schedule(base, recipe, max(1, round(1 / q)))
-    use_aug = augment is not None and recipe.augment != "none" and not augment.is_identity
     trained = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-    backbone.set_drop_path(0.0)  # per-example gradients of one deterministic path
     total, count = 0.0, 0
     with seeded(wide_seed(secret_seed, "torch") & 0x7FFFFFFF):
         for _ in range(steps):
@@ -128,8 +172,8 @@ def dp_train_classifier(backbone: VisionTransformer, head: nn.Linear, x: torch.T
                 for p in trained:
                     p.grad_sample = torch.zeros((0, *p.shape), device=p.device)
             else:
-                xb = augment.apply(x[idx], aug_gen) if use_aug else x[idx]
-                losses = per_example_loss(model(xb.to(device)), y[idx].to(device), task, recipe.label_smoothing)
+                xb = augment.apply(x[idx], aug_gen) if augment is not None else x[idx]
+                losses = per_example_loss(model(xb.to(device)), y[idx].to(device), task, label_smoothing)
                 with warnings.catch_warnings():  # Opacus' hook on a first layer whose input needs no gradient
                     warnings.filterwarnings("ignore", message="Full backward hook is firing")
                     losses.mean().backward()
@@ -139,10 +183,4 @@ def dp_train_classifier(backbone: VisionTransformer, head: nn.Linear, x: torch.T
             if sched is not None:
                 sched.step()
     model._close()
-    for p in list(backbone.parameters()) + list(head.parameters()):
-        p.requires_grad_(True)
-        p.grad = None
-    backbone.pos_embed.requires_grad_(False)
-    backbone.eval()
-    head.eval()
-    return {"train_loss": total / max(count, 1), "steps": float(steps)}
+    return total / max(count, 1)

@@ -118,16 +118,20 @@ def run_federation(
         return json.loads((out / "metrics.json").read_text())
     ckpt_path = latest_checkpoint(out) if out.exists() else None
     check_run_folder(out, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "config.toml").exists():
-        write_text_atomic(out / "config.toml", dump_toml(cfg))
     if cfg.privacy.dp and transport is None:  # in-process: the sites' DP-SGD and ledgers under RUN/sites
         from medveil.federated.dp_site import DPSites
 
         if client_fit is local_fit:
-            client_fit = DPSites(cfg.privacy, out / "sites", cfg.federation.rounds)
+            client_fit = DPSites(cfg.privacy, out / "sites", cfg.federation.rounds,
+                                 planned_calibration=cfg.federation.calibrate_heads)
         elif not isinstance(client_fit, DPSites):
             raise ConfigError("[privacy] dp = true: this run's client training is not DP-SGD (a custom client_fit)")
+        elif client_fit.planned_calibration != (cfg.federation.calibrate_heads and cfg.privacy.calibration_epochs > 0):
+            raise ConfigError("[privacy] the sites' DP training does not plan the run's head refit "
+                              "(DPSites(..., planned_calibration=) must follow [federation] calibrate_heads)")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "config.toml").exists():
+        write_text_atomic(out / "config.toml", dump_toml(cfg))
     fed = prepare(cfg, client_fit, transport)
     stages: list[StageRecord] = []
     start = 0
@@ -182,11 +186,12 @@ def communication_totals(stages: list[dict[str, Any]]) -> dict[str, dict[str, in
 
 
 def privacy_spent(stages: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per client under DP: the (epsilon, delta) its ledger reported after its last trained stage."""
+    """Per client under DP: the (epsilon, delta) its ledger reported after its last release (a
+    stage's training, or the calibration round's head refit)."""
     spent: dict[str, dict[str, float]] = {}
     for s in stages:
-        for name, info in s.get("clients", {}).items():
-            fit = info.get("fit", {})
+        released = {name: info.get("fit", {}) for name, info in s.get("clients", {}).items()}
+        for name, fit in [*released.items(), *((s.get("calibration") or {}).get("dp", {})).items()]:
             if "epsilon" in fit:
                 spent[name] = {"epsilon": fit["epsilon"], "delta": fit["delta"]}
     return spent

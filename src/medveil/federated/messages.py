@@ -5,7 +5,8 @@ free of any transport (the in-process engine passes them directly; a Flower app 
 - :class:`JoinRequest`  client -> server: its name, number of classes (and, optionally, task
   type and class names for the task registry). Nothing about its images.
 - :class:`FitInstructions` server -> client: the current base backbone plus that client's head
-  (a fresh random head on joining: the join reply).
+  (a fresh random head on joining: the join reply); for a head refit under DP also the public
+  feature basis of the server's pool (:mod:`.feature_basis`).
 - :class:`ClientUpdate` client -> server: fine-tuned backbone + head, sample count, metrics.
 - :class:`EvalReport` client -> server: metrics of the universal model on its own test split.
 
@@ -35,13 +36,15 @@ class JoinRequest:
 
 @dataclass
 class FitInstructions:
-    """The join reply and every later stage's instructions: base backbone + this client's head."""
+    """The join reply and every later stage's instructions: base backbone + this client's head
+    (+ ``features``: the pool's feature basis for a head refit under DP, else empty)."""
 
     client_name: str
     stage: int
     model_config: dict[str, Any]
     backbone: StateDict
     head: StateDict
+    features: StateDict = field(default_factory=dict)
 
 
 JoinReply = FitInstructions
@@ -76,8 +79,10 @@ def _plain(value: Any) -> Any:
 
 
 def to_payload(message: Any) -> dict[str, Any]:
-    """A message as a plain dict: tensors become numpy arrays, tuples become lists."""
-    return {f.name: _plain(getattr(message, f.name)) for f in fields(message)}
+    """A message as a plain dict: tensors become numpy arrays, tuples become lists (an empty
+    ``features`` basis is left out: instructions without one are what they were before it existed)."""
+    return {f.name: _plain(getattr(message, f.name)) for f in fields(message)
+            if not (f.name == "features" and not getattr(message, f.name))}
 
 
 def message_nbytes(message: Any) -> int:

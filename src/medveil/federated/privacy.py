@@ -5,18 +5,23 @@ A site trains with DP-SGD (per-example gradients clipped to ``max_grad_norm``, G
 ``batch_size / n``), through Opacus (the ``dp`` extra): :mod:`medveil.federated.dp_training`.
 
 The ledger is the site's own record of what it released: one entry per update it sent (stage,
-a digest of the model it received, noise multiplier, sampling rate, DP-SGD steps), composed by
+a digest of the model it received, the work: a stage's training or the calibration round's head
+refit, noise multiplier, sampling rate, DP-SGD steps), composed by
 Opacus' RDP (default) or PRV accountant. It lives in the site's state folder (in-process: the
 run's ``sites/<name>/``; across machines: ``medveil site start --state DIR``, one ledger per site
 for every federation it joins), never on the server, and is written before the update leaves
-the site. The noise of a release is seeded from the site's secret, the stage and the received
-model: the same stage asked again with the same model (a resumed run) gives the same update, so
-its entry is replaced; asked again with another model, it is a new release and is added. Before
+the site. The noise of a release is seeded from the site's secret, the stage, the received
+model and the work: the same release asked again with the same plan (a resumed run) gives the
+same update, so its entry is replaced; asked again with another model, it is a new release and
+is added; asked again with another plan (noise, rate or steps: a changed config), it would reuse
+the first one's noise draw at another scale, which could cancel it, so the site refuses. Before
 training, the site checks that the ledger plus this release stays within ``target_epsilon``; if
 not, it refuses and the server records it absent with the reason.
 
-The noise multiplier, unless given, is the smallest that lets every planned stage (``rounds``
-stages of ``[local] epochs`` epochs) fit in ``target_epsilon`` (Opacus ``get_noise_multiplier``).
+The noise multiplier, unless given, is the smallest that lets every planned release (``rounds``
+stages of ``[local] epochs`` epochs, plus the calibration round's head refit of
+``calibration_epochs`` epochs when the run calibrates heads and that is > 0) fit in
+``target_epsilon`` (Opacus ``get_noise_multiplier``); every release uses it.
 ``delta`` defaults to 1 / (10 n) for a site holding n training images.
 """
 
@@ -56,6 +61,13 @@ class PrivacyOptions:
     lr_scale: float = 4.0         # under DP the [local] lr times this: clipped, noised steps move less
                                   # (x4 chosen on validation: benchmarks/results/privacy_lr_validation.json)
     batch_size: int = 0           # expected DP-SGD batch (Poisson); 0: the [local] batch size
+    calibration_epochs: int = 20  # with [federation] calibrate_heads: the last round's head refit runs as
+                                  # DP-SGD on the head alone for this many epochs, planned in the budget
+                                  # (0: the round is skipped under DP)
+    calibration_dims: int = 64    # the refit's coordinates: the pool's top whitened principal axes
+    calibration_lr: float = 0.04  # AdamW rate of the refit on those (unit-variance) coordinates
+    # (dims, rate and epochs chosen on validation splits: benchmarks/results/dp_head_refit_validation.json;
+    # end to end: privacy_calibration_validation.json)
 
     def check(self, need_opacus: bool = True) -> None:
         """One ConfigError line for options that cannot be honoured; ``need_opacus``: this
@@ -76,6 +88,13 @@ class PrivacyOptions:
             raise ConfigError(f"[privacy] lr_scale must be > 0 and finite, got {self.lr_scale}")
         if self.batch_size < 0:
             raise ConfigError(f"[privacy] batch_size must be >= 0 (0: the [local] batch size), got {self.batch_size}")
+        if self.calibration_epochs < 0 or self.calibration_epochs != int(self.calibration_epochs):
+            raise ConfigError(f"[privacy] calibration_epochs must be a whole number >= 0, "
+                              f"got {self.calibration_epochs}")
+        if self.calibration_dims < 1:
+            raise ConfigError(f"[privacy] calibration_dims must be >= 1, got {self.calibration_dims}")
+        if not self.calibration_lr > 0 or math.isinf(self.calibration_lr):
+            raise ConfigError(f"[privacy] calibration_lr must be > 0 and finite, got {self.calibration_lr}")
         if self.trainable not in TRAINABLE:
             raise ConfigError(f"[privacy] trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
         if need_opacus:
@@ -96,6 +115,16 @@ class PrivacyOptions:
         return self.delta if self.delta > 0 else 1.0 / (10 * max(n_train, 1))
 
 
+def _release(entry: dict[str, Any]) -> tuple[Any, Any, str]:
+    """What makes a release the same one (and seeds its noise): stage, received model, and the
+    work (fit or calibrate)."""
+    return entry["stage"], entry["model"], entry.get("work", "fit")
+
+
+def _plan(entry: dict[str, Any]) -> tuple[float, float, int]:
+    return float(entry["noise"]), float(entry["rate"]), int(entry["steps"])
+
+
 def make_accountant(kind: str) -> Any:
     from opacus.accountants import PRVAccountant, RDPAccountant
 
@@ -111,9 +140,18 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float, kind: str)
     return float(acc.get_epsilon(delta=delta))
 
 
-def plan_noise(opts: PrivacyOptions, sample_rate: float, steps_per_stage: int, stages: int, delta: float) -> float:
+def plan_noise(opts: PrivacyOptions, sample_rate: float, steps_per_stage: int, stages: int, delta: float,
+               calibration_steps: int = 0) -> float:
     """The noise multiplier for this site: the configured one, or the smallest that fits every
-    planned stage within ``target_epsilon``. One ConfigError line when even one stage would not fit."""
+    planned release within ``target_epsilon``: ``stages`` stages of ``steps_per_stage`` DP-SGD
+    steps, then (``calibration_steps`` > 0) the calibration round's head refit, all at the same
+    sampling rate. One ConfigError line when even one stage would not fit."""
+    planned = [(steps_per_stage, stages)] + ([(calibration_steps, 1)] if calibration_steps > 0 else [])
+
+    def spent(sigma: float) -> float:
+        return epsilon_of([(sigma, sample_rate, k) for k, times in planned for _ in range(times)], delta,
+                          opts.accountant)
+
     if opts.noise_multiplier > 0:
         sigma = opts.noise_multiplier
     else:
@@ -121,7 +159,8 @@ def plan_noise(opts: PrivacyOptions, sample_rate: float, steps_per_stage: int, s
 
         try:
             sigma = float(get_noise_multiplier(target_epsilon=opts.target_epsilon, target_delta=delta,
-                                               sample_rate=sample_rate, steps=steps_per_stage * stages,
+                                               sample_rate=sample_rate,
+                                               steps=sum(k * times for k, times in planned),
                                                accountant=opts.accountant))
         except ValueError as err:
             raise ConfigError(f"[privacy] no noise multiplier reaches epsilon {opts.target_epsilon} "
@@ -130,8 +169,8 @@ def plan_noise(opts: PrivacyOptions, sample_rate: float, steps_per_stage: int, s
     if one > opts.target_epsilon:
         raise ConfigError(f"[privacy] noise multiplier {sigma:g} spends epsilon {one:.2f} in one stage, over the "
                           f"target {opts.target_epsilon}; raise noise_multiplier or target_epsilon")
-    if opts.noise_multiplier <= 0:  # the ledger composes stage by stage: make sure every planned one fits
-        while epsilon_of([(sigma, sample_rate, steps_per_stage)] * stages, delta, opts.accountant) > opts.target_epsilon:
+    if opts.noise_multiplier <= 0:  # the ledger composes release by release: make sure every planned one fits
+        while spent(sigma) > opts.target_epsilon:
             sigma *= 1.01
     return sigma
 
@@ -144,7 +183,8 @@ class Ledger:
     delta: float
     accountant: str
     target_epsilon: float
-    # each release: {"stage", "model" (digest of the received model), "noise", "rate", "steps"}
+    # each release: {"stage", "model" (digest of the received model), "noise", "rate", "steps"}, and
+    # "work": "calibrate" for the calibration round's head refit
     entries: list[dict[str, Any]] = field(default_factory=list)
 
     def history(self, extra: dict[str, Any] | None = None) -> list[tuple[float, float, int]]:
@@ -152,10 +192,15 @@ class Ledger:
         return [(float(e["noise"]), float(e["rate"]), int(e["steps"])) for e in entries]
 
     def _with(self, entry: dict[str, Any]) -> list[dict[str, Any]]:
-        """The entries after ``entry``: it replaces a release of the same stage from the same
-        received model (the same update again: same noise, nothing new leaks), else it is added."""
-        same = [e for e in self.entries if (e["stage"], e["model"]) == (entry["stage"], entry["model"])]
+        """The entries after ``entry``: it replaces the same release with the same plan (the same
+        update again: same noise, nothing new leaks), else it is added."""
+        same = [e for e in self.entries if _release(e) == _release(entry) and _plan(e) == _plan(entry)]
         return [e for e in self.entries if e not in same] + [entry]
+
+    def conflict(self, entry: dict[str, Any]) -> dict[str, Any] | None:
+        """A recorded release of the same stage, received model and work with another plan: its
+        noise draw is the one ``entry`` would use (module docstring); None if there is none."""
+        return next((e for e in self.entries if _release(e) == _release(entry) and _plan(e) != _plan(entry)), None)
 
     def epsilon(self, extra: dict[str, Any] | None = None) -> float:
         """Epsilon spent (plus ``extra``, a release not yet made)."""

@@ -30,6 +30,7 @@ from medveil.federated import stage_evaluation
 from medveil.federated.client import CALIBRATE, EVALUATE, FIT, ClientJob, LocalFit, local_fit
 from medveil.federated.config import FederationConfig
 from medveil.federated.curation import Curator, make_curator
+from medveil.federated.feature_basis import pool_feature_basis
 from medveil.federated.messages import ClientUpdate, EvalReport, FitInstructions, message_nbytes
 from medveil.federated.records import StageRecord
 from medveil.federated.server import Server
@@ -210,9 +211,14 @@ def calibration_round(fed: Federation, record: StageRecord, names: list[str]) ->
     (:mod:`.calibration`); set the accepted heads (screened like any update: unknown client, wrong
     shape, NaN/Inf rejected, the previous head kept). Fills ``record.calibration`` (calibrated,
     rejected, absent) and the clients' ``test_before_calibration``."""
-    server, stage = fed.server, record.stage
+    server, stage, privacy = fed.server, record.stage, fed.cfg.privacy
     jobs = [ClientJob(server.instructions(n, stage), CALIBRATE, derive_seed(fed.cfg.seed, stage, n, "calibrate"),
                       fed.cfg.local, evaluate_first=True) for n in names]
+    basis: dict = {}
+    if privacy.dp:  # DP-SGD refits the heads in the pool's public feature basis
+        basis = pool_feature_basis(server.model, server.pool, privacy.calibration_dims, fed.cfg.seed)
+        for job in jobs:
+            job.instructions.features = basis
     for job in jobs:
         record.site(job.client_name).bytes["calibrate_down"] = message_nbytes(job.instructions)
     result = fed.transport.exchange(jobs, stage)
@@ -228,6 +234,9 @@ def calibration_round(fed: Federation, record: StageRecord, names: list[str]) ->
     record.calibration = {"calibrated": [u.client_name for u in accepted],
                           "rejected": [r.to_dict() for r in [*result.rejected, *rejections]],
                           "absent": [{"client": n, "reason": r} for n, r in result.absent.items()]}
+    if privacy.dp:  # the public parameters of each head refit's release (its site's ledger), and its basis
+        record.calibration["dp"] = {u.client_name: dict(u.metrics) for u in updates if "epsilon" in u.metrics}
+        record.calibration["basis_dims"] = int(basis["basis"].shape[1]) if basis else 0
     record.rejected += [*result.rejected, *rejections]  # counted with the stage's rejections
 
 
@@ -274,10 +283,11 @@ def run_stage(fed: Federation, stage: int, progress: bool = True, previous: Stag
     # every joined client that is here evaluates the new universal model: now, or next stage
     evaluated = [n for n in fed.client_names
                  if n in fed.server.registry and n in present and n not in record.absent]
-    if last and fed.cfg.federation.calibrate_heads and fed.cfg.privacy.dp:
-        record.calibration = {"skipped": "[privacy] dp: a head refit on private labels outside DP-SGD "
-                                         "would not be covered by the sites' privacy budget"}
-    elif last and fed.cfg.federation.calibrate_heads:  # clients refit their heads on the final backbone
+    dp_without_refit = fed.cfg.privacy.dp and not fed.cfg.privacy.calibration_epochs
+    if last and fed.cfg.federation.calibrate_heads and dp_without_refit:
+        record.calibration = {"skipped": "[privacy] dp with calibration_epochs = 0: a head refit on private labels "
+                                         "outside DP-SGD would not be covered by the sites' privacy budget"}
+    elif last and fed.cfg.federation.calibrate_heads:  # clients refit their heads on the final backbone (DP: DP-SGD)
         with timed(record.phase_seconds, "calibrate"):
             calibration_round(fed, record, evaluated)
     if last:

@@ -168,7 +168,8 @@ def site_join(message: Message, context: Context) -> Message:
 def _site_fit(context: Context, site: dict[str, Any], calibrate: bool):
     """The site's training function. Under DP: DP-SGD with the site's own ledger, within the
     stricter of the run's target and the site's ``max-epsilon``; a site with ``max-epsilon`` set
-    refuses to train without DP, and no site refits a head outside DP-SGD (calibration)."""
+    refuses to train without DP, and no site refits a head outside DP-SGD (calibration: DP-SGD on
+    the head when the run's ``calibration_epochs`` > 0, else refused)."""
     from medveil.federated.client import local_fit
 
     node = dict(context.node_config)
@@ -178,18 +179,19 @@ def _site_fit(context: Context, site: dict[str, Any], calibrate: bool):
             raise SiteRefused(f"this site trains only with differential privacy (max-epsilon {ceiling:g}); "
                               f"the run asks for training without it")
         return local_fit
-    if calibrate:
-        raise SiteRefused("a head refit on private labels outside DP-SGD is not covered by the privacy budget")
     from medveil.federated.dp_site import DPSites
     from medveil.federated.privacy import PrivacyOptions
 
+    opts = PrivacyOptions(**site["privacy"])
+    if calibrate and not opts.calibration_epochs:
+        raise SiteRefused("a head refit on private labels outside DP-SGD is not covered by the privacy budget")
     state = str(node.get("state-dir", ""))
     if not state:
         raise ConfigError("this run uses differential privacy but the SuperNode has no node config "
                           "'state-dir' for the site's privacy ledger (start it with `medveil site start`)")
-    opts = PrivacyOptions(**site["privacy"])
     opts.check()
-    return DPSites(opts, Path(state), int(site["planned_stages"]), max_epsilon=ceiling)
+    return DPSites(opts, Path(state), int(site["planned_stages"]), max_epsilon=ceiling,
+                   planned_calibration=bool(site.get("planned_calibration")))
 
 
 def _serve(message: Message, context: Context, evaluate_only: bool) -> Message:

@@ -1,7 +1,8 @@
 """MedVeil messages <-> Flower ``RecordDict``: what actually crosses the wire.
 
-Every message is at most three records: ``backbone`` and ``head`` (ArrayRecords holding each
-state dict as ONE flat array per dtype) and ``meta`` (a ConfigRecord holding one JSON string:
+Every message is at most four records: ``backbone`` and ``head`` (ArrayRecords holding each
+state dict as ONE flat array per dtype; the server's calibration message under DP adds
+``features``, the pool's feature basis) and ``meta`` (a ConfigRecord holding one JSON string:
 names, stage, counts, metrics, the training recipe and seed, the data options, and each state's
 layout: parameter names and shapes). No image, label, file path or dataset name is ever put in a
 record. One flat array instead of one Array per parameter: Flower moves every Array as separate
@@ -117,16 +118,17 @@ def encode_join_query(site: dict[str, Any]):
 
 def encode_instructions(ins: FitInstructions, **extra: Any):
     meta = {"client_name": ins.client_name, "stage": ins.stage, "model_config": ins.model_config, **extra}
-    return _content(meta, backbone=ins.backbone, head=ins.head)
+    return _content(meta, backbone=ins.backbone, head=ins.head, **({"features": ins.features} if ins.features else {}))
 
 
 def decode_instructions(content) -> tuple[FitInstructions, dict[str, Any]]:
     meta = read_meta(content, "server message")
-    meta.pop("layout", None)
+    layout = meta.pop("layout", None) or {}
     ins = FitInstructions(client_name=meta.pop("client_name"), stage=int(meta.pop("stage")),
                           model_config=meta.pop("model_config"),
                           backbone=_arrays(content, "backbone", "server message"),
-                          head=_arrays(content, "head", "server message"))
+                          head=_arrays(content, "head", "server message"),
+                          features=_arrays(content, "features", "server message") if "features" in layout else {})
     return ins, meta
 
 

@@ -44,8 +44,8 @@ def site_options(cfg: FederationConfig) -> dict[str, Any]:
             "max_test": d.max_test, "max_pool": d.max_pool, "eval_split": d.eval_split,
             # for the site's own audit (`medveil site audit`): the attacker's reference recipe
             "reference_recipe": dataclasses.asdict(cfg.evaluation.finetune_recipe(cfg.local)),
-            **({"privacy": dataclasses.asdict(cfg.privacy), "planned_stages": cfg.federation.rounds}
-               if cfg.privacy.dp else {})}
+            **({"privacy": dataclasses.asdict(cfg.privacy), "planned_stages": cfg.federation.rounds,
+                "planned_calibration": cfg.federation.calibrate_heads} if cfg.privacy.dp else {})}
 
 
 class FlowerTransport:
