@@ -19,20 +19,17 @@ attack, the stronger of the two targets).
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from medveil.evaluate.audit import audit_run, strip_curves
 from medveil.io import write_json_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meduniverse import FULL, REPO  # noqa: E402
-from privacy import kept_run  # noqa: E402
+from privacy import kept_run, study_args  # noqa: E402
 
 SPLITS = ("random", "grouped")
 
@@ -42,12 +39,7 @@ def strongest(site: dict[str, Any], attack: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get(
-        "MEDVEIL_SHARED_DATA", REPO.parent / "shared" / "data")) / "medmnist")
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = study_args(__doc__, argv)
     results: dict[str, dict[str, Any]] = {}
     for eps in (8.0, float("inf")):
         run = kept_run(FULL, args.data_dir, 0, eps, "val", calibration=20)

@@ -25,8 +25,6 @@ balanced accuracy over the six sites).
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -38,7 +36,7 @@ import torch.nn as nn
 from medveil.federated.calibration import fit_linear_head
 from medveil.federated.config import load_config
 from medveil.federated.dp_training import dp_fit_head, dp_plan, dp_recipe
-from medveil.federated.feature_basis import pool_feature_basis, to_basis
+from medveil.federated.feature_basis import feature_basis, to_basis
 from medveil.federated.privacy import plan_noise
 from medveil.federated.sites import build_sites
 from medveil.federated.training import extract_features, new_head
@@ -48,7 +46,7 @@ from medveil.metrics import classification_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meduniverse import FULL, REPO  # noqa: E402
-from privacy import kept_run  # noqa: E402
+from privacy import kept_run, study_args  # noqa: E402
 
 EPOCHS = 20
 OTHER_EPOCHS = (10, 40)
@@ -68,7 +66,7 @@ def refits(run: Path) -> dict[str, dict[str, tuple[float, float]]]:
     universal = load_universal(run / "model.pt")
     fpool = extract_features(universal.backbone, pool)
     dims = fpool.shape[1]
-    bases = {f"pool PCA {k or dims}": pool_feature_basis(universal.backbone, pool, k or dims) for k in AXES}
+    bases = {f"pool PCA {k or dims}": feature_basis(fpool, k or dims) for k in AXES}
     out: dict[str, dict[str, tuple[float, float]]] = {}
     for d in clients:
         task = d.task.value
@@ -96,12 +94,7 @@ def refits(run: Path) -> dict[str, dict[str, tuple[float, float]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get(
-        "MEDVEIL_SHARED_DATA", REPO.parent / "shared" / "data")) / "medmnist")
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = study_args(__doc__, argv)
     run = kept_run(FULL, args.data_dir, 0, 8.0, "val")
     sites = refits(run)
     keys = list(next(iter(sites.values())))

@@ -100,6 +100,19 @@ def job_config(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: floa
     return config_from_dict(raw, data_dir)
 
 
+MEDMNIST = Path(os.environ.get("MEDVEIL_SHARED_DATA", REPO.parent / "shared" / "data")) / "medmnist"
+
+
+def study_args(doc: str, argv: list[str] | None) -> argparse.Namespace:
+    """The options of a benchmark that studies a kept run (--data-dir, --threads; threads set)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--data-dir", type=Path, default=MEDMNIST)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args
+
+
 def kept_run(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: float, eval_split: str = "val",
              calibration: int = 0) -> Path:
     """A finished run of the job (``calibration`` as for :func:`job_config`), kept under runs/bench/
@@ -212,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                                                           "instead of FULL_DP (writes privacy_shipped.json)")
     p.add_argument("--seeds", type=int, help="seeds (default: 1 quick, 3 full)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get(
-        "MEDVEIL_SHARED_DATA", REPO.parent / "shared" / "data")) / "medmnist")
+    p.add_argument("--data-dir", type=Path, default=MEDMNIST)
     p.add_argument("--epsilons", help="comma-separated, e.g. 8,inf (default: 1,3,8,inf)")
     p.add_argument("--eval-split", choices=("test", "val"), default="test",
                    help="val: accuracy and audit non-members from the val splits, to choose settings "

@@ -78,7 +78,7 @@ class DPSites:
                  planned_calibration: bool = False) -> None:
         self.opts, self.root, self.planned_stages = opts, Path(root), max(1, planned_stages)
         self.target = min(opts.target_epsilon, max_epsilon) if max_epsilon > 0 else opts.target_epsilon
-        self.planned_calibration = planned_calibration and opts.calibration_epochs > 0
+        self.planned_calibration = replace(opts, dp=True).plans_refit(planned_calibration)
 
     def ledger(self, data: ClientData) -> Ledger:
         found = Ledger.load(self.root / data.name / "privacy.json")
@@ -138,8 +138,10 @@ class DPSites:
 
     def calibrate(self, data: ClientData, ins: FitInstructions, recipe: TrainRecipe, seed: int,
                   device: str = "cpu") -> ClientUpdate:
-        """The calibration round under DP: the received head refit by DP-SGD on the received
-        backbone's features (a head-only update); refused when the run did not plan it."""
+        """The calibration round under DP: a head fitted by DP-SGD on the received backbone's
+        features in the received feature basis, folded back to raw features (a head-only update;
+        without a basis, the received head refit on raw features); refused when the run did not
+        plan it."""
         if not self.planned_calibration:
             raise SiteRefused("a head refit on private labels is not covered by the privacy budget: the run did not "
                               "plan it in its noise ([privacy] calibration_epochs = 0, or the sites' training was "

@@ -126,7 +126,7 @@ def run_federation(
                                  planned_calibration=cfg.federation.calibrate_heads)
         elif not isinstance(client_fit, DPSites):
             raise ConfigError("[privacy] dp = true: this run's client training is not DP-SGD (a custom client_fit)")
-        elif client_fit.planned_calibration != (cfg.federation.calibrate_heads and cfg.privacy.calibration_epochs > 0):
+        elif client_fit.planned_calibration != cfg.privacy.plans_refit(cfg.federation.calibrate_heads):
             raise ConfigError("[privacy] the sites' DP training does not plan the run's head refit "
                               "(DPSites(..., planned_calibration=) must follow [federation] calibrate_heads)")
     out.mkdir(parents=True, exist_ok=True)

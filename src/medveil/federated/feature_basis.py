@@ -26,15 +26,20 @@ from medveil.models import VisionTransformer
 
 
 def pool_feature_basis(backbone: VisionTransformer, pool: torch.Tensor, dims: int, seed: int = 0) -> StateDict:
-    """{"mean": (D,), "basis": (D, k)} with z = (x - mean) @ basis the top-k principal coordinates
-    of the backbone's features x on ``pool``, each of unit variance there; k = min(dims, M - 1, D),
-    less any axis with under 1e-6 of the largest variance (whitening it would blow up the noise).
-    Empty when the pool has fewer than 2 images (the site then refits on raw features)."""
-    from sklearn.decomposition import PCA
-
+    """:func:`feature_basis` of the backbone's features on ``pool`` (empty for fewer than 2 images:
+    the site then refits on raw features)."""
     if len(pool) < 2 or dims < 1:
         return {}
-    feats = extract_features(backbone, pool).double().numpy()
+    return feature_basis(extract_features(backbone, pool), dims, seed)
+
+
+def feature_basis(features: torch.Tensor, dims: int, seed: int = 0) -> StateDict:
+    """{"mean": (D,), "basis": (D, k)} with z = (x - mean) @ basis the top-k principal coordinates
+    of ``features`` (M, D), each of unit variance there; k = min(dims, M - 1, D), less any axis
+    with under 1e-6 of the largest variance (whitening it would blow up the noise)."""
+    from sklearn.decomposition import PCA
+
+    feats = features.double().numpy()
     k = min(dims, len(feats) - 1, feats.shape[1])
     pca = PCA(k, whiten=True, random_state=seed).fit(feats)
     var = torch.from_numpy(pca.explained_variance_)

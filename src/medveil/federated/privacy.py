@@ -111,6 +111,11 @@ class PrivacyOptions:
         if fedprox_mu > 0:
             raise ConfigError("[privacy] dp = true cannot be combined with [local] fedprox_mu > 0")
 
+    def plans_refit(self, calibrate_heads: bool) -> bool:
+        """Under DP, whether a run that calibrates heads (or not) refits them by DP-SGD, planned
+        in the noise from the start; without a refit the round is skipped under DP."""
+        return self.dp and calibrate_heads and self.calibration_epochs > 0
+
     def site_delta(self, n_train: int) -> float:
         return self.delta if self.delta > 0 else 1.0 / (10 * max(n_train, 1))
 

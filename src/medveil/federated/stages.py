@@ -283,11 +283,11 @@ def run_stage(fed: Federation, stage: int, progress: bool = True, previous: Stag
     # every joined client that is here evaluates the new universal model: now, or next stage
     evaluated = [n for n in fed.client_names
                  if n in fed.server.registry and n in present and n not in record.absent]
-    dp_without_refit = fed.cfg.privacy.dp and not fed.cfg.privacy.calibration_epochs
-    if last and fed.cfg.federation.calibrate_heads and dp_without_refit:
+    calibrate = fed.cfg.federation.calibrate_heads
+    if last and calibrate and fed.cfg.privacy.dp and not fed.cfg.privacy.plans_refit(calibrate):
         record.calibration = {"skipped": "[privacy] dp with calibration_epochs = 0: a head refit on private labels "
                                          "outside DP-SGD would not be covered by the sites' privacy budget"}
-    elif last and fed.cfg.federation.calibrate_heads:  # clients refit their heads on the final backbone (DP: DP-SGD)
+    elif last and calibrate:  # clients refit their heads on the final backbone (under DP: by DP-SGD)
         with timed(record.phase_seconds, "calibrate"):
             calibration_round(fed, record, evaluated)
     if last:

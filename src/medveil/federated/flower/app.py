@@ -183,7 +183,7 @@ def _site_fit(context: Context, site: dict[str, Any], calibrate: bool):
     from medveil.federated.privacy import PrivacyOptions
 
     opts = PrivacyOptions(**site["privacy"])
-    if calibrate and not opts.calibration_epochs:
+    if calibrate and not opts.plans_refit(calibrate):
         raise SiteRefused("a head refit on private labels outside DP-SGD is not covered by the privacy budget")
     state = str(node.get("state-dir", ""))
     if not state:
