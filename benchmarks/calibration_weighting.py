@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
         return 2
     run = Path(argv[0])
     variants = [w if cs == [1.0] else f"{w} C={c:g}" for w in WEIGHTINGS for c in cs]
-    cfg, clients = shipped_sites(MEDMNIST6, 2)
+    cfg, clients = shipped_sites(MEDMNIST6, 2, eval_split="val")
     universal = load_universal(run / "model.pt")
     specs = {s.name: s for s in cfg.clients}
     results: dict[str, dict[str, dict[str, float]]] = {}

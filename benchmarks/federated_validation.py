@@ -36,6 +36,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +160,7 @@ def run_one(variant: str, data_dir: Path, root: Path, seed: int, device: str = "
 def alone(data_dir: Path, root: Path, seed: int) -> dict[str, Any]:
     """The small CNN alone on each site's same train images, scored on the same val images."""
     raw = variant_config("shipped", data_dir, seed)
-    key = jsonable({"version": VERSION, "alone": raw["data"], "seed": seed})
+    key = jsonable({"version": VERSION, "alone": raw["data"], "seed": seed, "recipe": asdict(SiteAloneRecipe())})
     path = root / f"alone-seed{seed}.json"
     if path.is_file() and json.loads(path.read_text()).get("key") == key:
         return json.loads(path.read_text())["result"]

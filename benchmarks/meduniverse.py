@@ -51,7 +51,7 @@ import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -250,10 +250,12 @@ def run_lodo(setting: dict[str, Any], data_dir: Path, seed: int, held: str) -> d
 
 def alone_key(job: tuple[str, int, str], setting: dict[str, Any], data_dir: Path) -> Any:
     """The cache key of a site-alone job: only what its CNNs see (the sites' splits: seed, [data],
-    image size and channels; which seeds get the ResNet-18), so a change of the ViT recipe reuses them."""
+    image size and channels; which seeds get the ResNet-18; the site-alone recipe), so a change of the
+    ViT recipe reuses them."""
     return jsonable({"job": list(job), "data": setting["data"], "data_dir": str(data_dir),
                      "img": [setting["model"]["img_size"], setting["model"]["in_chans"]],
-                     "resnet_seeds": setting.get("resnet_seeds"), "version": ALONE_VERSION})
+                     "resnet_seeds": setting.get("resnet_seeds"), "version": ALONE_VERSION,
+                     "site_alone_recipe": asdict(SiteAloneRecipe())})
 
 
 def run_job(job: tuple[str, int, str], setting: dict[str, Any], data_dir: Path,
@@ -263,7 +265,9 @@ def run_job(job: tuple[str, int, str], setting: dict[str, Any], data_dir: Path,
     same setting, so a killed benchmark resumes job by job."""
     kind, seed, held = job
     key = alone_key(job, setting, data_dir) if kind == "alone" else jsonable({
-        "job": list(job), "setting": setting, "data_dir": str(data_dir), "version": VERSIONS[kind]})
+        "job": list(job), "setting": setting, "data_dir": str(data_dir), "version": VERSIONS[kind],
+        # a LODO fold trains the held-out site alone too: a change of that recipe reruns it
+        **({"site_alone_recipe": asdict(SiteAloneRecipe())} if kind == "lodo" else {})})
     path = cache / f"{kind}-{seed}{'-' + held if held else ''}.json" if cache else None
     if path is not None and path.is_file():
         stored = json.loads(path.read_text())

@@ -3,7 +3,10 @@
 Each client's train split (the meduniverse benchmark's full setting of the day, FULL_PREVIOUS
 since FULL runs the shipped recipe) is cut into 5/6 train and
 1/6 validation (seeded); the federation trains on the 5/6 and every number here is measured on
-the 1/6, so the test splits the benchmark reports were not looked at to make the choice. Per
+the 1/6, so the test splits the benchmark reports were not looked at to make the choice. That
+sixth flatters a fitted head (OrganAMNIST's train split holds neighbouring slices of the same
+patients, PneumoniaMNIST's duplicate images); README, "Training recipe options", gives the check
+on MedMNIST's own val split. Per
 seed: MedUniverse (distill) with ``calibrate_heads`` on, reporting
   teachers      the clients' models returned in the last stage (the distillation's teachers)
   universal     the universal model the clients receive (distilled heads, no calibration)

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "recipe_validation.json")
     args = p.parse_args(argv)
-    cfg, clients = shipped_sites(args.config, args.threads, args.sites.split(","))
+    cfg, clients = shipped_sites(args.config, args.threads, args.sites.split(","), eval_split="val")
     if args.stem:
         cfg = replace(cfg, model=replace(cfg.model, stem=args.stem))
     if args.depth:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,16 @@ def setting_sizes(setting: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "data": dict(setting["data"])}
 
 
-def shipped_sites(config: Path, threads: int, names: list[str] | None = None
+def shipped_sites(config: Path, threads: int, names: list[str] | None = None, eval_split: str = ""
                   ) -> tuple[FederationConfig, list[ClientData]]:
-    """(config, its clients' private splits); ``names``: only these clients. Bare dataset names
-    resolve under ``$MEDVEIL_DATA_ROOT``, else ``../shared/data``."""
+    """(config, its clients' private splits); ``names``: only these clients; ``eval_split``: the
+    split held as each client's evaluation images instead of the config's ("val" for the
+    benchmarks that choose a recipe, so the test split is never read; the train images are the
+    same either way). Bare dataset names resolve under ``$MEDVEIL_DATA_ROOT``, else ``../shared/data``."""
     os.environ.setdefault("MEDVEIL_DATA_ROOT", str(REPO.parent / "shared" / "data"))
     torch.set_num_threads(threads)
     cfg = load_config(config)
     specs = [c for c in cfg.clients if names is None or c.name in names]
-    clients, _ = build_sites(specs, cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.seed)
+    opts = replace(cfg.data, eval_split=eval_split) if eval_split else cfg.data
+    clients, _ = build_sites(specs, opts, cfg.model.img_size, cfg.model.in_chans, cfg.seed)
     return cfg, clients

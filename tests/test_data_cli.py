@@ -82,6 +82,25 @@ def test_label_outside_classes_in_npz(capsys, tmp_path):
     assert_one_line_error(code, err, "breastmnist.npz", "row 2 has label 5 outside the 2 declared")
 
 
+def test_check_reports_images_shared_by_splits(capsys, tmp_path):
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    train[5] = train[0]  # a repeat inside train
+    test = np.stack([train[1], train[2], rng.integers(0, 256, (28, 28), dtype=np.uint8)])
+    path = tmp_path / "breastmnist.npz"
+    np.savez(path, train_images=train, train_labels=np.array([[0], [1], [0], [1], [0], [0]]),
+             test_images=test, test_labels=np.array([[1], [0], [1]]))  # train[1] is 1, test[0] too; train[2] 0 vs 0
+    code, out, _ = run(capsys, "data", "check", str(path))
+    assert code == 0 and "OK" in out
+    assert "duplicates: train: 1 image(s) repeat an earlier image of train" in out
+    assert "duplicates: train and test: 2 image(s) of test also in train\n" in out  # same labels: no conflict
+    np.savez(path, train_images=train, train_labels=np.array([[0], [1], [0], [1], [0], [0]]),
+             test_images=test, test_labels=np.array([[0], [0], [1]]))
+    assert "(1 with another label)" in run(capsys, "data", "check", str(path))[1]
+    np.savez(path, train_images=train[:5], train_labels=np.array([[0], [1], [0], [1], [0]]))
+    assert "duplicates" not in run(capsys, "data", "check", str(path))[1]
+
+
 def test_empty_datasets(capsys, folder, tmp_path):
     (folder / "labels.csv").write_text("id,label\n")
     assert_one_line_error(*run(capsys, "data", "info", str(folder))[::2], "labels.csv: no data rows")

@@ -143,6 +143,9 @@ def test_pool_folder_and_empty_pool(tmp_path):
     cfg = tiny_config(tmp_path, strategy="distill", data={"pool_fraction": 0.0})
     with pytest.raises(DataError, match="pool, but it is empty"):
         run_federation(cfg, tmp_path / "run", progress=False)
+    # a client's own dataset as the pool would put its val / test images into pretraining
+    with pytest.raises(ConfigError, match="pool_path is the dataset of client 'beta'"):
+        tiny_config(tmp_path, data={"pool_path": str(tmp_path / "beta.npz")})
 
 
 def test_bad_configs_are_one_line_errors(tmp_path):

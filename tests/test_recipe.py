@@ -157,3 +157,9 @@ def test_evaluate_puts_the_site_alone_beside_the_universal_model(tmp_path, capsy
     alone = result["site_alone"]["small_cnn"]
     assert set(alone) == {"alpha", "beta"} and all(0 <= m["acc"] <= 1 and m["cpu_seconds"] > 0 for m in alone.values())
     assert result["published"] == {"alpha": None, "beta": None}  # no published figure for these sets
+    # scored on val, the published test accuracies are left out of the table
+    config = tmp_path / "run" / "config.toml"
+    config.write_text(config.read_text().replace('eval_split = "test"', 'eval_split = "val"'))
+    assert main(["evaluate", str(tmp_path / "run"), "--no-finetune", "--site-alone", "none", "--quiet"]) == 0
+    result = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert result["eval_split"] == "val" and result["published"] == {}

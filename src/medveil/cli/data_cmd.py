@@ -74,11 +74,15 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    from medveil.data.duplicates import split_overlaps
     from medveil.data.loading import load_dataset
 
     dataset = load_dataset(args.path, **dataset_kwargs(args))
     for name, split in dataset.splits.items():
         n, h, w, c = split.images.shape
         print(f"{name}: {n} images decoded, {w} x {h} x {c}")
+    # identical images across splits are not an error, but a test score counts them as unseen
+    for line in split_overlaps({name: (s.images, s.labels) for name, s in dataset.splits.items()}):
+        print(f"duplicates: {line}")
     print(f"{dataset.source}: OK")
     return 0

@@ -118,3 +118,28 @@ def _components(rows: np.ndarray, cols: np.ndarray, size: int, n: int) -> np.nda
     _, first_seen, renumber = np.unique(labels[:n], return_index=True, return_inverse=True)
     order = np.argsort(np.argsort(first_seen))  # number groups by first appearance
     return order[renumber].astype(np.int64)
+
+
+def split_overlaps(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[str]:
+    """Pixel-identical images shared by two splits, or repeated inside one: one line per finding
+    (empty when there are none). ``splits``: name -> (images, labels). An image of a test split
+    that also sits in train lets a model score it from memory; a copy with another label is a
+    labelling conflict. Counts are of images of the later split (or of repeats within a split)."""
+    hashes = {name: exact_hashes(images) for name, (images, _) in splits.items()}
+    out = []
+    names = list(splits)
+    for i, a in enumerate(names):
+        first: dict[str, int] = {}
+        for j, h in enumerate(hashes[a]):
+            first.setdefault(h, j)
+        repeats = len(hashes[a]) - len(first)
+        if repeats:
+            out.append(f"{a}: {repeats} image(s) repeat an earlier image of {a}")
+        for b in names[i + 1:]:
+            shared = [(first[h], k) for k, h in enumerate(hashes[b]) if h in first]
+            if shared:
+                la, lb = splits[a][1], splits[b][1]
+                conflicts = sum(not np.array_equal(la[x], lb[y]) for x, y in shared)
+                out.append(f"{a} and {b}: {len(shared)} image(s) of {b} also in {a}"
+                           + (f" ({conflicts} with another label)" if conflicts else ""))
+    return out

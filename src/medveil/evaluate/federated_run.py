@@ -45,7 +45,8 @@ def evaluate_run(run_dir: str | Path, finetune: bool = True, progress: bool = Tr
     ev = cfg.evaluation
     recipe = ev.finetune_recipe(cfg.local)
     seed = derive_seed(cfg.seed, "evaluate")
-    result: dict[str, Any] = {"run": str(out), "recipe": {**recipe.__dict__, "probe_C": ev.probe_C}}
+    result: dict[str, Any] = {"run": str(out), "eval_split": cfg.data.eval_split,
+                              "recipe": {**recipe.__dict__, "probe_C": ev.probe_C}}
     steps = [("universal", None), ("final", universal.backbone.state_dict()), ("mim_only", mim_state)]
     for name, state in progress_bar(steps, desc="evaluate", disable=not progress):
         if state is None:
@@ -55,7 +56,8 @@ def evaluate_run(run_dir: str | Path, finetune: bool = True, progress: bool = Tr
                                          ev.probe_C, ev.probe_max_iter, finetune)
     if site_alone_archs:
         result["site_alone"] = site_alone(clients, derive_seed(cfg.seed, "site-alone"), site_alone_archs)
-    result["published"] = {c.name: published_row(c) for c in clients}
+    # published figures are test accuracies: beside a run scored on another split they would mislead
+    result["published"] = ({c.name: published_row(c) for c in clients} if cfg.data.eval_split == "test" else {})
     metrics_path = out / "metrics.json"
     spent = json.loads(metrics_path.read_text()).get("privacy") if metrics_path.is_file() else None
     if spent:

@@ -187,8 +187,13 @@ def validate(cfg: FederationConfig, where: str = "config", remote_clients: bool 
     cfg.model.validate()
     if remote_clients:
         return
+    pool = Path(cfg.data.pool_path).resolve() if cfg.data.pool_path else None
     for spec in cfg.clients:
-        spec.resolve()  # a missing dataset fails now, not after pretraining
+        source = spec.resolve()  # a missing dataset fails now, not after pretraining
+        if pool is not None and source.resolve() == pool:
+            raise ConfigError(f"{where}: [data] pool_path is the dataset of client {spec.name!r}: every split of it, "
+                              f"its test images too, would enter pretraining and distillation; use "
+                              f"pool_fraction (a share of each client's train split) instead")
 
 
 def load_config(path: str | Path, remote_clients: bool = False, overrides: Iterable[str] = ()) -> FederationConfig:

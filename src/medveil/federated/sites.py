@@ -195,7 +195,8 @@ def pool_groups(clients: list[ClientData], pool: torch.Tensor) -> torch.Tensor |
 
 def load_pool(path: Path, img_size: int, channels: int, cap: int = 0, seed: int = 0) -> torch.Tensor:
     """Unlabelled server images from a folder (searched recursively) or a dataset file (all its
-    splits, labels ignored), as (M, C, H, W) float in [0, 1]."""
+    splits, labels ignored), as (M, C, H, W) float in [0, 1]. Since every split is taken, a
+    client's own dataset is refused as the pool (config validation): its test images would leak."""
     if not path.exists():
         raise DataError(f"server pool not found: {path}")
     if path.is_dir():
