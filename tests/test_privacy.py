@@ -128,6 +128,9 @@ def test_privacy_config_bad_input(tmp_path, monkeypatch):
         tiny_config(tmp_path, privacy={"dp": True}, local={"class_weighting": "balanced"})
     with pytest.raises(ConfigError, match="spends epsilon"):  # too little noise for even one stage
         plan_noise(PrivacyOptions(dp=True, target_epsilon=1.0, noise_multiplier=0.3), 0.2, 50, 3, 1e-3)
+    with pytest.raises(ConfigError, match="delta 0.05 is above 1/n for client 'alpha'"):  # 36 images
+        run_federation(tiny_config(tmp_path, privacy={"dp": True, "delta": 0.05}), tmp_path / "loose", progress=False)
+    assert not (tmp_path / "loose").exists()  # refused before anything is written
     import builtins
 
     real_import = builtins.__import__
@@ -352,3 +355,52 @@ def test_a_flower_site_keeps_its_own_privacy_terms(tmp_path):
     assert isinstance(fit, DPSites) and fit.planned_calibration
     with pytest.raises(ConfigError, match="state-dir"):
         _site_fit(SimpleNamespace(node_config={}), dp_site, calibrate=False)
+
+
+def test_a_site_refuses_what_would_weaken_its_guarantee(tmp_path):
+    """A stage asked again from the same model with another setup (here: the clipping norm) would
+    reuse its noise draw on another function of the data; a delta of 1/n or more; its dataset
+    spending under a second site name; two trainings at once are serialised on the ledger."""
+    import threading
+    import time
+
+    from medveil.errors import SiteRefused
+    from medveil.federated.messages import FitInstructions
+    from medveil.federated.sites import build_sites
+
+    cfg = tiny_dp_config(tmp_path, calibration_epochs=0)
+    clients, _ = build_sites(cfg.clients, cfg.data, 16, 3, cfg.seed)
+    alpha = clients[0]
+    vit = VisionTransformer(ViTConfig(**cfg.model.to_dict()))
+    ins = FitInstructions(client_name="alpha", stage=1, model_config=cfg.model.to_dict(),
+                          backbone=vit.state_dict(), head=new_head(vit.feature_dim, alpha.num_classes, 0).state_dict())
+    recipe = TrainRecipe(epochs=1, batch_size=16)
+    root = tmp_path / "state"
+    first = DPSites(cfg.privacy, root, 2)(alpha, ins, recipe, 0)
+    again = DPSites(cfg.privacy, root, 2)(alpha, ins, recipe, 0)  # the same release (a resumed run): same update
+    assert all(torch.equal(first.head[k], again.head[k]) for k in first.head)
+    assert len(json.loads((root / "alpha" / "privacy.json").read_text())["entries"]) == 1
+    with pytest.raises(SiteRefused, match="another DP plan or setup"):
+        DPSites(replace(cfg.privacy, max_grad_norm=2.0), root, 2)(alpha, ins, recipe, 0)
+    with pytest.raises(SiteRefused, match="another DP plan or setup"):
+        DPSites(cfg.privacy, root, 2)(alpha, ins, replace(recipe, lr=recipe.lr * 2), 0)
+    with pytest.raises(SiteRefused, match="above 1/n"):
+        DPSites(replace(cfg.privacy, delta=0.5), tmp_path / "loose", 2)(alpha, ins, recipe, 0)
+    renamed = replace(alpha, name="alias")
+    with pytest.raises(SiteRefused, match="already spends its budget as site 'alpha'"):
+        DPSites(cfg.privacy, root, 2)(renamed, replace(ins, client_name="alias"), recipe, 0)
+    sites, spans = DPSites(cfg.privacy, root, 2), []
+
+    def hold():
+        with sites._locked(alpha):
+            start = time.monotonic()
+            time.sleep(0.2)
+            spans.append((start, time.monotonic()))
+
+    threads = [threading.Thread(target=hold) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    (a0, a1), (b0, b1) = sorted(spans)
+    assert b0 >= a1  # the second waited for the first

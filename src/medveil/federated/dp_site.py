@@ -7,9 +7,11 @@ a state folder (in-process: ``RUN/sites/<name>/``) holding
   a release are seeded from (secret, stage, received model), so the server, which knows every
   other seed, cannot reproduce or subtract the noise, while a resumed run re-trains a stage to
   the same update;
-- ``privacy.json``: the :class:`~medveil.federated.privacy.Ledger` (delta, and per release: the
-  stage, a digest of the received model, noise multiplier, sampling rate, steps; epsilon so far),
-  written before the update leaves.
+- ``privacy.json``: the :class:`~medveil.federated.privacy.Ledger` (delta, the dataset it spends
+  for, and per release: the stage, a digest of the received model, a digest of its setup (recipe,
+  options, shapes, training data: :func:`setup_digest`), noise multiplier, sampling rate, steps;
+  epsilon so far), written before the update leaves, under a lock (``privacy.lock``) held from
+  the budget check on, so two trainings at once cannot spend the same room.
 
 Before training, the site checks the ledger: if this stage would take it past ``target_epsilon``
 it raises :class:`~medveil.errors.SiteRefused` and the server records it absent with the reason.
@@ -27,8 +29,11 @@ release included), ``delta``, ``noise_multiplier``, ``sample_rate``; never the t
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
-from dataclasses import replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch.nn as nn
@@ -57,6 +62,26 @@ def site_secret(state: Path) -> int:
         raise ConfigError(f"{path}: not a site secret; it must not be edited") from None
 
 
+def setup_digest(data: ClientData, ins: FitInstructions, recipe: TrainRecipe, opts: PrivacyOptions,
+                 work: str) -> str:
+    """SHA-256 (16 hex) of everything besides the received model's values and the DP plan that
+    shapes a release: the recipe as DP-SGD runs it, the privacy options (not the target: it moves
+    only the noise, which the plan holds), the received tensors' keys, shapes and dtypes, and the
+    training images and labels. Two requests for one release that differ here would share a noise
+    draw on two different functions of the data, so the ledger refuses the second."""
+    h = hashlib.sha256()
+    options = {k: v for k, v in asdict(opts).items() if k != "target_epsilon"}
+    h.update(json.dumps({"work": work, "recipe": asdict(dp_recipe(recipe, opts)), "options": options},
+                        sort_keys=True, default=str).encode())
+    for part in (ins.backbone, ins.head, ins.features):
+        for key in sorted(part):
+            h.update(f"{key}{tuple(part[key].shape)}{part[key].dtype}".encode())
+    for t in (data.x_train, data.y_train):
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def model_digest(ins: FitInstructions) -> str:
     """SHA-256 (16 hex) of the model a site received: its backbone and head tensors (and any
     feature basis), by key."""
@@ -81,12 +106,47 @@ class DPSites:
         self.planned_calibration = replace(opts, dp=True).plans_refit(planned_calibration)
 
     def ledger(self, data: ClientData) -> Ledger:
+        """The site's ledger (new on first use); refuses a delta of 1/n or more (n: the site's
+        training images; such a delta allows a release that names a patient) and a dataset whose
+        budget is already spent under another site name in this state folder."""
         found = Ledger.load(self.root / data.name / "privacy.json")
-        if found is not None:
-            found.target_epsilon = min(found.target_epsilon, self.target)  # a ceiling never rises
-            return found
-        return Ledger(site=data.name, delta=self.opts.site_delta(len(data.x_train)), accountant=self.opts.accountant,
-                      target_epsilon=self.target)
+        source = str(Path(data.source).resolve())
+        for other in sorted(self.root.glob("*/privacy.json")):
+            if other.parent.name != data.name:
+                them = Ledger.load(other)
+                if them is not None and them.source == source:
+                    raise SiteRefused(f"privacy: {source} already spends its budget as site {them.site!r} in "
+                                      f"{self.root}; one dataset has one ledger, whatever the site is called")
+        if found is None:
+            found = Ledger(site=data.name, delta=self.opts.site_delta(len(data.x_train)),
+                           accountant=self.opts.accountant, target_epsilon=self.target, source=source)
+        found.target_epsilon = min(found.target_epsilon, self.target)  # a ceiling never rises
+        found.source = found.source or source
+        n = len(data.x_train)
+        if found.delta * n > 1:
+            raise SiteRefused(f"privacy: delta {found.delta:.3g} is above 1/n = {1 / n:.3g} for this site's {n} "
+                              f"training images: such a guarantee allows releasing a patient's record outright "
+                              f"(default: 1 / (10 n))")
+        return found
+
+    @contextmanager
+    def _locked(self, data: ClientData) -> Iterator[None]:
+        """Hold the site's ledger from its check to its record: two trainings at once (two
+        federations, or a stage sent again while one still trains) would both be admitted against
+        the same spending, and the last save would drop the other's release."""
+        folder = self.root / data.name
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: one training at a time is then up to the operator
+            yield
+            return
+        with open(folder / "privacy.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _plan(self, data: ClientData, recipe: TrainRecipe, ledger: Ledger) -> tuple[float, float, int, int]:
         """(noise multiplier, sampling rate, steps of a stage, steps of the calibration refit)."""
@@ -102,10 +162,10 @@ class DPSites:
         what = "the head calibration" if entry.get("work") == "calibrate" else f"stage {entry['stage']}"
         clash = ledger.conflict(entry)
         if clash is not None:
-            raise SiteRefused(f"privacy: {what} was already released from this model with another DP plan (noise "
-                              f"{clash['noise']:.4g}, rate {clash['rate']:.4g}, {clash['steps']} steps; now "
-                              f"{entry['noise']:.4g}, {entry['rate']:.4g}, {entry['steps']}): a second release "
-                              f"would reuse its noise draw")
+            raise SiteRefused(f"privacy: {what} was already released from this model with another DP plan or setup "
+                              f"(noise {clash['noise']:.4g}, rate {clash['rate']:.4g}, {clash['steps']} steps, setup "
+                              f"{clash.get('setup')}; now {entry['noise']:.4g}, {entry['rate']:.4g}, {entry['steps']}, "
+                              f"{entry['setup']}): a second release would reuse its noise draw")
         ok, eps = ledger.allows(entry)
         if not ok:
             raise SiteRefused(f"privacy budget: {what} would bring epsilon to {eps:.2f}, over the "
@@ -126,9 +186,14 @@ class DPSites:
 
     def __call__(self, data: ClientData, ins: FitInstructions, recipe: TrainRecipe, seed: int,
                  device: str = "cpu") -> ClientUpdate:
+        with self._locked(data):
+            return self._fit(data, ins, recipe, device)
+
+    def _fit(self, data: ClientData, ins: FitInstructions, recipe: TrainRecipe, device: str) -> ClientUpdate:
         ledger = self.ledger(data)
         sigma, q, steps, _ = self._plan(data, recipe, ledger)
-        entry = {"stage": ins.stage, "model": model_digest(ins), "noise": sigma, "rate": q, "steps": steps}
+        entry = {"stage": ins.stage, "model": model_digest(ins), "noise": sigma, "rate": q, "steps": steps,
+                 "setup": setup_digest(data, ins, recipe, self.opts, "fit")}
         self._admit(ledger, entry)
         backbone, head = received_models(data, ins, device)
         secret = wide_seed(site_secret(self.root / data.name), ins.stage, entry["model"])
@@ -146,10 +211,14 @@ class DPSites:
             raise SiteRefused("a head refit on private labels is not covered by the privacy budget: the run did not "
                               "plan it in its noise ([privacy] calibration_epochs = 0, or the sites' training was "
                               "set up without planned_calibration)")
+        with self._locked(data):
+            return self._calibrate(data, ins, recipe, device)
+
+    def _calibrate(self, data: ClientData, ins: FitInstructions, recipe: TrainRecipe, device: str) -> ClientUpdate:
         ledger = self.ledger(data)
         sigma, q, _, steps = self._plan(data, recipe, ledger)
         entry = {"stage": ins.stage, "model": model_digest(ins), "noise": sigma, "rate": q, "steps": steps,
-                 "work": "calibrate"}
+                 "setup": setup_digest(data, ins, recipe, self.opts, "calibrate"), "work": "calibrate"}
         self._admit(ledger, entry)
         backbone, received = received_models(data, ins, device)
         secret = wide_seed(site_secret(self.root / data.name), ins.stage, entry["model"], "calibrate")

@@ -129,10 +129,14 @@ def run_federation(
         elif client_fit.planned_calibration != cfg.privacy.plans_refit(cfg.federation.calibrate_heads):
             raise ConfigError("[privacy] the sites' DP training does not plan the run's head refit "
                               "(DPSites(..., planned_calibration=) must follow [federation] calibrate_heads)")
+    fed = prepare(cfg, client_fit, transport)
+    for c in fed.clients if cfg.privacy.dp else ():  # a site would refuse every stage: say it before anything is written
+        if cfg.privacy.delta * len(c.x_train) > 1:
+            raise ConfigError(f"[privacy] delta {cfg.privacy.delta:g} is above 1/n for client {c.name!r} "
+                              f"({len(c.x_train)} training images); leave it 0 for 1 / (10 n)")
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "config.toml").exists():
         write_text_atomic(out / "config.toml", dump_toml(cfg))
-    fed = prepare(cfg, client_fit, transport)
     stages: list[StageRecord] = []
     start = 0
     if ckpt_path is not None:

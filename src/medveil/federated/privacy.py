@@ -13,8 +13,9 @@ for every federation it joins), never on the server, and is written before the u
 the site. The noise of a release is seeded from the site's secret, the stage, the received
 model and the work: the same release asked again with the same plan (a resumed run) gives the
 same update, so its entry is replaced; asked again with another model, it is a new release and
-is added; asked again with another plan (noise, rate or steps: a changed config), it would reuse
-the first one's noise draw at another scale, which could cancel it, so the site refuses. Before
+is added; asked again with another plan (noise, rate or steps) or another setup (recipe, clipping
+norm, learning rate, model shapes, training images: a changed config), it would reuse the first
+one's noise draw on another function of the data, which could cancel it, so the site refuses. Before
 training, the site checks that the ledger plus this release stays within ``target_epsilon``; if
 not, it refuses and the server records it absent with the reason.
 
@@ -126,8 +127,11 @@ def _release(entry: dict[str, Any]) -> tuple[Any, Any, str]:
     return entry["stage"], entry["model"], entry.get("work", "fit")
 
 
-def _plan(entry: dict[str, Any]) -> tuple[float, float, int]:
-    return float(entry["noise"]), float(entry["rate"]), int(entry["steps"])
+def _plan(entry: dict[str, Any]) -> tuple[float, float, int, Any]:
+    """What makes two requests for one release the same update: the DP plan and the setup digest
+    (everything else that shapes the update: recipe, options, data, shapes; absent in ledgers
+    written before it existed, which therefore never match a new request)."""
+    return float(entry["noise"]), float(entry["rate"]), int(entry["steps"]), entry.get("setup")
 
 
 def make_accountant(kind: str) -> Any:
@@ -188,8 +192,10 @@ class Ledger:
     delta: float
     accountant: str
     target_epsilon: float
-    # each release: {"stage", "model" (digest of the received model), "noise", "rate", "steps"}, and
-    # "work": "calibrate" for the calibration round's head refit
+    source: str = ""  # the dataset this ledger spends for (a site's budget is its data's, whatever its name)
+    # each release: {"stage", "model" (digest of the received model), "noise", "rate", "steps", "setup"
+    # (digest of the recipe, options, data and shapes it was trained with)}, and "work": "calibrate"
+    # for the calibration round's head refit
     entries: list[dict[str, Any]] = field(default_factory=list)
 
     def history(self, extra: dict[str, Any] | None = None) -> list[tuple[float, float, int]]:
