@@ -8,10 +8,14 @@ This runs the audit of one DP run (epsilon 8, heads refit with DP-SGD: the libra
 and the same run without DP (heads refit exactly), with the held-out
 images halved at random (the default) and by look-alike groups (``--reference-split grouped``):
 if grouping removes organ-a's excess at epsilon 8 and keeps what the run without DP leaks, the
-excess was the confound, not membership.
+excess was the confound, not membership. A third variant, ``unused-train``, takes the
+non-members (R and E) from train images that neither the site nor the pool used: the members'
+own population, so a target that learned nothing about its members scores 0.5 in expectation
+(``medveil audit --nonmembers unused-train``).
 
     python benchmarks/audit_grouped.py   # benchmarks/privacy.py's job: shipped recipe, FULL sizes, seed 0,
                                          # val split; the two runs are kept in runs/bench/ (made when absent)
+    python benchmarks/audit_grouped.py --variants unused-train   # only these rows; the others kept
 
 Writes benchmarks/results/audit_grouped.json and prints the table (AUC per site: loss / calibrated
 attack, the stronger of the two targets).
@@ -19,6 +23,8 @@ attack, the stronger of the two targets).
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,30 +37,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meduniverse import FULL, REPO  # noqa: E402
 from privacy import kept_run, study_args  # noqa: E402
 
-SPLITS = ("random", "grouped")
+VARIANTS = {"random": ("val", "random"), "grouped": ("val", "grouped"), "unused-train": ("unused-train", "random")}
 
 
-def strongest(site: dict[str, Any], attack: str) -> float:
-    return max(site[t][attack]["auc"] for t in ("update", "universal") if t in site)
+def strongest(site: dict[str, Any], attack: str, figure: str = "auc") -> float:
+    return max(site[t][attack][figure] for t in ("update", "universal") if t in site)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = study_args(__doc__, argv)
-    results: dict[str, dict[str, Any]] = {}
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}")
+    known, rest = extra.parse_known_args(argv)
+    args = study_args(__doc__, rest)
+    out = REPO / "benchmarks" / "results" / "audit_grouped.json"
+    results: dict[str, dict[str, Any]] = json.loads(out.read_text())["results"] if out.is_file() else {}
     for eps in (8.0, float("inf")):
         run = kept_run(FULL, args.data_dir, 0, eps, "val", calibration=20)
-        for split in SPLITS:
-            audit = strip_curves(audit_run(run, progress=False, nonmembers="val", reference_split=split))
-            results[f"{'no DP' if eps == float('inf') else f'epsilon {eps:g}'}, {split}"] = audit["sites"]
+        for variant in known.variants.split(","):
+            nonmembers, split = VARIANTS[variant]
+            audit = strip_curves(audit_run(run, progress=False, nonmembers=nonmembers, reference_split=split))
+            results[f"{'no DP' if eps == float('inf') else f'epsilon {eps:g}'}, {variant}"] = audit["sites"]
+    order = list(VARIANTS)
+    results = dict(sorted(results.items(), key=lambda kv: (kv[0].startswith("no DP"),
+                                                             order.index(kv[0].split(", ")[1]))))
     sites = list(next(iter(results.values())))
-    lines = [f"{'AUC (loss / calibrated), val non-members':<40}" + "".join(f"{s[:12]:>14}" for s in sites)]
+    lines = [f"{'AUC (loss / calibrated), non-members':<40}" + "".join(f"{s[:12]:>14}" for s in sites)]
     for key, row in results.items():
         lines.append(f"{key:<40}" + "".join(f"{strongest(row[s], 'loss'):>7.3f}/{strongest(row[s], 'calibrated'):.3f}"
                                              for s in sites))
+    lines.append(f"{'TPR@1%FPR (stronger attack and target)':<40}" + "".join(f"{s[:12]:>14}" for s in sites))
+    for key, row in results.items():
+        lines.append(f"{key:<40}" + "".join(
+            f"{max(strongest(row[s], a, 'tpr_at_1pct_fpr') for a in ('loss', 'calibrated')):>14.3f}" for s in sites))
     print("\n".join(lines))
-    out = REPO / "benchmarks" / "results" / "audit_grouped.json"
     write_json_atomic(out, {"command": "python benchmarks/audit_grouped.py",
-                            "setting": "privacy.py --shipped job, seed 0, eval split val, --dp-calibration 20",
+                            "setting": "privacy.py --shipped job, seed 0, eval split val, --dp-calibration 20; "
+                                       "random / grouped: val non-members; unused-train: unused train images",
                             "results": results, "table": "\n".join(lines)})
     print(f"written: {out.relative_to(REPO)}")
     return 0

@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                                                          "for this many epochs ([privacy] calibration_epochs), without "
                                                          "DP by the exact fit; a comma-separated list to compare; 0: "
                                                          "no refit (default)")
-    p.add_argument("--audit-nonmembers", choices=("test", "val"), default="",
+    p.add_argument("--audit-nonmembers", choices=("test", "val", "unused-train"), default="",
                    help="the split the audit's non-members come from (default: the eval split); val with test "
                         "accuracy separates membership from a train / test shift of the data")
     p.add_argument("--out", type=Path)

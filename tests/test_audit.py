@@ -106,8 +106,10 @@ def test_audit_a_finished_run(tmp_path, capsys):
     assert main(["audit", str(tmp_path / "run"), "--quiet", "--nonmembers", "val"]) == 0
     report = json.loads((tmp_path / "run" / "audit.json").read_text())
     assert report["nonmembers"] == "val" and report["sites"]["alpha"]["update"]["loss"]["n_nonmembers"] == 6
-    with pytest.raises(MedVeilError, match="non-members must come from one of test, val"):
+    with pytest.raises(MedVeilError, match="non-members must come from one of test, val, unused-train"):
         audit_run(tmp_path / "run", progress=False, nonmembers="train")
+    with pytest.raises(MedVeilError, match="none is left unused"):  # this run's sites train on every image
+        audit_run(tmp_path / "run", progress=False, nonmembers="unused-train")
     with pytest.raises(MedVeilError, match="reference split must be one of random, grouped"):
         audit_run(tmp_path / "run", progress=False, reference_split="pairs")
     (tmp_path / "half").mkdir()

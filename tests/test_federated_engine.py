@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -128,6 +129,19 @@ def test_sites_hold_the_pool_apart(tmp_path):
     flat_pool = {tuple(x.flatten().tolist()) for x in pool}
     for c in clients:
         assert not flat_pool & {tuple(x.flatten().tolist()) for x in c.x_train}
+
+
+def test_unused_train_images_are_held_out_apart_from_members_and_pool(tmp_path):
+    """eval_split "unused-train" (the audit's population non-members): train images that neither the
+    client (max_train 20 of alpha's 36) nor the pool uses; the members stay the same images."""
+    cfg = tiny_config(tmp_path, data={"max_train": 20})
+    (alpha, _), (held, pool) = [build_sites(cfg.clients, replace(cfg.data, eval_split=split), 16, 3, cfg.seed)
+                                 for split in ("test", "unused-train")]
+    assert torch.equal(alpha[0].x_train, held[0].x_train) and len(held[0].x_test) == 36 - 20
+    flat = {tuple(x.flatten().tolist()) for x in held[0].x_train} | {tuple(x.flatten().tolist()) for x in pool}
+    assert not flat & {tuple(x.flatten().tolist()) for x in held[0].x_test}
+    with pytest.raises(DataError, match="none is left unused"):  # every train image outside the pool in use
+        build_sites(cfg.clients, replace(cfg.data, eval_split="unused-train", max_train=0), 16, 3, cfg.seed)
 
 
 def test_pool_folder_and_empty_pool(tmp_path):

@@ -55,10 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "and one without.",
     )
     au.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    au.add_argument("--nonmembers", choices=("test", "val"),
+    au.add_argument("--nonmembers", choices=("test", "val", "unused-train"),
                     help="the split the non-members come from (default: the run's eval split, test); val "
                          "where the test split comes from another source than train (OrganAMNIST, "
-                         "PneumoniaMNIST): the attack would otherwise find members by that shift alone")
+                         "PneumoniaMNIST): the attack would otherwise find members by that shift alone; "
+                         "unused-train: train images no one used, the members' own population (needs "
+                         "[data] max_train)")
     au.add_argument("--reference-split", choices=("random", "grouped"), default="random",
                     help="how the non-members are halved between the reference model and scoring: a random draw "
                          "(default) or whole look-alike groups (held-out images that come many per patient, "

@@ -117,8 +117,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                                    "export), when the coordinator shared it")
     saudit.add_argument("--out", type=Path, metavar="DIR", help="where to write (default: the site's audit folder "
                                                                 "in --state)")
-    saudit.add_argument("--nonmembers", choices=("test", "val"), help="the split the non-members come from "
-                        "(default: the run's eval split); as for `medveil audit`")
+    saudit.add_argument("--nonmembers", choices=("test", "val", "unused-train"),
+                        help="the split the non-members come from (default: the run's eval split); as for "
+                             "`medveil audit`")
     saudit.add_argument("--reference-split", choices=("random", "grouped"), default="random",
                         help="random (default) or grouped halves of the non-members; as for `medveil audit`")
     saudit.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")

@@ -18,7 +18,16 @@ images in R and in E, the calibrated attack's reference model has seen E's patie
 attack can overstate leakage. Without patient ids, ``reference_split = "grouped"`` splits by
 look-alike groups instead (:func:`image_groups`: Ward clusters of the held-out images' pixels,
 about ``GROUP_SIZE`` per cluster, whole clusters to R or to E by scikit-learn's
-``GroupShuffleSplit``); the default stays the random draw.
+``GroupShuffleSplit``); the default stays the random draw. Either way R and E come from a few
+held-out patients and the members from others: a reference model trained on R fits E's patients
+better than the members', and the calibrated attack then separates populations, not members.
+``nonmembers = "unused-train"`` removes that asymmetry by construction: R and E are train images
+that neither the site nor the pool used (random draws of the same permutation that chose the
+members), so members, R and E are one population and a target that learned nothing about its
+members scores AUC 0.5 in expectation. It measures membership of an image, the unit DP-SGD
+protects; neighbouring slices of a member's patient can sit in E, so it does not measure
+patient-level leakage (under DP bounded only by group privacy). It needs a site that does not
+train on all of its train images (``[data] max_train``).
 
 Targets, per site: ``update``, the last model the site sent (what the server saw:
 ``checkpoints/updates.pt``) and ``universal``, the final universal backbone with the site's own
@@ -54,7 +63,7 @@ from medveil.federated.config import load_config
 from medveil.federated.engine import COMPLETE, UPDATES, mim_only_state
 from medveil.federated.rebuild import build_backbone, build_head
 from medveil.federated.site_record import LAST_UPDATE, REFERENCE_START, SITE, audit_folder, read_site
-from medveil.federated.sites import ClientData, build_sites, load_site
+from medveil.federated.sites import UNUSED_TRAIN, ClientData, build_sites, load_site
 from medveil.federated.training import TrainRecipe, derive_seed, new_head, predict_logits, task_loss, train_classifier
 from medveil.federated.universal import load_universal
 from medveil.io import save_figure, write_json_atomic
@@ -189,7 +198,7 @@ def audit_one(data: ClientData, model_cfg: dict[str, Any], reference_start: dict
     return out
 
 
-NONMEMBER_SPLITS = ("test", "val")
+NONMEMBER_SPLITS = ("test", "val", UNUSED_TRAIN)
 
 
 def _check_nonmembers(nonmembers: str | None, reference_split: str = "random") -> None:

@@ -79,7 +79,11 @@ class ClientData:
         return policy_for(self.modality, self.class_names, mode)
 
 
-EVAL_SPLITS = ("test", "val")
+UNUSED_TRAIN = "unused-train"
+# the held-out images a client scores on: a split of its dataset, or (UNUSED_TRAIN) train images that
+# neither it nor the pool uses (random draws of the members' own population: the membership audit's
+# sound non-members)
+EVAL_SPLITS = ("test", "val", UNUSED_TRAIN)
 
 
 @dataclass
@@ -92,7 +96,7 @@ class SiteOptions:
     max_test: int = 0            # per client, 0 = all
     max_pool: int = 0            # pool images per dataset (or in total for pool_path), 0 = all
     eval_split: str = "test"     # the held-out split each client scores on; "val" to choose a recipe
-                                 # without ever touching the test images
+                                 # without ever touching the test images; "unused-train" (EVAL_SPLITS)
 
     def __post_init__(self) -> None:  # a config and a Flower site's options are both checked here
         if self.eval_split not in EVAL_SPLITS:
@@ -126,20 +130,29 @@ def load_client(spec: ClientSpec, opts: SiteOptions, img_size: int, channels: in
         raise DataError(f"{path}: client {spec.name!r} has {ds.num_classes} classes but the "
                         f"config declares num_classes = {spec.num_classes}")
     rng = np.random.default_rng(derive_seed(seed, "sites", spec.name))
-    if opts.eval_split not in ds.splits:
+    if opts.eval_split not in (*ds.splits, UNUSED_TRAIN):
         raise DataError(f"{path}: client {spec.name!r} has no {opts.eval_split!r} split "
                         f"(splits: {', '.join(ds.splits)}); set [data] eval_split")
-    train, test = ds.split("train"), ds.split(opts.eval_split)
+    train = ds.split("train")
     order = rng.permutation(len(train))
     n_pool = 0 if opts.pool_path else int(round(opts.pool_fraction * len(train)))
     pool_idx, train_idx = order[:n_pool], order[n_pool:]
     pool_idx = np.sort(pool_idx[:opts.max_pool] if opts.max_pool else pool_idx)
     if opts.max_train and len(train_idx) > opts.max_train:
         train_idx = train_idx[:opts.max_train]
+    unused = order[n_pool + len(train_idx):]  # after the client's share: no one trains on these
     train_idx = np.sort(train_idx)
     if len(train_idx) == 0:
         raise DataError(f"{path}: client {spec.name!r} has no training images left")
-    test_idx = _subset(len(test), opts.max_test, rng)
+    if opts.eval_split == UNUSED_TRAIN:
+        if len(unused) == 0:
+            raise DataError(f"{path}: client {spec.name!r} trains on every train image outside the pool, so none "
+                            f"is left unused to hold out (set [data] max_train, or use val / test)")
+        test = train
+        test_idx = np.sort(unused[_subset(len(unused), opts.max_test, rng)])
+    else:
+        test = ds.split(opts.eval_split)
+        test_idx = _subset(len(test), opts.max_test, rng)
     if len(test_idx) == 0:
         raise DataError(f"{path}: client {spec.name!r} has an empty test split")
     images = train.images
