@@ -41,13 +41,17 @@ VARIANTS = {"random": ("val", "random"), "grouped": ("val", "grouped"), "unused-
 
 
 def strongest(site: dict[str, Any], attack: str, figure: str = "auc") -> float:
-    return max(site[t][attack][figure] for t in ("update", "universal") if t in site)
+    """The stronger target's figure; nan for a site not audited (no unused train image)."""
+    return max((site[t][attack][figure] for t in ("update", "universal") if t in site), default=float("nan"))
 
 
 def main(argv: list[str] | None = None) -> int:
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}")
     known, rest = extra.parse_known_args(argv)
+    unknown = [v for v in known.variants.split(",") if v not in VARIANTS]
+    if unknown:  # before hours of work, not after
+        extra.error(f"unknown variant {unknown[0]!r} (choose from {', '.join(VARIANTS)})")
     args = study_args(__doc__, rest)
     out = REPO / "benchmarks" / "results" / "audit_grouped.json"
     results: dict[str, dict[str, Any]] = json.loads(out.read_text())["results"] if out.is_file() else {}

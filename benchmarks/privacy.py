@@ -186,6 +186,8 @@ def strongest(site_audit: dict[str, Any]) -> tuple[float, float, float]:
     """(max AUC, max TPR at 1 % FPR, how many of those figures lie above their chance band) over
     the targets and attacks of one site."""
     ms = [m for target in site_audit.values() if isinstance(target, dict) for m in target.values()]
+    if not ms:  # not audited (--audit-nonmembers unused-train and a site that uses every train image)
+        return float("nan"), float("nan"), 0.0
     above = sum(m[k] > m["chance_95"][k] for m in ms for k in ("auc", "tpr_at_1pct_fpr"))
     return max(m["auc"] for m in ms), max(m["tpr_at_1pct_fpr"] for m in ms), float(above)
 

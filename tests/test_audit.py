@@ -108,8 +108,16 @@ def test_audit_a_finished_run(tmp_path, capsys):
     assert report["nonmembers"] == "val" and report["sites"]["alpha"]["update"]["loss"]["n_nonmembers"] == 6
     with pytest.raises(MedVeilError, match="non-members must come from one of test, val, unused-train"):
         audit_run(tmp_path / "run", progress=False, nonmembers="train")
-    with pytest.raises(MedVeilError, match="none is left unused"):  # this run's sites train on every image
+    with pytest.raises(MedVeilError, match="no site has unused train images"):  # both train on every image
         audit_run(tmp_path / "run", progress=False, nonmembers="unused-train")
+    # rebuilt with max_train 30: alpha (36 outside the pool) keeps 6 unused train images, beta (30) none
+    config = tmp_path / "run" / "config.toml"
+    config.write_text(config.read_text().replace("max_train = 0", "max_train = 30"))
+    assert main(["audit", str(tmp_path / "run"), "--quiet", "--nonmembers", "unused-train"]) == 0
+    assert "beta          not audited:" in capsys.readouterr().out
+    report = json.loads((tmp_path / "run" / "audit.json").read_text())
+    assert report["nonmembers"] == "unused-train" and "none is left unused" in report["sites"]["beta"]["unavailable"]
+    assert report["sites"]["alpha"]["update"]["loss"]["n_nonmembers"] == 3  # half of the 6
     with pytest.raises(MedVeilError, match="reference split must be one of random, grouped"):
         audit_run(tmp_path / "run", progress=False, reference_split="pairs")
     (tmp_path / "half").mkdir()

@@ -158,8 +158,12 @@ def test_pool_folder_and_empty_pool(tmp_path):
     with pytest.raises(DataError, match="pool, but it is empty"):
         run_federation(cfg, tmp_path / "run", progress=False)
     # a client's own dataset as the pool would put its val / test images into pretraining
-    with pytest.raises(ConfigError, match="pool_path is the dataset of client 'beta'"):
+    with pytest.raises(ConfigError, match=r"pool_path is \(or holds\) the dataset of client 'beta'"):
         tiny_config(tmp_path, data={"pool_path": str(tmp_path / "beta.npz")})
+    image_folder = folder / "sub"  # a pool folder holding a client's image folder would read its images
+    with pytest.raises(ConfigError, match="the dataset of client 'imgs'"):
+        tiny_config(tmp_path, data={"pool_path": str(folder)},
+                    clients=[{"name": "imgs", "path": str(image_folder)}])
 
 
 def test_bad_configs_are_one_line_errors(tmp_path):

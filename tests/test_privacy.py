@@ -131,6 +131,9 @@ def test_privacy_config_bad_input(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="delta 0.05 is above 1/n for client 'alpha'"):  # 36 images
         run_federation(tiny_config(tmp_path, privacy={"dp": True, "delta": 0.05}), tmp_path / "loose", progress=False)
     assert not (tmp_path / "loose").exists()  # refused before anything is written
+    twins = [{"name": "alpha", "path": str(tmp_path / "alpha.npz")}, {"name": "again", "path": str(tmp_path / "alpha.npz")}]
+    with pytest.raises(ConfigError, match="clients 'alpha' and 'again' hold the same dataset"):
+        run_federation(tiny_config(tmp_path, privacy={"dp": True}, clients=twins), tmp_path / "twins", progress=False)
     import builtins
 
     real_import = builtins.__import__
@@ -309,6 +312,21 @@ def test_under_dp_the_calibration_round_refits_heads_with_dp_sgd_within_the_budg
     heads_a, heads_b = a["extra"]["heads"], b["extra"]["heads"]  # the refit heads too
     assert all(torch.equal(heads_a[n][k], heads_b[n][k]) for n in heads_a for k in heads_a[n])
     assert resumed["privacy"] == metrics["privacy"]
+
+
+@pytest.mark.slow
+def test_a_stage_released_but_not_checkpointed_is_sent_again_unchanged_on_resume(tmp_path):
+    """A crash after a site's ledger recorded stage 1 but before the stage checkpoint: on resume the
+    site is asked for stage 1 again with the same model and setup, sends the same update and counts
+    it once (no site absent, the ledger unchanged)."""
+    cfg = tiny_dp_config(tmp_path, calibration_epochs=0)
+    run_federation(cfg, tmp_path / "run", progress=False, max_stages=2)
+    ledger = (tmp_path / "run" / "sites" / "alpha" / "privacy.json").read_text()
+    (tmp_path / "run" / "checkpoints" / "stage_001.pt").unlink()
+    metrics = run_federation(load_config(tmp_path / "run" / "config.toml"), tmp_path / "run", resume=True,
+                             progress=False, max_stages=2)
+    assert not metrics["stages"][1]["absent"] and metrics["stages"][1]["participants"] == ["alpha", "beta"]
+    assert (tmp_path / "run" / "sites" / "alpha" / "privacy.json").read_text() == ledger
 
 
 @pytest.mark.slow

@@ -58,7 +58,7 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from medveil.data import Task
-from medveil.errors import MedVeilError
+from medveil.errors import DataError, MedVeilError
 from medveil.federated.config import load_config
 from medveil.federated.engine import COMPLETE, UPDATES, mim_only_state
 from medveil.federated.rebuild import build_backbone, build_head
@@ -210,8 +210,9 @@ def _check_nonmembers(nonmembers: str | None, reference_split: str = "random") -
 
 def audit_run(run_dir: str | Path, progress: bool = True, nonmembers: str | None = None,
               reference_split: str = "random") -> dict[str, Any]:
-    """The audit of every site of a finished in-process run; ``nonmembers``: the split the
-    non-members come from ("test" or "val"; default: the run's own eval split);
+    """The audit of every site of a finished in-process run; ``nonmembers``: where the
+    non-members come from ("test", "val" or "unused-train"; default: the run's own eval split; a
+    site with no unused train image is reported ``unavailable``, the others audited);
     ``reference_split``: how they are halved ("random" or "grouped", module docstring)."""
     run = Path(run_dir)
     if not (run / COMPLETE).is_file():
@@ -227,7 +228,17 @@ def audit_run(run_dir: str | Path, progress: bool = True, nonmembers: str | None
     except Exception as err:  # noqa: BLE001 - any unreadable file is one line to the user
         raise MedVeilError(f"{updates_path}: unreadable ({type(err).__name__})") from None
     mim = mim_only_state(run)
-    clients, _ = build_sites(cfg.clients, cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.seed)
+    clients, unavailable = [], {}
+    for spec in cfg.clients:  # one by one: a site's splits depend only on (seed, its name, options)
+        try:
+            clients += build_sites([spec], cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.seed)[0]
+        except DataError as err:
+            if cfg.data.eval_split != UNUSED_TRAIN:
+                raise
+            unavailable[spec.name] = str(err)  # trains on every image it has: no population non-members
+    if not clients:
+        raise MedVeilError(f"{run}: no site has unused train images to draw non-members from "
+                           f"({next(iter(unavailable.values()))}); use --nonmembers val or test")
     recipe = cfg.evaluation.finetune_recipe(cfg.local)
     model_cfg = cfg.model.to_dict()
     result: dict[str, Any] = {"run": str(run), "dp": cfg.privacy.dp, "sites": {},
@@ -243,6 +254,8 @@ def audit_run(run_dir: str | Path, progress: bool = True, nonmembers: str | None
         result["sites"][data.name] = audit_one(data, model_cfg, mim, recipe, update, pair, cfg.seed, reference_split)
         if update is None:  # absent, refused or rejected in the last stage with an accepted update
             result["sites"][data.name]["update_missing"] = f"no accepted update of {data.name!r} in {updates_path}"
+    for name, reason in unavailable.items():
+        result["sites"][name] = {"unavailable": reason}
     plot_roc(result, run / "audit_roc.png")
     write_json_atomic(run / "audit.json", strip_curves(result))
     return result
@@ -336,6 +349,8 @@ def format_table(result: dict[str, Any]) -> str:
              "without signal reaches on these sample sizes; * above it",
              f"{'site':<14}{'target':<11}{'attack':<12}{'AUC':>15}{'TPR@1%':>16}{'TPR@0.1%':>10}{'members':>9}{'non':>6}"]
     for name, per in result["sites"].items():
+        if "unavailable" in per:
+            lines.append(f"{name:<14}not audited: {per['unavailable']}")
         for target, attacks in per.items():
             if not isinstance(attacks, dict):
                 continue

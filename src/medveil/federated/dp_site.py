@@ -10,8 +10,8 @@ a state folder (in-process: ``RUN/sites/<name>/``) holding
 - ``privacy.json``: the :class:`~medveil.federated.privacy.Ledger` (delta, the dataset it spends
   for, and per release: the stage, a digest of the received model, a digest of its setup (recipe,
   options, shapes, training data: :func:`setup_digest`), noise multiplier, sampling rate, steps;
-  epsilon so far), written before the update leaves, under a lock (``privacy.lock``) held from
-  the budget check on, so two trainings at once cannot spend the same room.
+  epsilon so far), written before the update leaves, under the state folder's lock
+  (``privacy.lock``) held from the budget check on, so two trainings at once cannot spend the same room.
 
 Before training, the site checks the ledger: if this stage would take it past ``target_epsilon``
 it raises :class:`~medveil.errors.SiteRefused` and the server records it absent with the reason.
@@ -106,14 +106,17 @@ class DPSites:
         self.planned_calibration = replace(opts, dp=True).plans_refit(planned_calibration)
 
     def ledger(self, data: ClientData) -> Ledger:
-        """The site's ledger (new on first use); refuses a delta of 1/n or more (n: the site's
+        """The site's ledger (new on first use); refuses a delta above 1/n (n: the site's
         training images; such a delta allows a release that names a patient) and a dataset whose
         budget is already spent under another site name in this state folder."""
         found = Ledger.load(self.root / data.name / "privacy.json")
         source = str(Path(data.source).resolve())
         for other in sorted(self.root.glob("*/privacy.json")):
             if other.parent.name != data.name:
-                them = Ledger.load(other)
+                try:
+                    them = Ledger.load(other)
+                except ConfigError:  # another site's unreadable ledger is that site's refusal, not this one's
+                    continue
                 if them is not None and them.source == source:
                     raise SiteRefused(f"privacy: {source} already spends its budget as site {them.site!r} in "
                                       f"{self.root}; one dataset has one ledger, whatever the site is called")
@@ -131,17 +134,17 @@ class DPSites:
 
     @contextmanager
     def _locked(self, data: ClientData) -> Iterator[None]:
-        """Hold the site's ledger from its check to its record: two trainings at once (two
-        federations, or a stage sent again while one still trains) would both be admitted against
-        the same spending, and the last save would drop the other's release."""
-        folder = self.root / data.name
-        folder.mkdir(parents=True, exist_ok=True)
+        """Hold the state folder's ledgers from a release's check to its record: two trainings at
+        once (two federations, a stage sent again while one still trains, or one dataset under two
+        names) would both be admitted against the same spending, and the last save would drop the
+        other's release. One lock for the folder (a site machine trains one release at a time)."""
+        self.root.mkdir(parents=True, exist_ok=True)
         try:
             import fcntl
         except ImportError:  # not POSIX: one training at a time is then up to the operator
             yield
             return
-        with open(folder / "privacy.lock", "w") as lock:
+        with open(self.root / "privacy.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield

@@ -130,10 +130,15 @@ def run_federation(
             raise ConfigError("[privacy] the sites' DP training does not plan the run's head refit "
                               "(DPSites(..., planned_calibration=) must follow [federation] calibrate_heads)")
     fed = prepare(cfg, client_fit, transport)
+    sources: dict[str, str] = {}
     for c in fed.clients if cfg.privacy.dp else ():  # a site would refuse every stage: say it before anything is written
         if cfg.privacy.delta * len(c.x_train) > 1:
             raise ConfigError(f"[privacy] delta {cfg.privacy.delta:g} is above 1/n for client {c.name!r} "
                               f"({len(c.x_train)} training images); leave it 0 for 1 / (10 n)")
+        twin = sources.setdefault(str(Path(c.source).resolve()), c.name)
+        if twin != c.name:
+            raise ConfigError(f"[privacy] clients {twin!r} and {c.name!r} hold the same dataset ({c.source}): "
+                              f"under DP one dataset spends one budget; give each client its own data")
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "config.toml").exists():
         write_text_atomic(out / "config.toml", dump_toml(cfg))
