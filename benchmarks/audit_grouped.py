@@ -11,7 +11,8 @@ if grouping removes organ-a's excess at epsilon 8 and keeps what the run without
 excess was the confound, not membership. A third variant, ``unused-train``, takes the
 non-members (R and E) from train images that neither the site nor the pool used: the members'
 own population, so a target that learned nothing about its members scores 0.5 in expectation
-(``medveil audit --nonmembers unused-train``).
+(``medveil audit --nonmembers unused-train``); ``unused-train-2000`` holds out up to 2000 of them
+per site (``--max-nonmembers 2000``) instead of the run's 500, for narrower chance bands.
 
     python benchmarks/audit_grouped.py   # benchmarks/privacy.py's job: shipped recipe, FULL sizes, seed 0,
                                          # val split; the two runs are kept in runs/bench/ (made when absent)
@@ -37,7 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meduniverse import FULL, REPO  # noqa: E402
 from privacy import kept_run, study_args  # noqa: E402
 
-VARIANTS = {"random": ("val", "random"), "grouped": ("val", "grouped"), "unused-train": ("unused-train", "random")}
+# name: (non-members, reference split, held-out images per site: 0 = the run's max_test, 500)
+VARIANTS = {"random": ("val", "random", 0), "grouped": ("val", "grouped", 0), "unused-train": ("unused-train", "random", 0),
+            "unused-train-2000": ("unused-train", "random", 2000)}
 
 
 def strongest(site: dict[str, Any], attack: str, figure: str = "auc") -> float:
@@ -58,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     for eps in (8.0, float("inf")):
         run = kept_run(FULL, args.data_dir, 0, eps, "val", calibration=20)
         for variant in known.variants.split(","):
-            nonmembers, split = VARIANTS[variant]
-            audit = strip_curves(audit_run(run, progress=False, nonmembers=nonmembers, reference_split=split))
+            nonmembers, split, held = VARIANTS[variant]
+            audit = strip_curves(audit_run(run, progress=False, nonmembers=nonmembers, reference_split=split,
+                                           max_nonmembers=held))
             results[f"{'no DP' if eps == float('inf') else f'epsilon {eps:g}'}, {variant}"] = audit["sites"]
     order = list(VARIANTS)
     results = dict(sorted(results.items(), key=lambda kv: (kv[0].startswith("no DP"),

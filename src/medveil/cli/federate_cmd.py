@@ -61,6 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          "PneumoniaMNIST): the attack would otherwise find members by that shift alone; "
                          "unused-train: train images no one used, the members' own population (needs "
                          "[data] max_train)")
+    au.add_argument("--max-nonmembers", type=int, default=0, metavar="N",
+                    help="held-out images per site, both halves (default 0: the run's [data] max_test); "
+                         "more narrow the chance bands")
     au.add_argument("--reference-split", choices=("random", "grouped"), default="random",
                     help="how the non-members are halved between the reference model and scoring: a random draw "
                          "(default) or whole look-alike groups (held-out images that come many per patient, "
@@ -115,7 +118,7 @@ def run_audit(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     result = audit_run(args.run_dir, progress=not args.quiet, nonmembers=args.nonmembers,
-                       reference_split=args.reference_split)
+                       reference_split=args.reference_split, max_nonmembers=args.max_nonmembers)
     print(format_table(result))
     print(f"written: {args.run_dir / 'audit.json'}, {args.run_dir / 'audit_roc.png'}")
     return 0

@@ -120,6 +120,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     saudit.add_argument("--nonmembers", choices=("test", "val", "unused-train"),
                         help="the split the non-members come from (default: the run's eval split); as for "
                              "`medveil audit`")
+    saudit.add_argument("--max-nonmembers", type=int, default=0, metavar="N",
+                        help="held-out images, both halves (default 0: the run's max_test); as for `medveil audit`")
     saudit.add_argument("--reference-split", choices=("random", "grouped"), default="random",
                         help="random (default) or grouped halves of the non-members; as for `medveil audit`")
     saudit.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
@@ -337,7 +339,7 @@ def run_site_audit(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     result = audit_site_state(args.state.resolve() / PRIVACY_DIR, args.name, args.model, args.out, args.nonmembers,
-                              args.reference_split)
+                              args.reference_split, args.max_nonmembers)
     print(format_table(result))
     print(f"written: {(args.out or args.state / PRIVACY_DIR / args.name / 'audit')}/audit.json, audit_roc.png")
     return 0

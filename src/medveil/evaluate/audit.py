@@ -201,7 +201,9 @@ def audit_one(data: ClientData, model_cfg: dict[str, Any], reference_start: dict
 NONMEMBER_SPLITS = ("test", "val", UNUSED_TRAIN)
 
 
-def _check_nonmembers(nonmembers: str | None, reference_split: str = "random") -> None:
+def _check_nonmembers(nonmembers: str | None, reference_split: str = "random", max_nonmembers: int = 0) -> None:
+    if max_nonmembers < 0 or (0 < max_nonmembers < 4):
+        raise MedVeilError(f"--max-nonmembers must be 0 (the run's max_test) or >= 4, got {max_nonmembers}")
     if nonmembers is not None and nonmembers not in NONMEMBER_SPLITS:
         raise MedVeilError(f"non-members must come from one of {', '.join(NONMEMBER_SPLITS)}, got {nonmembers!r}")
     if reference_split not in REFERENCE_SPLITS:
@@ -209,18 +211,22 @@ def _check_nonmembers(nonmembers: str | None, reference_split: str = "random") -
 
 
 def audit_run(run_dir: str | Path, progress: bool = True, nonmembers: str | None = None,
-              reference_split: str = "random") -> dict[str, Any]:
+              reference_split: str = "random", max_nonmembers: int = 0) -> dict[str, Any]:
     """The audit of every site of a finished in-process run; ``nonmembers``: where the
     non-members come from ("test", "val" or "unused-train"; default: the run's own eval split; a
     site with no unused train image is reported ``unavailable``, the others audited);
-    ``reference_split``: how they are halved ("random" or "grouped", module docstring)."""
+    ``reference_split``: how they are halved ("random" or "grouped", module docstring);
+    ``max_nonmembers``: held-out images per site, both halves (0: the run's ``max_test``; more
+    non-members narrow the chance bands, which a 1 % FPR needs)."""
     run = Path(run_dir)
     if not (run / COMPLETE).is_file():
         raise MedVeilError(f"{run}: not a complete federated run (no '{COMPLETE}' marker)")
-    _check_nonmembers(nonmembers, reference_split)
+    _check_nonmembers(nonmembers, reference_split, max_nonmembers)
     cfg = load_config(run / "config.toml")
     if nonmembers is not None:
         cfg.data = replace(cfg.data, eval_split=nonmembers)
+    if max_nonmembers:
+        cfg.data = replace(cfg.data, max_test=max_nonmembers)
     universal = load_universal(run / "model.pt")
     updates_path = run / "checkpoints" / UPDATES
     try:
@@ -262,14 +268,15 @@ def audit_run(run_dir: str | Path, progress: bool = True, nonmembers: str | None
 
 
 def audit_site_state(state_dir: str | Path, name: str, model: str | Path | None, out: str | Path | None = None,
-                     nonmembers: str | None = None, reference_split: str = "random") -> dict[str, Any]:
+                     nonmembers: str | None = None, reference_split: str = "random",
+                     max_nonmembers: int = 0) -> dict[str, Any]:
     """A Flower site's own audit (``medveil site audit``), from what it kept in its state folder
     (:mod:`medveil.federated.site_record`: its data options, the backbone it first trained from,
     its last update) and, when given, the final universal ``model`` the server shared. The same
     attacks, reference model and seeds as ``medveil audit`` on the in-process run. Writes
     ``audit.json`` and ``audit_roc.png`` into ``out`` (default: the site's audit folder);
-    ``nonmembers`` and ``reference_split`` as for :func:`audit_run`."""
-    _check_nonmembers(nonmembers, reference_split)
+    ``nonmembers``, ``reference_split`` and ``max_nonmembers`` as for :func:`audit_run`."""
+    _check_nonmembers(nonmembers, reference_split, max_nonmembers)
     folder = audit_folder(state_dir, name)
     if not (folder / SITE).is_file():
         raise MedVeilError(f"{folder}: no releases of site {name!r} recorded (it has not trained in a run "
@@ -279,7 +286,9 @@ def audit_site_state(state_dir: str | Path, name: str, model: str | Path | None,
     if "reference_recipe" not in site:
         raise MedVeilError(f"{folder / SITE}: written by an older MedVeil coordinator (no reference recipe); "
                            f"rerun the federation")
-    data = load_site(name, kept["data"], site if nonmembers is None else {**site, "eval_split": nonmembers})
+    held = {**site, **({"eval_split": nonmembers} if nonmembers else {}),
+            **({"max_test": max_nonmembers} if max_nonmembers else {})}
+    data = load_site(name, kept["data"], held)
     try:
         start = torch.load(folder / REFERENCE_START, map_location="cpu", weights_only=True)
         last = torch.load(folder / LAST_UPDATE, map_location="cpu", weights_only=True)
