@@ -118,6 +118,10 @@ def test_audit_a_finished_run(tmp_path, capsys):
     report = json.loads((tmp_path / "run" / "audit.json").read_text())
     assert report["nonmembers"] == "unused-train" and "none is left unused" in report["sites"]["beta"]["unavailable"]
     assert report["sites"]["alpha"]["update"]["loss"]["n_nonmembers"] == 3  # half of the 6
+    capped = audit_run(tmp_path / "run", progress=False, nonmembers="unused-train", max_nonmembers=4)
+    assert capped["sites"]["alpha"]["update"]["loss"]["n_nonmembers"] == 2  # half of 4 of the 6
+    with pytest.raises(MedVeilError, match="--max-nonmembers must be 0"):
+        audit_run(tmp_path / "run", progress=False, max_nonmembers=2)
     with pytest.raises(MedVeilError, match="reference split must be one of random, grouped"):
         audit_run(tmp_path / "run", progress=False, reference_split="pairs")
     (tmp_path / "half").mkdir()
