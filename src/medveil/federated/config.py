@@ -189,9 +189,9 @@ def validate(cfg: FederationConfig, where: str = "config", remote_clients: bool 
         return
     pool = Path(cfg.data.pool_path).resolve() if cfg.data.pool_path else None
     for spec in cfg.clients:
-        source = spec.resolve()  # a missing dataset fails now, not after pretraining
-        inside = pool is not None and source.resolve().is_relative_to(pool) and source.suffix != ".npz"
-        if pool is not None and (source.resolve() == pool or inside):  # a pool folder reads its images, not .npz files
+        source = spec.resolve().resolve()  # a missing dataset fails now, not after pretraining
+        inside = pool is not None and source.is_relative_to(pool) and source.suffix != ".npz"
+        if pool is not None and (source == pool or inside):  # a pool folder reads its images, not .npz files
             raise ConfigError(f"{where}: [data] pool_path is (or holds) the dataset of client {spec.name!r}: every "
                               f"split of it, its test images too, would enter pretraining and distillation; use "
                               f"pool_fraction (a share of each client's train split) instead")

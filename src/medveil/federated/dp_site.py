@@ -192,16 +192,26 @@ class DPSites:
         with self._locked(data):
             return self._fit(data, ins, recipe, device)
 
-    def _fit(self, data: ClientData, ins: FitInstructions, recipe: TrainRecipe, device: str) -> ClientUpdate:
+    def _admitted(self, data: ClientData, ins: FitInstructions, recipe: TrainRecipe,
+                  work: str) -> tuple[Ledger, dict]:
+        """The site's ledger and this release's entry (``work``: "fit" or "calibrate"), once the
+        ledger admits it (:meth:`_admit`)."""
         ledger = self.ledger(data)
-        sigma, q, steps, _ = self._plan(data, recipe, ledger)
-        entry = {"stage": ins.stage, "model": model_digest(ins), "noise": sigma, "rate": q, "steps": steps,
-                 "setup": setup_digest(data, ins, recipe, self.opts, "fit")}
+        sigma, q, fit_steps, calibrate_steps = self._plan(data, recipe, ledger)
+        entry = {"stage": ins.stage, "model": model_digest(ins), "noise": sigma, "rate": q,
+                 "steps": calibrate_steps if work == "calibrate" else fit_steps,
+                 "setup": setup_digest(data, ins, recipe, self.opts, work)}
+        if work == "calibrate":
+            entry["work"] = work
         self._admit(ledger, entry)
+        return ledger, entry
+
+    def _fit(self, data: ClientData, ins: FitInstructions, recipe: TrainRecipe, device: str) -> ClientUpdate:
+        ledger, entry = self._admitted(data, ins, recipe, "fit")
         backbone, head = received_models(data, ins, device)
         secret = wide_seed(site_secret(self.root / data.name), ins.stage, entry["model"])
-        dp_train_classifier(backbone, head, data.x_train, data.y_train, data.task, recipe, self.opts, sigma, secret,
-                            augment=data.augmentation(recipe.augment))
+        dp_train_classifier(backbone, head, data.x_train, data.y_train, data.task, recipe, self.opts, entry["noise"],
+                            secret, augment=data.augmentation(recipe.augment))
         return self._release(data, ledger, entry, ins, backbone, head)
 
     def calibrate(self, data: ClientData, ins: FitInstructions, recipe: TrainRecipe, seed: int,
@@ -218,16 +228,12 @@ class DPSites:
             return self._calibrate(data, ins, recipe, device)
 
     def _calibrate(self, data: ClientData, ins: FitInstructions, recipe: TrainRecipe, device: str) -> ClientUpdate:
-        ledger = self.ledger(data)
-        sigma, q, _, steps = self._plan(data, recipe, ledger)
-        entry = {"stage": ins.stage, "model": model_digest(ins), "noise": sigma, "rate": q, "steps": steps,
-                 "setup": setup_digest(data, ins, recipe, self.opts, "calibrate"), "work": "calibrate"}
-        self._admit(ledger, entry)
+        ledger, entry = self._admitted(data, ins, recipe, "calibrate")
         backbone, received = received_models(data, ins, device)
         secret = wide_seed(site_secret(self.root / data.name), ins.stage, entry["model"], "calibrate")
         z = to_basis(extract_features(backbone, data.x_train), ins.features)
         # in the pool's basis: a fresh head (the received one lives on raw features); without one, the received head
         head = new_head(z.shape[1], data.num_classes, secret & 0x7FFFFFFF) if ins.features else received
-        dp_fit_head(head, z, data.y_train, data.task, recipe, self.opts, sigma, secret)
+        dp_fit_head(head, z, data.y_train, data.task, recipe, self.opts, entry["noise"], secret)
         received.load_state_dict(fold_head(head, ins.features))
         return self._release(data, ledger, entry, ins, None, received)
