@@ -17,6 +17,12 @@ per site (``--max-nonmembers 2000``) instead of the run's 500, for narrower chan
     python benchmarks/audit_grouped.py   # benchmarks/privacy.py's job: shipped recipe, FULL sizes, seed 0,
                                          # val split; the two runs are kept in runs/bench/ (made when absent)
     python benchmarks/audit_grouped.py --variants unused-train   # only these rows; the others kept
+    python benchmarks/audit_grouped.py --variants unused-train-2000 --epsilons 8 --seeds 3
+        # the same audit of seeds 1 and 2's runs too (made when absent: 13 min each at epsilon 8),
+        # and a row with the mean over the seeds
+
+Rows of seed 0 are named "<run>, <variant>", those of another seed "<run>, <variant>, seed <s>",
+their mean "<run>, <variant>, mean of <n> seeds" (the mean of each figure).
 
 Writes benchmarks/results/audit_grouped.json and prints the table (AUC per site: loss / calibrated
 attack, the stronger of the two targets).
@@ -30,6 +36,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 
 from medveil.evaluate.audit import audit_run, strip_curves
 from medveil.io import write_json_atomic
@@ -48,26 +55,49 @@ def strongest(site: dict[str, Any], attack: str, figure: str = "auc") -> float:
     return max((site[t][attack][figure] for t in ("update", "universal") if t in site), default=float("nan"))
 
 
+def mean_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure of each (site, target, attack), chance bands included, averaged over the runs'
+    audits; a site not audited stays so."""
+    def mean(values: list[Any]) -> Any:
+        if isinstance(values[0], dict):
+            return {k: mean([v[k] for v in values]) for k in values[0]}
+        return float(np.mean(values))
+
+    return {site: first if "unavailable" in first else
+            {t: mean([r[site][t] for r in runs]) for t in first if isinstance(first[t], dict)}
+            for site, first in runs[0].items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}")
+    extra.add_argument("--epsilons", default="8,inf", help="the runs audited: 8 (DP), inf (no DP) or both")
+    extra.add_argument("--seeds", type=int, default=1, help="the runs of seeds 0 .. N-1 (made when absent)")
     known, rest = extra.parse_known_args(argv)
     unknown = [v for v in known.variants.split(",") if v not in VARIANTS]
     if unknown:  # before hours of work, not after
         extra.error(f"unknown variant {unknown[0]!r} (choose from {', '.join(VARIANTS)})")
+    epsilons = [float(e) for e in known.epsilons.split(",")]
+    if not set(epsilons) <= {8.0, float("inf")} or known.seeds < 1:
+        extra.error("--epsilons takes 8 and / or inf, --seeds a count >= 1")
     args = study_args(__doc__, rest)
     out = REPO / "benchmarks" / "results" / "audit_grouped.json"
     results: dict[str, dict[str, Any]] = json.loads(out.read_text())["results"] if out.is_file() else {}
-    for eps in (8.0, float("inf")):
-        run = kept_run(FULL, args.data_dir, 0, eps, "val", calibration=20)
-        for variant in known.variants.split(","):
-            nonmembers, split, held = VARIANTS[variant]
-            audit = strip_curves(audit_run(run, progress=False, nonmembers=nonmembers, reference_split=split,
-                                           max_nonmembers=held))
-            results[f"{'no DP' if eps == float('inf') else f'epsilon {eps:g}'}, {variant}"] = audit["sites"]
+    for eps in epsilons:
+        label = "no DP" if eps == float("inf") else f"epsilon {eps:g}"
+        for seed in range(known.seeds):
+            run = kept_run(FULL, args.data_dir, seed, eps, "val", calibration=20)
+            for variant in known.variants.split(","):
+                nonmembers, split, held = VARIANTS[variant]
+                audit = strip_curves(audit_run(run, progress=False, nonmembers=nonmembers, reference_split=split,
+                                               max_nonmembers=held))
+                results[f"{label}, {variant}" + (f", seed {seed}" if seed else "")] = audit["sites"]
+        for variant in known.variants.split(",") if known.seeds > 1 else ():
+            runs = [results[f"{label}, {variant}" + (f", seed {s}" if s else "")] for s in range(known.seeds)]
+            results[f"{label}, {variant}, mean of {known.seeds} seeds"] = mean_of(runs)
     order = list(VARIANTS)
     results = dict(sorted(results.items(), key=lambda kv: (kv[0].startswith("no DP"),
-                                                             order.index(kv[0].split(", ")[1]))))
+                                                             order.index(kv[0].split(", ")[1]), "mean" in kv[0], kv[0])))
     sites = list(next(iter(results.values())))
     lines = [f"{'AUC (loss / calibrated), non-members':<40}" + "".join(f"{s[:12]:>14}" for s in sites)]
     for key, row in results.items():
@@ -79,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{max(strongest(row[s], a, 'tpr_at_1pct_fpr') for a in ('loss', 'calibrated')):>14.3f}" for s in sites))
     print("\n".join(lines))
     write_json_atomic(out, {"command": "python benchmarks/audit_grouped.py",
-                            "setting": "privacy.py --shipped job, seed 0, eval split val, --dp-calibration 20; "
+                            "setting": "privacy.py --shipped job, seed 0 unless the row says, eval split val, --dp-calibration 20; "
                                        "random / grouped: val non-members; unused-train: unused train images",
                             "results": results, "table": "\n".join(lines)})
     print(f"written: {out.relative_to(REPO)}")

@@ -182,10 +182,15 @@ def run_job(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: float, 
     return result
 
 
+def released(site_audit: dict[str, Any]) -> list[dict[str, Any]]:
+    return [site_audit[t] for t in ("update", "universal") if isinstance(site_audit.get(t), dict)]
+
+
 def strongest(site_audit: dict[str, Any]) -> tuple[float, float, float]:
     """(max AUC, max TPR at 1 % FPR, how many of those figures lie above their chance band) over
-    the targets and attacks of one site."""
-    ms = [m for target in site_audit.values() if isinstance(target, dict) for m in target.values()]
+    the released targets (``update``, ``universal``; not the audit's ``backbone`` diagnostic) and
+    attacks of one site."""
+    ms = [m for target in released(site_audit) for m in target.values()]
     if not ms:  # not audited (--audit-nonmembers unused-train and a site that uses every train image)
         return float("nan"), float("nan"), 0.0
     above = sum(m[k] > m["chance_95"][k] for m in ms for k in ("auc", "tpr_at_1pct_fpr"))
@@ -209,7 +214,7 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
             cells.append(f"{accs[d]:.3f} {auc:.2f}/{tpr:.3f}")
         spent = [r["privacy"][d]["epsilon"] for r in runs for d in DATASETS if d in r["privacy"]]
         label = eps if eps == "inf" or not spent else f"{eps} ({max(spent):.2f})"
-        n_figures = sum(2 * len([m for t in r["audit"][d].values() if isinstance(t, dict) for m in t.values()])
+        n_figures = sum(2 * len([m for t in released(r["audit"][d]) for m in t.values()])
                         for r in runs for d in DATASETS)
         lines.append(f"{label:<22}{np.mean(list(accs.values())):>9.3f}" + "".join(f"{c:>18}" for c in cells)
                      + f"{max(aucs):>9.2f}{f'{above:.0f}/{n_figures}':>10}")

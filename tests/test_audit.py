@@ -4,6 +4,8 @@ out, an untrained one is not), and on a finished run."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from fed_helpers import tiny_config
 from medveil.cli.main import main
 from medveil.evaluate.audit import (
     attack_metrics,
+    audit_one,
     audit_run,
     audit_site,
     example_losses,
@@ -84,6 +87,28 @@ def test_a_memorising_model_is_found_and_an_untrained_one_is_not():
     assert out["untrained"]["calibrated"]["auc"] == 0.5  # target = reference: every score is 0
 
 
+def test_the_backbone_target_separates_a_memorising_head_from_its_backbone():
+    """A universal model whose head memorised the members on an untrained backbone: the
+    ``universal`` target gives them away, the ``backbone`` target (the same backbone, a head fit on
+    the reference half of the non-members) does not: the signal is in the head."""
+    from medveil.federated.calibration import fit_linear_head
+    from medveil.federated.rebuild import build_head
+    from medveil.federated.training import extract_features
+
+    torch.manual_seed(0)
+    data = toy_site(48)
+    cfg = ViTConfig(img_size=16, patch_size=4, in_chans=1, embed_dim=96, depth=1, num_heads=2,
+                    decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)  # more features than members
+    backbone = VisionTransformer(cfg).eval()
+    memorised = fit_linear_head(extract_features(backbone, data.x_train), data.y_train, 4, data.task, C=1e4)
+    head = build_head(memorised, 4, "toy")
+    out = audit_one(data, cfg.to_dict(), backbone.state_dict(), TrainRecipe(epochs=1, batch_size=8), None,
+                    (backbone, head), run_seed=0)
+    assert set(out) == {"universal", "backbone"}
+    assert out["universal"]["loss"]["auc"] > 0.9
+    assert abs(out["backbone"]["loss"]["auc"] - 0.5) < 0.2
+
+
 @pytest.mark.slow
 def test_audit_a_finished_run(tmp_path, capsys):
     cfg = tiny_config(tmp_path, "fedavg", rounds=1)
@@ -96,7 +121,7 @@ def test_audit_a_finished_run(tmp_path, capsys):
     for name in ("alpha", "beta"):
         site = report["sites"][name]
         assert site["update_stage"] == 1
-        for target in ("update", "universal"):
+        for target in ("update", "universal", "backbone"):  # backbone: the universal one, a head fit on R
             for attack in ("loss", "calibrated"):
                 m = site[target][attack]
                 assert 0.0 <= m["auc"] <= 1.0 and 0.0 <= m["tpr_at_1pct_fpr"] <= 1.0 and "roc" not in m
@@ -176,3 +201,19 @@ def test_a_site_audits_its_own_releases_as_the_run_audit_does(tmp_path, capsys):
     keep_release(folder, site_options(cfg), "alpha", cfg.clients[0].path, ins3, update)
     assert torch.equal(torch.load(folder / "reference_start.pt", weights_only=True)["backbone"]["cls_token"],
                        u["backbone"]["cls_token"])
+
+
+def test_the_seed_mean_of_audits_averages_every_figure():
+    """benchmarks/audit_grouped.py --seeds N: the mean row averages each figure (chance bands
+    too) over the seeds' audits and keeps a site that was not audited as such."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from audit_grouped import mean_of
+
+    def audit(auc: float) -> dict:
+        m = {"auc": auc, "tpr_at_1pct_fpr": auc / 10, "chance_95": {"auc": 0.53, "tpr_at_1pct_fpr": 0.02 + auc / 100}}
+        return {"a": {"update": {"loss": m, "calibrated": m}, "update_stage": 3}, "b": {"unavailable": "none unused"}}
+
+    mean = mean_of([audit(0.5), audit(0.6)])
+    assert mean["a"]["update"]["loss"]["auc"] == pytest.approx(0.55)
+    assert mean["a"]["update"]["calibrated"]["chance_95"]["tpr_at_1pct_fpr"] == pytest.approx(0.0255)
+    assert "update_stage" not in mean["a"] and mean["b"] == {"unavailable": "none unused"}

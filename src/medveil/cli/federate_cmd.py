@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     au = subparsers.add_parser(
         "audit",
         help="membership-inference audit of a finished run where its data is: loss and calibrated "
-             "attacks on each site's last update and on the universal model (AUC, TPR at low FPR)",
+             "attacks on each site's last update, on the universal model and on its backbone alone (AUC, TPR at "
+             "low FPR)",
         description="Members: each site's train images; non-members: half of its test images (or "
                     "--nonmembers val; the other half trains the attacker's reference model). Writes "
                     "RUN_DIR/audit.json and RUN_DIR/audit_roc.png. Compare a run with [privacy] dp = true "

@@ -111,7 +111,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="The same loss and calibrated attacks as `medveil audit RUN`, run at the site: members are "
                     "its train images used in the run, non-members half of its held-out test images. Targets: "
                     "the last update it sent (kept in --state by `medveil site start`) and, with --model, the "
-                    "final universal model the coordinator shared. Writes audit.json and audit_roc.png.")
+                    "final universal model the coordinator shared, and its backbone alone (a head fit on non-members). "
+                    "Writes audit.json and audit_roc.png.")
     saudit.add_argument("--name", required=True, help="this site's name")
     saudit.add_argument("--model", type=Path, metavar="MODEL", help="the final universal model (RUN/model.pt or an "
                                                                    "export), when the coordinator shared it")

@@ -30,8 +30,12 @@ patient-level leakage (under DP bounded only by group privacy). It needs a site 
 train on all of its train images (``[data] max_train``).
 
 Targets, per site: ``update``, the last model the site sent (what the server saw:
-``checkpoints/updates.pt``) and ``universal``, the final universal backbone with the site's own
-head (what everyone who gets the model sees).
+``checkpoints/updates.pt``); ``universal``, the final universal backbone with the site's own
+head (what everyone who gets the model sees); ``backbone``, that backbone with a head fit exactly
+(:func:`~medveil.federated.calibration.fit_linear_head`) on the reference half R, images it never
+trained on: what the shared backbone alone reveals, without the site's head. A site whose
+``universal`` figure is above its band and whose ``backbone`` figure is not knows the signal is in
+its own head (under DP: the calibration round's refit), not in the backbone every site shares.
 
 Attacks (scores: higher = "member"):
 - ``loss``: the example's loss under the target, negated (Yeom et al. 2018);
@@ -59,12 +63,14 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from medveil.data import Task
 from medveil.errors import DataError, MedVeilError
+from medveil.federated.calibration import fit_linear_head
 from medveil.federated.config import load_config
 from medveil.federated.engine import COMPLETE, UPDATES, mim_only_state
 from medveil.federated.rebuild import build_backbone, build_head
 from medveil.federated.site_record import LAST_UPDATE, REFERENCE_START, SITE, audit_folder, read_site
 from medveil.federated.sites import UNUSED_TRAIN, ClientData, build_sites, load_site
-from medveil.federated.training import TrainRecipe, derive_seed, new_head, predict_logits, task_loss, train_classifier
+from medveil.federated.training import (TrainRecipe, derive_seed, extract_features, new_head, predict_logits, task_loss,
+                                        train_classifier)
 from medveil.federated.universal import load_universal
 from medveil.io import save_figure, write_json_atomic
 from medveil.models import ViTConfig
@@ -175,7 +181,8 @@ def audit_one(data: ClientData, model_cfg: dict[str, Any], reference_start: dict
     """One site's audit: the reference model (``reference_start`` + a head fine-tuned with
     ``recipe`` on half of the held-out images, drawn at random or by look-alike groups), then
     both attacks on each target present (``update``: (stage, backbone, head) the site sent last;
-    ``universal``: (backbone, its head)). In-process (:func:`audit_run`) and at a Flower site
+    ``universal``: (backbone, its head), and with it ``backbone``: that backbone, a head fit on R).
+    In-process (:func:`audit_run`) and at a Flower site
     (:func:`audit_site_state`) alike."""
     if len(data.x_test) < 4:
         raise MedVeilError(f"{data.source}: site {data.name!r} has {len(data.x_test)} held-out images; "
@@ -192,6 +199,10 @@ def audit_one(data: ClientData, model_cfg: dict[str, Any], reference_start: dict
         targets["update"] = update[1:]
     if universal is not None:
         targets["universal"] = universal
+        backbone = universal[0]
+        head = fit_linear_head(extract_features(backbone, data.x_test[ref_idx]), data.y_test[ref_idx],
+                               data.num_classes, data.task)
+        targets["backbone"] = (backbone, build_head(head, data.num_classes, f"{data.name}: backbone target"))
     out = audit_site(data, targets, (ref_backbone, ref_head), eval_idx, derive_seed(seed, "members"))
     if update is not None:
         out["update_stage"] = update[0]
