@@ -73,7 +73,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {  # each: overrides of the shi
     "base_init": {"curation": {"init": "base"}},
     # the shipped config's pool (1000 images per set; breast and retina give far fewer)
     "pool1000": {"data": {"max_pool": 1000}},
-    # up to 3000 pool images per set (organ-a gives 3000, blood 2392, HAM10000 1401; the rest as at 1000)
+    # up to 3000 pool images per set (organ-a gives 3000, blood 2392; the others hold fewer than 1000)
     "pool3000": {"data": {"max_pool": 3000}},
     # federated_validation_pool.json (its names: pool1000, pool1000_auto, pool1000_bal)
     "r2_pool1000": {"data": {"max_pool": 1000}, "federation": {"rounds": 2}, "curation": {"pool_balance": False}},
