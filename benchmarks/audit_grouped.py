@@ -56,16 +56,25 @@ def strongest(site: dict[str, Any], attack: str, figure: str = "auc") -> float:
 
 
 def mean_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each figure of each (site, target, attack), chance bands included, averaged over the runs'
-    audits; a site not audited stays so."""
+    """Each figure of each (site, target, attack) averaged over the runs' audits. The chance
+    bands are averaged too: the mean of the seeds' bands, wider than a band for the mean itself
+    (about sqrt(N) times), so "inside its band" on a mean row is the lenient reading. A site not
+    audited in some run is reported so; a target absent from some run (an update refused under
+    DP) is left out."""
     def mean(values: list[Any]) -> Any:
         if isinstance(values[0], dict):
             return {k: mean([v[k] for v in values]) for k in values[0]}
         return float(np.mean(values))
 
-    return {site: first if "unavailable" in first else
-            {t: mean([r[site][t] for r in runs]) for t in first if isinstance(first[t], dict)}
-            for site, first in runs[0].items()}
+    out: dict[str, Any] = {}
+    for site, first in runs[0].items():
+        per = [r.get(site, {"unavailable": "not audited in every run"}) for r in runs]
+        gone = next((p for p in per if "unavailable" in p), None)
+        if gone is not None:
+            out[site] = gone
+            continue
+        out[site] = {t: mean([p[t] for p in per]) for t in first if all(isinstance(p.get(t), dict) for p in per)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,8 +105,13 @@ def main(argv: list[str] | None = None) -> int:
             runs = [results[f"{label}, {variant}" + (f", seed {s}" if s else "")] for s in range(known.seeds)]
             results[f"{label}, {variant}, mean of {known.seeds} seeds"] = mean_of(runs)
     order = list(VARIANTS)
-    results = dict(sorted(results.items(), key=lambda kv: (kv[0].startswith("no DP"),
-                                                             order.index(kv[0].split(", ")[1]), "mean" in kv[0], kv[0])))
+
+    def row_order(key: str) -> tuple[bool, int, bool, int]:  # seed 0, 1, ..., then the mean
+        parts = key.split(", ")
+        seed = int(parts[2].split()[1]) if len(parts) > 2 and parts[2].startswith("seed ") else 0
+        return key.startswith("no DP"), order.index(parts[1]), "mean" in key, seed
+
+    results = dict(sorted(results.items(), key=lambda kv: row_order(kv[0])))
     sites = list(next(iter(results.values())))
     lines = [f"{'AUC (loss / calibrated), non-members':<40}" + "".join(f"{s[:12]:>14}" for s in sites)]
     for key, row in results.items():

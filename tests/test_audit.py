@@ -217,3 +217,12 @@ def test_the_seed_mean_of_audits_averages_every_figure():
     assert mean["a"]["update"]["loss"]["auc"] == pytest.approx(0.55)
     assert mean["a"]["update"]["calibrated"]["chance_95"]["tpr_at_1pct_fpr"] == pytest.approx(0.0255)
     assert "update_stage" not in mean["a"] and mean["b"] == {"unavailable": "none unused"}
+    refused = audit(0.7)  # a seed whose last update was refused under DP, and a site it did not audit
+    refused["a"] = {"universal": refused["a"]["update"], "update_missing": "refused"}
+    refused["c"] = {"unavailable": "none unused"}
+    first = audit(0.5)
+    first["a"]["universal"] = first["a"]["update"]
+    first["c"] = first["a"]
+    mean = mean_of([first, refused])
+    assert set(mean["a"]) == {"universal"} and mean["a"]["universal"]["loss"]["auc"] == pytest.approx(0.6)
+    assert mean["c"] == {"unavailable": "none unused"}

@@ -269,7 +269,7 @@ def test_differential_privacy_over_flower_equals_in_process(deployment):
     assert (root / "beta-audit" / "audit.json").is_file() and (root / "beta-audit" / "audit_roc.png").is_file()
     site, local_site = at_site["sites"]["beta"], in_process["sites"]["beta"]
     assert site["update_stage"] == local_site["update_stage"] == 2
-    for target in ("update", "universal"):
+    for target in ("update", "universal", "backbone"):
         for attack in ("loss", "calibrated"):
             assert site[target][attack]["auc"] == pytest.approx(local_site[target][attack]["auc"], abs=1e-9)
             assert site[target][attack]["n_members"] == local_site[target][attack]["n_members"] > 0

@@ -31,11 +31,14 @@ train on all of its train images (``[data] max_train``).
 
 Targets, per site: ``update``, the last model the site sent (what the server saw:
 ``checkpoints/updates.pt``); ``universal``, the final universal backbone with the site's own
-head (what everyone who gets the model sees); ``backbone``, that backbone with a head fit exactly
-(:func:`~medveil.federated.calibration.fit_linear_head`) on the reference half R, images it never
-trained on: what the shared backbone alone reveals, without the site's head. A site whose
-``universal`` figure is above its band and whose ``backbone`` figure is not knows the signal is in
-its own head (under DP: the calibration round's refit), not in the backbone every site shares.
+head (what everyone who gets the model sees); ``backbone``, that backbone with a head fit to
+convergence (:func:`~medveil.federated.calibration.fit_linear_head`, L2 at C = 1) on the reference
+half R, images it never trained on: what the shared backbone alone reveals, without the site's
+head. A site whose ``universal`` figure is above its band and whose ``backbone`` figure is not
+knows the signal is in its own head (under DP: the calibration round's refit), not in the backbone
+every site shares. That reading needs non-members from the members' population (``unused-train``):
+with val or test non-members R's head fits E's population better than the members', which pulls
+the backbone target's figures down.
 
 Attacks (scores: higher = "member"):
 - ``loss``: the example's loss under the target, negated (Yeom et al. 2018);
