@@ -55,6 +55,10 @@ def strongest(site: dict[str, Any], attack: str, figure: str = "auc") -> float:
     return max((site[t][attack][figure] for t in ("update", "universal") if t in site), default=float("nan"))
 
 
+def row_key(run: str, variant: str, seed: int) -> str:
+    return f"{run}, {variant}" + (f", seed {seed}" if seed else "")
+
+
 def mean_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Each figure of each (site, target, attack) averaged over the runs' audits. The chance
     bands are averaged too: the mean of the seeds' bands, wider than a band for the mean itself
@@ -100,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                 nonmembers, split, held = VARIANTS[variant]
                 audit = strip_curves(audit_run(run, progress=False, nonmembers=nonmembers, reference_split=split,
                                                max_nonmembers=held))
-                results[f"{label}, {variant}" + (f", seed {seed}" if seed else "")] = audit["sites"]
+                results[row_key(label, variant, seed)] = audit["sites"]
         for variant in known.variants.split(",") if known.seeds > 1 else ():
-            runs = [results[f"{label}, {variant}" + (f", seed {s}" if s else "")] for s in range(known.seeds)]
+            runs = [results[row_key(label, variant, s)] for s in range(known.seeds)]
             results[f"{label}, {variant}, mean of {known.seeds} seeds"] = mean_of(runs)
     order = list(VARIANTS)
 

@@ -170,9 +170,14 @@ def audit_site(data: ClientData, targets: dict[str, tuple[torch.nn.Module, torch
     ref_in = example_losses(predict_logits(*reference, x_in), y_in, data.task)
     ref_out = example_losses(predict_logits(*reference, x_out), y_out, data.task)
     out: dict[str, Any] = {}
+    features: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # one pass per backbone (universal, backbone share one)
     for name, (backbone, head) in targets.items():
-        l_in = example_losses(predict_logits(backbone, head, x_in), y_in, data.task)
-        l_out = example_losses(predict_logits(backbone, head, x_out), y_out, data.task)
+        if id(backbone) not in features:
+            features[id(backbone)] = extract_features(backbone, x_in), extract_features(backbone, x_out)
+        f_in, f_out = features[id(backbone)]
+        with torch.no_grad():
+            l_in = example_losses(head.eval()(f_in), y_in, data.task)
+            l_out = example_losses(head.eval()(f_out), y_out, data.task)
         out[name] = {"loss": attack_metrics(-l_in, -l_out), "calibrated": attack_metrics(ref_in - l_in, ref_out - l_out)}
     return out
 
