@@ -20,9 +20,14 @@ per site (``--max-nonmembers 2000``) instead of the run's 500, for narrower chan
     python benchmarks/audit_grouped.py --variants unused-train-2000 --epsilons 8 --seeds 3
         # the same audit of seeds 1 and 2's runs too (made when absent: 13 min each at epsilon 8),
         # and a row with the mean over the seeds
+    python benchmarks/audit_grouped.py --variants unused-train-2000 --epsilons 8 --seeds 3 --refit 10
+        # the DP runs with a 10-epoch head refit ([privacy] calibration_epochs = 10) instead of 20:
+        # rows "epsilon 8 (refit 10), ..."
 
 Rows of seed 0 are named "<run>, <variant>", those of another seed "<run>, <variant>, seed <s>",
-their mean "<run>, <variant>, mean of <n> seeds" (the mean of each figure).
+their mean "<run>, <variant>, mean of <n> seeds" (the mean of each figure). Beside the audits, the
+JSON's "accuracy" holds each audited run's val accuracy per site and its mean (the utility the
+refit length trades against).
 
 Writes benchmarks/results/audit_grouped.json and prints the table (AUC per site: loss / calibrated
 attack, the stronger of the two targets).
@@ -59,6 +64,13 @@ def row_key(run: str, variant: str, seed: int) -> str:
     return f"{run}, {variant}" + (f", seed {seed}" if seed else "")
 
 
+def val_accuracy(run: Path) -> dict[str, float]:
+    """The run's final val accuracy per site, and their mean."""
+    final = json.loads((run / "metrics.json").read_text())["final"]
+    acc = {site: round(m["acc"], 4) for site, m in final.items()}
+    return {**acc, "mean": round(float(np.mean(list(acc.values()))), 4)}
+
+
 def mean_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Each figure of each (site, target, attack) averaged over the runs' audits. The chance
     bands are averaged too: the mean of the seeds' bands, wider than a band for the mean itself
@@ -86,20 +98,26 @@ def main(argv: list[str] | None = None) -> int:
     extra.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}")
     extra.add_argument("--epsilons", default="8,inf", help="the runs audited: 8 (DP), inf (no DP) or both")
     extra.add_argument("--seeds", type=int, default=1, help="the runs of seeds 0 .. N-1 (made when absent)")
+    extra.add_argument("--refit", type=int, default=20, help="epochs of the DP head refit of the epsilon-8 runs "
+                                                            "([privacy] calibration_epochs, >= 1; default 20)")
     known, rest = extra.parse_known_args(argv)
     unknown = [v for v in known.variants.split(",") if v not in VARIANTS]
     if unknown:  # before hours of work, not after
         extra.error(f"unknown variant {unknown[0]!r} (choose from {', '.join(VARIANTS)})")
     epsilons = [float(e) for e in known.epsilons.split(",")]
-    if not set(epsilons) <= {8.0, float("inf")} or known.seeds < 1:
-        extra.error("--epsilons takes 8 and / or inf, --seeds a count >= 1")
+    if not set(epsilons) <= {8.0, float("inf")} or known.seeds < 1 or known.refit < 1:
+        extra.error("--epsilons takes 8 and / or inf, --seeds a count >= 1, --refit epochs >= 1")
     args = study_args(__doc__, rest)
     out = REPO / "benchmarks" / "results" / "audit_grouped.json"
-    results: dict[str, dict[str, Any]] = json.loads(out.read_text())["results"] if out.is_file() else {}
+    stored = json.loads(out.read_text()) if out.is_file() else {}
+    results: dict[str, dict[str, Any]] = stored.get("results", {})
+    accuracy: dict[str, dict[str, float]] = stored.get("accuracy", {})
     for eps in epsilons:
-        label = "no DP" if eps == float("inf") else f"epsilon {eps:g}"
+        refit = known.refit if eps != float("inf") else 20  # without DP the refit is exact: no epochs
+        label = "no DP" if eps == float("inf") else f"epsilon {eps:g}" + (f" (refit {refit})" if refit != 20 else "")
         for seed in range(known.seeds):
-            run = kept_run(FULL, args.data_dir, seed, eps, "val", calibration=20)
+            run = kept_run(FULL, args.data_dir, seed, eps, "val", calibration=refit)
+            accuracy[label + (f", seed {seed}" if seed else "")] = val_accuracy(run)
             for variant in known.variants.split(","):
                 nonmembers, split, held = VARIANTS[variant]
                 audit = strip_curves(audit_run(run, progress=False, nonmembers=nonmembers, reference_split=split,
@@ -110,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             results[f"{label}, {variant}, mean of {known.seeds} seeds"] = mean_of(runs)
     order = list(VARIANTS)
 
-    def row_order(key: str) -> tuple[bool, int, bool, int]:  # seed 0, 1, ..., then the mean
+    def row_order(key: str) -> tuple[bool, str, int, bool, int]:  # per run and variant: seed 0, 1, ..., the mean
         parts = key.split(", ")
         seed = int(parts[2].split()[1]) if len(parts) > 2 and parts[2].startswith("seed ") else 0
-        return key.startswith("no DP"), order.index(parts[1]), "mean" in key, seed
+        return key.startswith("no DP"), parts[0], order.index(parts[1]), "mean" in key, seed
 
     results = dict(sorted(results.items(), key=lambda kv: row_order(kv[0])))
     sites = list(next(iter(results.values())))
@@ -127,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{max(strongest(row[s], a, 'tpr_at_1pct_fpr') for a in ('loss', 'calibrated')):>14.3f}" for s in sites))
     print("\n".join(lines))
     write_json_atomic(out, {"command": "python benchmarks/audit_grouped.py",
-                            "setting": "privacy.py --shipped job, seed 0 unless the row says, eval split val, --dp-calibration 20; "
+                            "setting": "privacy.py --shipped job, seed 0 unless the row says, eval split val, --dp-calibration 20 "
+                                       "unless the row says (refit N); "
                                        "random / grouped: val non-members; unused-train: unused train images",
-                            "results": results, "table": "\n".join(lines)})
+                            "results": results, "accuracy": accuracy, "table": "\n".join(lines)})
     print(f"written: {out.relative_to(REPO)}")
     return 0
 

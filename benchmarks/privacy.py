@@ -96,7 +96,9 @@ def job_config(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: floa
     raw["local"]["class_weighting"] = "none"  # balanced weights read every private label: refused under DP
     if np.isfinite(epsilon):
         raw["privacy"] = {"dp": True, "target_epsilon": epsilon, "trainable": trainable, "lr_scale": dp_lr_scale,
-                          "batch_size": dp_batch, "calibration_epochs": calibration}
+                          "batch_size": dp_batch}
+        if calibration:  # else the default stays: without calibrate_heads it plans and runs nothing
+            raw["privacy"]["calibration_epochs"] = calibration
     return config_from_dict(raw, data_dir)
 
 
@@ -117,14 +119,15 @@ def kept_run(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: float,
              calibration: int = 0) -> Path:
     """A finished run of the job (``calibration`` as for :func:`job_config`), kept under runs/bench/
     (not committed) for the benchmarks that study a run afterwards (dp_head_refit.py,
-    audit_grouped.py); made when absent."""
+    audit_grouped.py); made when absent, resumed when killed. A kept run made with another config
+    (the setting changed since) is refused with a one-line error, never studied as if current."""
     name = {id(FULL): "shipped", id(QUICK): "quick", id(FULL_DP): "full_dp"}.get(id(setting), "other")
     refit = f"-refit{calibration}" if calibration else ""
     folder = REPO / "runs" / "bench" / f"privacy-{name}-eps{epsilon:g}-seed{seed}-{eval_split}{refit}"
     run = folder / "run"
-    if not (run / "complete").is_file():
-        cfg = job_config(setting, data_dir, seed, epsilon, eval_split, calibration=calibration)
-        run_federation(cfg, run, progress=True, client_fit=job_fit(cfg, folder / "sites", seed), resume=run.is_dir())
+    cfg = job_config(setting, data_dir, seed, epsilon, eval_split, calibration=calibration)
+    # resume=True on a complete run only checks its config.toml against cfg and returns
+    run_federation(cfg, run, progress=True, client_fit=job_fit(cfg, folder / "sites", seed), resume=run.is_dir())
     return run
 
 

@@ -226,3 +226,14 @@ def test_the_seed_mean_of_audits_averages_every_figure():
     mean = mean_of([first, refused])
     assert set(mean["a"]) == {"universal"} and mean["a"]["universal"]["loss"]["auc"] == pytest.approx(0.6)
     assert mean["c"] == {"unavailable": "none unused"}
+
+
+def test_the_audit_benchmark_records_each_runs_val_accuracy(tmp_path):
+    """benchmarks/audit_grouped.py keeps, beside the audits, each run's final val accuracy per
+    site and the mean: the utility a shorter DP head refit (--refit) trades against."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from audit_grouped import val_accuracy
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"final": {"a": {"acc": 0.9, "bacc": 0.8},
+                                                                 "b": {"acc": 0.6, "bacc": 0.5}}}))
+    assert val_accuracy(tmp_path) == {"a": 0.9, "b": 0.6, "mean": 0.75}

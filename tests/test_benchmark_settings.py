@@ -29,9 +29,9 @@ def test_full_mode_keeps_the_shipped_architecture_at_smaller_sizes():
         SHIPPED["model"]["stem"], SHIPPED["model"]["depth"], SHIPPED["model"]["global_pool"])
     assert model["embed_dim"] < SHIPPED["model"]["embed_dim"]
     assert data["max_train"] < SHIPPED["data"]["max_train"]
-    # the pool cap scales with the sites' size (1000 -> 300 for 2000 -> 600 train images)
-    assert data["max_pool"] / SHIPPED["data"]["max_pool"] == pytest.approx(
-        data["max_train"] / SHIPPED["data"]["max_train"])
+    # the pool cap stays at the previous shipped 1000 scaled to the sites' size (300 for 600 of
+    # 2000 train images), below the shipped 3000: the full mode's 90 minutes (meduniverse_settings)
+    assert data["max_pool"] == 300 < SHIPPED["data"]["max_pool"]
 
 
 def test_full_mode_configs_are_valid_and_baselines_drop_pool_balance(tmp_path):
@@ -75,3 +75,22 @@ def test_demo_config_carries_the_shipped_recipe_at_the_demo_width():
     for section, key in (("local", "epochs"), ("local", "augment"), ("local", "schedule"), ("curation", "epochs"),
                          ("curation", "pool_balance"), ("federation", "calibrate_heads")):
         assert demo[section][key] == SHIPPED[section][key], (section, key)
+
+
+def test_a_kept_privacy_run_of_another_setting_is_refused(tmp_path, monkeypatch):
+    """benchmarks/privacy.py's kept runs (studied by audit_grouped.py, dp_head_refit.py) are reused
+    only when their config.toml is the job's: a run kept from an older setting is refused in one
+    line before any training, not audited as if it were current."""
+    import privacy
+    from medveil.federated.config import ConfigError, dump_toml
+
+    for name in privacy.DATASETS:  # the config only checks that a client's file exists
+        (tmp_path / f"{name}.npz").touch()
+    monkeypatch.setattr(privacy, "REPO", tmp_path)
+    run = tmp_path / "runs" / "bench" / "privacy-shipped-eps8-seed0-val-refit10" / "run"
+    run.mkdir(parents=True)
+    older = {**bench.FULL, "data": {**bench.FULL["data"], "max_pool": 200}}
+    (run / "config.toml").write_text(dump_toml(privacy.job_config(older, tmp_path, 0, 8.0, "val", calibration=10)))
+    with pytest.raises(ConfigError, match="different config"):
+        privacy.kept_run(bench.FULL, tmp_path, 0, 8.0, "val", calibration=10)
+    assert sorted(p.name for p in run.iterdir()) == ["config.toml"]  # nothing trained, nothing written

@@ -47,7 +47,7 @@ def test_the_shipped_medmnist6_config_loads_with_its_recipe(shared_data, monkeyp
     monkeypatch.setenv("MEDVEIL_DATA_ROOT", str(shared_data))
     cfg = load_config(Path(__file__).resolve().parents[1] / "src" / "medveil" / "configs" / "medmnist6.toml")
     assert (cfg.model.stem, cfg.model.depth, cfg.federation.rounds, cfg.local.epochs) == ("cnn", 2, 3, 15)
-    assert cfg.curation.pool_balance and cfg.curation.epochs == 20.0 and cfg.data.max_pool == 1000
+    assert cfg.curation.pool_balance and cfg.curation.epochs == 20.0 and cfg.data.max_pool == 3000
     assert [c.name for c in cfg.clients] == ["bloodmnist", "organamnist", "retinamnist", "breastmnist",
                                              "pneumoniamnist", "ham10000"]
 
