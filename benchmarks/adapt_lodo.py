@@ -15,7 +15,7 @@ Why smaller than the shipped config: six federations at its size (2000 images pe
 benchmarks/meduniverse.py, the shipped depth) six folds take about two hours. The recipe is the
 shipped one (results/adapt_lodo.json was measured with the config shipped before 2026-12-04:
 patch stem, depth 4, five short stages, and FULL's pool cap of then, 200 images per set; it is
-300 since FULL scales it with the sites, so a rerun runs new folds). A fold of the shipped recipe
+300 since (fixed: meduniverse_settings.py), so a rerun runs new folds). A fold of the shipped recipe
 at these sizes takes 16-18 min (benchmarks/meduniverse.py's LODO).
 
     python benchmarks/adapt_lodo.py                 # six folds, seed 0

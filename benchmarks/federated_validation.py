@@ -18,8 +18,9 @@ Every variant overrides the shipped config of the day. The config changed on 202
 _device.json) list their variants as overrides of the previous config, at FULL's depth 4. It
 changed again that evening (three stages, [curation] pool_balance): _device2.json and _pool.json
 list theirs as overrides of the two-stage config without pool balance (variant "r2" now).
-FULL's pool cap went from 200 to 300 images per set that night (it now scales with the sites'
-size, see benchmarks/meduniverse.py); every result file records the sizes it ran at.
+FULL's pool cap went from 200 to 300 images per set that night (the shipped 1000 of then scaled
+with the sites; it stays 300 since the shipped cap became 3000 on 2026-12-05, see
+benchmarks/meduniverse_settings.py); every result file records the sizes it ran at.
 
 A variant whose stage 0 (model, data, pretraining) equals that of a variant already run for the
 seed starts from that run's stage-0 checkpoint (identical on the CPU; its CPU-min then leave
@@ -71,9 +72,9 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {  # each: overrides of the shi
     "r3e15": {"federation": {"rounds": 3}},  # = shipped since the evening of 2026-12-04
     "c10": {"curation": {"epochs": 10.0}},
     "base_init": {"curation": {"init": "base"}},
-    # the shipped config's pool (1000 images per set; breast and retina give far fewer)
+    # the previous shipped config's pool (1000 images per set; breast and retina give far fewer)
     "pool1000": {"data": {"max_pool": 1000}},
-    # up to 3000 pool images per set (organ-a gives 3000, blood 2392; the others hold fewer than 1000)
+    # up to 3000 pool images per set, shipped since 2026-12-05 (organ-a gives 3000, blood 2392; the others hold fewer than 1000)
     "pool3000": {"data": {"max_pool": 3000}},
     # federated_validation_pool.json (its names: pool1000, pool1000_auto, pool1000_bal)
     "r2_pool1000": {"data": {"max_pool": 1000}, "federation": {"rounds": 2}, "curation": {"pool_balance": False}},

@@ -120,14 +120,16 @@ def kept_run(setting: dict[str, Any], data_dir: Path, seed: int, epsilon: float,
     """A finished run of the job (``calibration`` as for :func:`job_config`), kept under runs/bench/
     (not committed) for the benchmarks that study a run afterwards (dp_head_refit.py,
     audit_grouped.py); made when absent, resumed when killed. A kept run made with another config
-    (the setting changed since) is refused with a one-line error, never studied as if current."""
+    (the setting changed since, or another --data-dir path: the clients' paths are part of it) is
+    refused with a one-line error, never studied as if current."""
     name = {id(FULL): "shipped", id(QUICK): "quick", id(FULL_DP): "full_dp"}.get(id(setting), "other")
     refit = f"-refit{calibration}" if calibration else ""
     folder = REPO / "runs" / "bench" / f"privacy-{name}-eps{epsilon:g}-seed{seed}-{eval_split}{refit}"
     run = folder / "run"
     cfg = job_config(setting, data_dir, seed, epsilon, eval_split, calibration=calibration)
-    # resume=True on a complete run only checks its config.toml against cfg and returns
-    run_federation(cfg, run, progress=True, client_fit=job_fit(cfg, folder / "sites", seed), resume=run.is_dir())
+    # resume=True on a complete run only checks its config.toml against cfg and returns (no sites)
+    fit = local_fit if (run / "complete").is_file() else job_fit(cfg, folder / "sites", seed)
+    run_federation(cfg, run, progress=True, client_fit=fit, resume=run.is_dir())
     return run
 
 

@@ -77,20 +77,31 @@ def test_demo_config_carries_the_shipped_recipe_at_the_demo_width():
         assert demo[section][key] == SHIPPED[section][key], (section, key)
 
 
-def test_a_kept_privacy_run_of_another_setting_is_refused(tmp_path, monkeypatch):
+def test_a_kept_privacy_run_is_reused_only_with_the_jobs_config(tmp_path, monkeypatch):
     """benchmarks/privacy.py's kept runs (studied by audit_grouped.py, dp_head_refit.py) are reused
-    only when their config.toml is the job's: a run kept from an older setting is refused in one
-    line before any training, not audited as if it were current."""
+    only when their config.toml is the job's: a finished run of the job comes back as it is, one
+    kept from an older setting is refused in one line before any training, not audited as if it
+    were current."""
     import privacy
     from medveil.federated.config import ConfigError, dump_toml
 
     for name in privacy.DATASETS:  # the config only checks that a client's file exists
-        (tmp_path / f"{name}.npz").touch()
+        (tmp_path / "data" / f"{name}.npz").parent.mkdir(exist_ok=True)
+        (tmp_path / "data" / f"{name}.npz").touch()
     monkeypatch.setattr(privacy, "REPO", tmp_path)
-    run = tmp_path / "runs" / "bench" / "privacy-shipped-eps8-seed0-val-refit10" / "run"
+    folder = tmp_path / "runs" / "bench" / "privacy-shipped-eps8-seed0-val-refit10"
+    run = folder / "run"
     run.mkdir(parents=True)
+    job = privacy.job_config(bench.FULL, tmp_path / "data", 0, 8.0, "val", calibration=10)
+    (run / "config.toml").write_text(dump_toml(job))
+    (run / "metrics.json").write_text('{"final": {}}')
+    (run / "complete").touch()
+    assert privacy.kept_run(bench.FULL, tmp_path / "data", 0, 8.0, "val", calibration=10) == run
     older = {**bench.FULL, "data": {**bench.FULL["data"], "max_pool": 200}}
-    (run / "config.toml").write_text(dump_toml(privacy.job_config(older, tmp_path, 0, 8.0, "val", calibration=10)))
+    (run / "config.toml").write_text(dump_toml(privacy.job_config(older, tmp_path / "data", 0, 8.0, "val",
+                                                                  calibration=10)))
     with pytest.raises(ConfigError, match="different config"):
-        privacy.kept_run(bench.FULL, tmp_path, 0, 8.0, "val", calibration=10)
-    assert sorted(p.name for p in run.iterdir()) == ["config.toml"]  # nothing trained, nothing written
+        privacy.kept_run(bench.FULL, tmp_path / "data", 0, 8.0, "val", calibration=10)
+    # nothing trained or written for either: no site folder, the run as it was
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == [
+        "run", "run/complete", "run/config.toml", "run/metrics.json"]
