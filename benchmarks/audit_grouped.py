@@ -60,8 +60,15 @@ def strongest(site: dict[str, Any], attack: str, figure: str = "auc") -> float:
     return max((site[t][attack][figure] for t in ("update", "universal") if t in site), default=float("nan"))
 
 
+REFIT = 20  # the kept runs' DP head-refit epochs unless --refit says otherwise (rows carry no "(refit N)")
+
+
+def seeded(name: str, seed: int) -> str:
+    return name + (f", seed {seed}" if seed else "")
+
+
 def row_key(run: str, variant: str, seed: int) -> str:
-    return f"{run}, {variant}" + (f", seed {seed}" if seed else "")
+    return seeded(f"{run}, {variant}", seed)
 
 
 def val_accuracy(run: Path) -> dict[str, float]:
@@ -98,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     extra.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}")
     extra.add_argument("--epsilons", default="8,inf", help="the runs audited: 8 (DP), inf (no DP) or both")
     extra.add_argument("--seeds", type=int, default=1, help="the runs of seeds 0 .. N-1 (made when absent)")
-    extra.add_argument("--refit", type=int, default=20, help="epochs of the DP head refit of the epsilon-8 runs "
-                                                            "([privacy] calibration_epochs, >= 1; default 20)")
+    extra.add_argument("--refit", type=int, default=REFIT, help="epochs of the DP head refit of the epsilon-8 runs "
+                                                               f"([privacy] calibration_epochs, >= 1; default {REFIT})")
     known, rest = extra.parse_known_args(argv)
     unknown = [v for v in known.variants.split(",") if v not in VARIANTS]
     if unknown:  # before hours of work, not after
@@ -113,11 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = stored.get("results", {})
     accuracy: dict[str, dict[str, float]] = stored.get("accuracy", {})
     for eps in epsilons:
-        refit = known.refit if eps != float("inf") else 20  # without DP the refit is exact: no epochs
-        label = "no DP" if eps == float("inf") else f"epsilon {eps:g}" + (f" (refit {refit})" if refit != 20 else "")
+        refit = known.refit if eps != float("inf") else REFIT  # without DP the refit is exact: no epochs
+        label = "no DP" if eps == float("inf") else f"epsilon {eps:g}" + (f" (refit {refit})" if refit != REFIT else "")
         for seed in range(known.seeds):
             run = kept_run(FULL, args.data_dir, seed, eps, "val", calibration=refit)
-            accuracy[label + (f", seed {seed}" if seed else "")] = val_accuracy(run)
+            accuracy[seeded(label, seed)] = val_accuracy(run)
             for variant in known.variants.split(","):
                 nonmembers, split, held = VARIANTS[variant]
                 audit = strip_curves(audit_run(run, progress=False, nonmembers=nonmembers, reference_split=split,

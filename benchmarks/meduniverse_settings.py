@@ -53,11 +53,10 @@ def shipped_setting(model: dict[str, Any], data: dict[str, Any], **rest: Any) ->
 # machine of 2026-12-04 late, 110 on the one before; README). The pool cap is the previous shipped
 # 1000 scaled with the sites (300 per set: 1525 pool images for 3437 train images). The shipped
 # cap is now 3000 (7330 pool images, 3938 at 1000); scaled, 900 per set would grow the pool 1.8x
-# and the distillation with it (an estimated 110 min, not 90),
-# so full mode keeps 300 and reads as the shipped recipe with the previous pool; the pool's own
-# effect is measured at these sizes by federated_validation.py (README). Methods: the shipped
-# MedUniverse and FedAvg (both calibrated, as shipped; the received model before calibration is
-# kept too), the MIM-only start and the site
+# and the distillation with it (an estimated 110 min, not 90), so full mode keeps 300 and reads as
+# the shipped recipe with the previous pool; the pool's own effect is measured at these sizes by
+# federated_validation.py (README). Methods: the shipped MedUniverse and FedAvg (both calibrated,
+# as shipped; the received model before calibration is kept too), the MIM-only start and the site
 # alone (the ResNet-18 alone on the first seed only); FedProx, relay, local ViT and centralised ViT
 # run in quick mode (or --all-methods).
 FULL: dict[str, Any] = shipped_setting(
