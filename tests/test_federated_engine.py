@@ -205,3 +205,21 @@ def test_cli_errors_and_help(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["federate", "--help"])
     assert "--resume" in capsys.readouterr().out
+
+
+def test_resume_compares_what_changes_the_run(tmp_path):
+    """--resume refuses a config that differs from the run's config.toml, but without DP the
+    [privacy] options change nothing: a run started under an older privacy default (the head
+    refit's 20 epochs) still resumes; with DP on, the same difference is refused."""
+    run = tmp_path / "run"
+    run.mkdir()
+    old = tiny_config(tmp_path, privacy={"calibration_epochs": 20})
+    (run / "config.toml").write_text(dump_toml(old))
+    (run / "metrics.json").write_text('{"final": {}}')
+    (run / "complete").touch()
+    assert run_federation(tiny_config(tmp_path), run, resume=True, progress=False) == {"final": {}}
+    old_dp = tiny_config(tmp_path, privacy={"dp": True, "calibration_epochs": 20})
+    for saved, now in ((old, {"dp": True}), (old_dp, {"dp": True})):  # DP turned on; DP's refit changed
+        (run / "config.toml").write_text(dump_toml(saved))
+        with pytest.raises(ConfigError, match="different config"):
+            run_federation(tiny_config(tmp_path, privacy=now), run, resume=True, progress=False)

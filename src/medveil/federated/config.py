@@ -96,6 +96,15 @@ class FederationConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def resume_identity(self) -> dict[str, Any]:
+        """What a resumed run must share with the config it was started with: all of it, less the
+        [privacy] options when DP is off (they change nothing then, so a later change of their
+        defaults does not lock a run without DP out of its folder)."""
+        d = self.to_dict()
+        if not self.privacy.dp:
+            del d["privacy"]
+        return d
+
 
 SECTIONS: dict[str, type] = {
     "model": ViTConfig, "data": SiteOptions, "pretrain": PretrainRecipe,

@@ -110,7 +110,7 @@ def run_federation(
     out = Path(out_dir)
     if resume and (out / "config.toml").is_file():
         saved = load_config(out / "config.toml", remote_clients=transport is not None)
-        if saved.to_dict() != cfg.to_dict():
+        if saved.resume_identity() != cfg.resume_identity():
             raise ConfigError(f"{out}: was started with a different config (see {out / 'config.toml'})")
     if (out / COMPLETE).exists():
         if not resume:
