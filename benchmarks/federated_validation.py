@@ -83,6 +83,9 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {  # each: overrides of the shi
     "r2_pool1000_bal": {"data": {"max_pool": 1000}, "federation": {"rounds": 2}},
     # heads read [cls, mean of the patch tokens] in every phase (local training, distillation, calibration)
     "token_avg": {"model": {"global_pool": "token+avg"}},
+    # pool3000, and each teacher's KD weighs the pool images of its own dataset 5x (half its batch
+    # weight, with 6 balanced sources)
+    "pool3000_own5": {"data": {"max_pool": 3000}, "curation": {"own_source_weight": 5.0}},
 }
 VERSION = 1
 

@@ -153,6 +153,40 @@ def test_distill_kl_properties():
     assert distill_kl(t, t, 2.0, "multi-label").item() == pytest.approx(0.0, abs=1e-6)
     assert distill_kl(torch.zeros(5, 4), t, 2.0, "multi-class").item() > 0
     assert distill_kl(torch.zeros(5, 4), t, 1.0, "multi-label").item() > 0
+    for task in ("multi-class", "multi-label"):  # weighted: a weighted mean of the per-example terms
+        s = torch.randn(5, 4)
+        plain = distill_kl(s, t, 2.0, task)
+        assert distill_kl(s, t, 2.0, task, torch.full((5,), 3.0)).item() == pytest.approx(plain.item(), rel=1e-5)
+        only_first = torch.tensor([1.0, 0, 0, 0, 0])
+        assert distill_kl(s, t, 2.0, task, only_first).item() == pytest.approx(
+            distill_kl(s[:1], t[:1], 2.0, task).item(), rel=1e-5)
+
+
+def test_distill_own_source_weight(setup):
+    """[curation] own_source_weight: each teacher weighs the pool images of its own dataset w
+    times the others'; it changes the curated model, needs the pool's sources (else every image
+    weighs the same, as at w = 1), and is refused outside distill or at w <= 0."""
+    _, clients, pool = setup
+    curated = {}
+    for w in (1.0, 4.0):
+        server = fresh_server(setup)
+        server.pool_groups, server.pool_sources = pool_groups(clients, pool), [c.name for c in clients]
+        curator = DistillCurator(CurationParams(epochs=2.0, batch_size=16, own_source_weight=w))
+        weights = curator.own_source_weights(server, [c.name for c in clients])
+        if w == 1.0:
+            assert weights == {}
+        else:
+            assert weights["alpha"].tolist() == [4.0] * 12 + [1.0] * 10
+            assert weights["beta"].tolist() == [1.0] * 12 + [4.0] * 10
+        curator.curate(server, real_updates(setup, server), seed=0, progress=False)
+        curated[w] = server.backbone_state()
+    assert any(not torch.equal(curated[1.0][k], curated[4.0][k]) for k in curated[1.0])
+    unknown = fresh_server(setup)  # a pool_path pool: sources unknown
+    assert DistillCurator(CurationParams(own_source_weight=4.0)).own_source_weights(unknown, ["alpha"]) == {}
+    with pytest.raises(ConfigError, match="own_source_weight must be > 0"):
+        make_curator("distill", CurationParams(own_source_weight=0.0))
+    with pytest.raises(ConfigError, match="applies to strategy 'distill' only"):
+        make_curator("fedavg", CurationParams(own_source_weight=4.0))
 
 
 def test_bad_updates_are_rejected_and_not_aggregated(setup, caplog):

@@ -24,6 +24,10 @@ pass at lr 5e-4 on the quick benchmark's data; figures in ``benchmarks/results/`
 ``pool_balance = true``: distillation batches weigh every source dataset of the pool the same
 (the server knows where its unlabelled images came from; a small site's share of the pool is
 otherwise tiny: 109 breast images beside 1000 of each large set in ``medmnist6.toml``).
+``own_source_weight = w``: teacher k's KL term is a weighted mean over the batch, w on the pool
+images that came from site k's own dataset and 1 on the others' (a breast teacher's outputs on
+blood cells are a function the student must copy too, but not the one the breast task needs);
+w = 1 is the formula above. Both need the pool's sources (in-process ``pool_fraction`` pools).
 Student initialisation ``init``: "average" (default, our choice) starts from the n_k-weighted
 average of the teachers' backbones and copies the teachers' heads, then distils; "base" starts
 from the current global model (pure distillation: the server's weights only move through KD).
@@ -76,6 +80,8 @@ class CurationParams:
     mask_ratio: float = 0.75
     init: str = "average"     # distill student init: "average" | "base"
     pool_balance: bool = False  # distill: every source dataset of the pool weighs the same
+    own_source_weight: float = 1.0  # distill: a teacher's KD weight on pool images of its own site's
+                                    # dataset, against 1 on the others' (1: every image the same)
     relay_alpha: float = 1.0
     aggregation: str = "mean"  # fedavg backbone: "mean" (n_k-weighted) | "median" | "trimmed_mean"
     trim_fraction: float = 0.2  # trimmed_mean: share cut at each end, in [0, 0.5)
@@ -126,16 +132,22 @@ def interpolate(base: StateDict, new: StateDict, alpha: float) -> StateDict:
             for k in base}
 
 
-def distill_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float, task: str) -> torch.Tensor:
-    """tau^2 KL(teacher || student) at temperature tau, mean over the batch; logits (B, C)."""
+def distill_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float, task: str,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+    """tau^2 KL(teacher || student) at temperature tau, mean over the batch (``weight`` (B,): the
+    weighted mean); logits (B, C)."""
     if task == MULTILABEL:
         t = torch.sigmoid(teacher / tau)
         ls_pos, ls_neg = F.logsigmoid(student / tau), F.logsigmoid(-student / tau)
         lt_pos, lt_neg = F.logsigmoid(teacher / tau), F.logsigmoid(-teacher / tau)
-        kl = t * (lt_pos - ls_pos) + (1 - t) * (lt_neg - ls_neg)
-        return tau**2 * kl.sum(dim=1).mean()
-    return tau**2 * F.kl_div(F.log_softmax(student / tau, dim=1), F.log_softmax(teacher / tau, dim=1),
-                             reduction="batchmean", log_target=True)
+        kl = (t * (lt_pos - ls_pos) + (1 - t) * (lt_neg - ls_neg)).sum(dim=1)
+    elif weight is None:
+        return tau**2 * F.kl_div(F.log_softmax(student / tau, dim=1), F.log_softmax(teacher / tau, dim=1),
+                                 reduction="batchmean", log_target=True)
+    else:
+        kl = F.kl_div(F.log_softmax(student / tau, dim=1), F.log_softmax(teacher / tau, dim=1),
+                      reduction="none", log_target=True).sum(dim=1)
+    return tau**2 * (kl.mean() if weight is None else (weight * kl).sum() / weight.sum())
 
 
 def pool_batches(n: int, n_steps: int, batch_size: int, gen: torch.Generator,
@@ -211,6 +223,8 @@ class DistillCurator(Curator):
             raise ConfigError(f"[curation] init must be 'average' or 'base', got {params.init!r}")
         if params.tau <= 0 or params.lam < 0 or params.mim_mu < 0 or params.epochs <= 0:
             raise ConfigError("[curation] needs tau > 0, lam >= 0, mim_mu >= 0, epochs > 0")
+        if not params.own_source_weight > 0:
+            raise ConfigError(f"[curation] own_source_weight must be > 0, got {params.own_source_weight}")
         self.p = params
 
     def teacher_logits(self, server: Server, u: ClientUpdate) -> torch.Tensor:
@@ -227,6 +241,15 @@ class DistillCurator(Curator):
         feats = extract_features(server.model, server.pool).to(server.device)
         return float(sum(distill_kl(server.heads[n](feats), t.to(server.device), self.p.tau, server.registry[n].task)
                          for n, t in targets.items()) / len(targets))
+
+    def own_source_weights(self, server: Server, names: list[str]) -> dict[str, torch.Tensor]:
+        """{teacher: (M,) KD weight of each pool image}: ``own_source_weight`` on the images of its
+        own dataset, 1 elsewhere; empty when the weight is 1 or the pool's sources are unknown."""
+        w = self.p.own_source_weight
+        if w == 1.0 or server.pool_groups is None:
+            return {}
+        return {n: torch.where(server.pool_groups == server.pool_sources.index(n), w, 1.0)
+                for n in names if n in server.pool_sources}
 
     def curate(self, server: Server, updates: list[ClientUpdate], seed: int,
                progress: bool = True) -> dict[str, Any]:
@@ -252,6 +275,7 @@ class DistillCurator(Curator):
         steps = pool_batches(len(pool), n_steps, p.batch_size, gen,
                              server.pool_groups if p.pool_balance else None)
         device = server.device
+        own = self.own_source_weights(server, list(teachers))
         model.train()
         server.heads.train()
         mim_total = 0.0
@@ -260,7 +284,8 @@ class DistillCurator(Curator):
                                     disable=not progress):
                 x = pool[idx].to(device)
                 f = model.forward_features(x)
-                loss = sum(distill_kl(server.heads[n](f), t[idx].to(device), p.tau, server.registry[n].task)
+                loss = sum(distill_kl(server.heads[n](f), t[idx].to(device), p.tau, server.registry[n].task,
+                                      own[n][idx].to(device) if n in own else None)
                            for n, t in teachers.items())
                 if old:
                     loss = loss + p.lam * sum(
@@ -286,6 +311,8 @@ def make_curator(strategy: str, params: CurationParams) -> Curator:
     """The curator for a strategy name; ConfigError for an unknown name."""
     if params.pool_balance and strategy != "distill":
         raise ConfigError(f"[curation] pool_balance applies to strategy 'distill' only, not {strategy!r}")
+    if params.own_source_weight != 1.0 and strategy != "distill":
+        raise ConfigError(f"[curation] own_source_weight applies to strategy 'distill' only, not {strategy!r}")
     if strategy == "distill":
         return DistillCurator(params)
     if strategy == "relay":

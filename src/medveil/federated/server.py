@@ -54,6 +54,7 @@ class Server:
         self.cfg = cfg
         self.pool = pool  # (M, C, H, W) float in [0, 1], unlabelled
         self.pool_groups: torch.Tensor | None = None  # (M,) source dataset of each pool image, if known
+        self.pool_sources: list[str] = []  # the client whose dataset each group index came from, if known
         with seeded(seed):
             self.model = MaskedAutoencoderViT(cfg)
         self.heads = nn.ModuleDict()
