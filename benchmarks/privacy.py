@@ -31,7 +31,7 @@ the noise multiplier is the smallest that fits the planned stages in the target.
 is off for every run, epsilon = inf included (refused under DP), and so is head calibration unless
 ``--dp-calibration E`` asks for it: then the last round refits every head, under DP by E epochs of
 DP-SGD in the pool's feature basis ([privacy] calibration_epochs, planned in the budget), without
-DP by the exact fit ("refit exact"); ``--dp-calibration 0,20`` shows both (results/privacy_shipped.json).
+DP by the exact fit ("refit exact"); ``--dp-calibration 0,10,20`` shows them all (results/privacy_shipped.json).
 Either way the rows differ only by DP.
 The sites' DP secrets are derived from the seed (a real site draws its own), so a rerun gives
 the same numbers. Each finished (epsilon, seed) job is kept under benchmarks/results/jobs/privacy[_quick]/.
