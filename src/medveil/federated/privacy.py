@@ -65,7 +65,8 @@ class PrivacyOptions:
     calibration_epochs: int = 10  # with [federation] calibrate_heads: the last round's head refit runs as
                                   # DP-SGD on the head alone for this many epochs, planned in the budget
                                   # (0: the round is skipped under DP; 10 over 20: the audit's AUC lower
-                                  # at the same val accuracy, 3 seeds: benchmarks/results/audit_grouped.json)
+                                  # at the same val accuracy, 3 seeds: benchmarks/results/audit_grouped.json;
+                                  # on test it cost 1.4 points: privacy_shipped.json, README)
     calibration_dims: int = 64    # the refit's coordinates: the pool's top whitened principal axes
     calibration_lr: float = 0.04  # AdamW rate of the refit on those (unit-variance) coordinates
     # (dims, rate and epochs chosen on validation splits: benchmarks/results/dp_head_refit_validation.json;
