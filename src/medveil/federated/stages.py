@@ -95,12 +95,11 @@ def prepare(cfg: FederationConfig, client_fit: LocalFit = local_fit,
                     seed=derive_seed(cfg.seed, "init"))
     server.pool_groups = pool_groups(clients, pool)
     server.pool_sources = [c.name for c in clients] if server.pool_groups is not None else []
-    if cfg.curation.pool_balance and server.pool_groups is None:  # said once per run, not per stage
-        log.warning("[curation] pool_balance: the pool's sources are unknown (a pool_path pool), "
-                    "so every image weighs the same")
-    if cfg.curation.own_source_weight != 1.0 and server.pool_groups is None:
-        log.warning("[curation] own_source_weight: the pool's sources are unknown (a pool_path pool), "
-                    "so every teacher weighs every image the same")
+    by_source = [k for k, on in (("pool_balance", cfg.curation.pool_balance),
+                                 ("own_source_weight", cfg.curation.own_source_weight != 1.0)) if on]
+    if by_source and server.pool_groups is None:  # said once per run, not per stage
+        log.warning(f"[curation] {' and '.join(by_source)}: the pool's sources are unknown (a pool_path "
+                    f"pool), so every image weighs the same")
     server.model.to(device)
     return Federation(cfg, clients, server, curator, client_fit, transport)
 
