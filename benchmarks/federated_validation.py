@@ -86,6 +86,9 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {  # each: overrides of the shi
     # pool3000, and each teacher's KD weighs the pool images of its own dataset 5x (half its batch
     # weight, with 6 balanced sources)
     "pool3000_own5": {"data": {"max_pool": 3000}, "curation": {"own_source_weight": 5.0}},
+    # pool3000, and the teachers label 3 augmented views of each pool image besides the image
+    # (the same number of distillation steps: each view seen 5 times in 20 passes)
+    "pool3000_views4": {"data": {"max_pool": 3000}, "curation": {"views": 4}},
 }
 VERSION = 1
 

@@ -18,6 +18,7 @@ from medveil.federated.curation import (
     interpolate,
     make_curator,
     pool_batches,
+    transfer_set,
     weighted_average,
 )
 from medveil.federated.messages import ClientUpdate, JoinRequest, message_nbytes, to_payload
@@ -187,6 +188,38 @@ def test_distill_own_source_weight(setup):
         make_curator("distill", CurationParams(own_source_weight=0.0))
     with pytest.raises(ConfigError, match="applies to strategy 'distill' only"):
         make_curator("fedavg", CurationParams(own_source_weight=4.0))
+
+
+def test_distill_views_label_augmented_copies_of_the_pool(setup):
+    """[curation] views: the transfer set is the pool and views - 1 seeded augmented copies (same
+    sources, same seed -> same copies); views = 1 is the pool itself; the student still takes
+    epochs passes' worth of steps over the pool; refused outside distill or below 1."""
+    _, clients, pool = setup
+    groups = pool_groups(clients, pool)
+    same, g1 = transfer_set(pool, groups, 1, seed=3)
+    assert same is pool and g1 is groups
+    images, g3 = transfer_set(pool, groups, 3, seed=3)
+    assert images.shape == (3 * len(pool), *pool.shape[1:]) and torch.equal(images[:len(pool)], pool)
+    assert g3.tolist() == groups.tolist() * 3
+    assert not torch.equal(images[len(pool):2 * len(pool)], pool)  # augmented, and in [0, 1]
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+    assert torch.equal(transfer_set(pool, groups, 3, seed=3)[0], images)
+    assert not torch.equal(transfer_set(pool, groups, 3, seed=4)[0], images)
+    curated = {}
+    for views in (1, 3):
+        server = fresh_server(setup)
+        server.pool_groups, server.pool_sources = groups, [c.name for c in clients]
+        curator = DistillCurator(CurationParams(epochs=2.0, batch_size=16, pool_balance=True, views=views))
+        result = curator.curate(server, real_updates(setup, server), seed=0, progress=False)
+        assert result["steps"] == 3 and result.get("views", 1) == views  # 2 passes over 22 images
+        assert result["kd_after"] < result["kd_before"]
+        curated[views] = server.backbone_state()
+    assert any(not torch.equal(curated[1][k], curated[3][k]) for k in curated[1])
+    for bad in (0, 2.5, True):
+        with pytest.raises(ConfigError, match="views must be an integer >= 1"):
+            make_curator("distill", CurationParams(views=bad))
+    with pytest.raises(ConfigError, match="applies to strategy 'distill' only"):
+        make_curator("fedavg", CurationParams(views=2))
 
 
 def test_bad_updates_are_rejected_and_not_aggregated(setup, caplog):

@@ -28,6 +28,14 @@ otherwise tiny: 109 breast images beside 1000 of each large set in ``medmnist6.t
 images that came from site k's own dataset and 1 on the others' (a breast teacher's outputs on
 blood cells are a function the student must copy too, but not the one the breast task needs);
 w = 1 is the formula above. Both need the pool's sources (in-process ``pool_fraction`` pools).
+``views = V``: the transfer set is each pool image and V - 1 seeded augmented views of it (random
+resized crop down to half the area, horizontal flip, rotation up to 10 degrees, fresh each
+curation); the teachers label every view, so the student matches their function on images
+beyond the pool's few hundred of a small site ("function matching": Beyer et al., "Knowledge
+distillation: a good teacher is patient and consistent", CVPR 2022). The number of steps stays
+``epochs`` passes over the pool (each view is seen epochs / V times); teacher outputs cost V
+forward passes of each teacher. Any view may flip a left/right class: the teacher's label for it
+is what the student copies, so no modality rule is needed. V = 1 (default) is the pool alone.
 Student initialisation ``init``: "average" (default, our choice) starts from the n_k-weighted
 average of the teachers' backbones and copies the teachers' heads, then distils; "base" starts
 from the current global model (pure distillation: the server's weights only move through KD).
@@ -55,6 +63,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medveil.data.augment import AugmentPolicy
 from medveil.errors import ConfigError
 from medveil.federated.rebuild import build_backbone, build_head
 from medveil.federated.messages import ClientUpdate, StateDict
@@ -82,12 +91,25 @@ class CurationParams:
     pool_balance: bool = False  # distill: every source dataset of the pool weighs the same
     own_source_weight: float = 1.0  # distill: a teacher's KD weight on pool images of its own site's
                                     # dataset, against 1 on the others' (1: every image the same)
+    views: int = 1            # distill: the pool image and views - 1 augmented views, each labelled by the teachers
     relay_alpha: float = 1.0
     aggregation: str = "mean"  # fedavg backbone: "mean" (n_k-weighted) | "median" | "trimmed_mean"
     trim_fraction: float = 0.2  # trimmed_mean: share cut at each end, in [0, 0.5)
 
 
 AGGREGATIONS = ("mean", "median", "trimmed_mean")
+KD_VIEW = AugmentPolicy(hflip=True, crop_scale=(0.5, 1.0), rotate_deg=10.0)  # ``views``' augmentation
+
+
+def transfer_set(pool: torch.Tensor, groups: torch.Tensor | None, views: int,
+                 seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(V M, C, H, W) images and (V M,) source groups: the pool, then ``views`` - 1 augmented
+    copies of it (:data:`KD_VIEW`, drawn from ``seed``); the pool itself when ``views`` = 1."""
+    if views == 1:
+        return pool, groups
+    gen = torch.Generator().manual_seed(seed)
+    copies = [KD_VIEW.apply(pool.cpu(), gen).to(pool.device) for _ in range(views - 1)]
+    return torch.cat([pool, *copies]), None if groups is None else groups.repeat(views)
 
 
 def robust_average(states: list[StateDict], how: str, trim_fraction: float = 0.2) -> StateDict:
@@ -225,30 +247,35 @@ class DistillCurator(Curator):
             raise ConfigError("[curation] needs tau > 0, lam >= 0, mim_mu >= 0, epochs > 0")
         if not params.own_source_weight > 0:
             raise ConfigError(f"[curation] own_source_weight must be > 0, got {params.own_source_weight}")
+        if isinstance(params.views, bool) or not isinstance(params.views, int) or params.views < 1:
+            raise ConfigError(f"[curation] views must be an integer >= 1, got {params.views!r}")
         self.p = params
 
-    def teacher_logits(self, server: Server, u: ClientUpdate) -> torch.Tensor:
+    def teacher_logits(self, server: Server, u: ClientUpdate, images: torch.Tensor) -> torch.Tensor:
         entry = server.registry[u.client_name]
         backbone = build_backbone(server.cfg.to_dict(), u.backbone).to(server.device)
         head = build_head(u.head, entry.num_classes, f"client {u.client_name!r}").to(server.device)
-        return predict_logits(backbone, head, server.pool)
+        return predict_logits(backbone, head, images)
 
     @torch.no_grad()
-    def mean_kl(self, server: Server, targets: dict[str, torch.Tensor]) -> float:
-        """Mean over heads of tau^2 KL(target || head(f(pool))) on the whole pool."""
+    def mean_kl(self, server: Server, targets: dict[str, torch.Tensor], images: torch.Tensor) -> float:
+        """Mean over heads of tau^2 KL(target || head(f(images))) on all the transfer images."""
         if not targets:
             return 0.0
-        feats = extract_features(server.model, server.pool).to(server.device)
+        feats = extract_features(server.model, images).to(server.device)
         return float(sum(distill_kl(server.heads[n](feats), t.to(server.device), self.p.tau, server.registry[n].task)
                          for n, t in targets.items()) / len(targets))
 
-    def own_source_weights(self, server: Server, names: list[str]) -> dict[str, torch.Tensor]:
-        """{teacher: (M,) KD weight of each pool image}: ``own_source_weight`` on the images of its
-        own dataset, 1 elsewhere; empty when the weight is 1 or the pool's sources are unknown."""
+    def own_source_weights(self, server: Server, names: list[str],
+                           groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """{teacher: (M,) KD weight of each transfer image}: ``own_source_weight`` on the images of
+        its own dataset, 1 elsewhere; empty when the weight is 1 or the pool's sources are unknown.
+        ``groups``: the transfer set's sources (default: the pool's)."""
         w = self.p.own_source_weight
-        if w == 1.0 or server.pool_groups is None:
+        groups = server.pool_groups if groups is None else groups
+        if w == 1.0 or groups is None:
             return {}
-        return {n: torch.where(server.pool_groups == server.pool_sources.index(n), w, 1.0)
+        return {n: torch.where(groups == server.pool_sources.index(n), w, 1.0)
                 for n in names if n in server.pool_sources}
 
     def curate(self, server: Server, updates: list[ClientUpdate], seed: int,
@@ -256,8 +283,9 @@ class DistillCurator(Curator):
         if not updates:
             return {"aggregated": 0}
         require_pool(server.pool, "distill curation")
-        p, pool, model = self.p, server.pool, server.model
-        teachers = {u.client_name: self.teacher_logits(server, u) for u in updates}
+        p, model = self.p, server.model
+        pool, groups = transfer_set(server.pool, server.pool_groups, p.views, seed + 1)
+        teachers = {u.client_name: self.teacher_logits(server, u, pool) for u in updates}
         others = [n for n in server.registry if n not in teachers]
         with torch.no_grad():
             feats = extract_features(model, pool).to(server.device)
@@ -267,15 +295,14 @@ class DistillCurator(Curator):
                                                   [u.n_samples for u in updates]))
             for u in updates:
                 server.set_head(u.client_name, u.head)
-        kd_before, forget_before = self.mean_kl(server, teachers), self.mean_kl(server, old)
+        kd_before, forget_before = self.mean_kl(server, teachers, pool), self.mean_kl(server, old, pool)
         params = [q for q in model.parameters() if q.requires_grad] + list(server.heads.parameters())
         opt = torch.optim.AdamW(params, lr=p.lr, weight_decay=0.0)
         gen = torch.Generator().manual_seed(seed)
-        n_steps = max(1, round(p.epochs * len(pool) / p.batch_size))
-        steps = pool_batches(len(pool), n_steps, p.batch_size, gen,
-                             server.pool_groups if p.pool_balance else None)
+        n_steps = max(1, round(p.epochs * len(server.pool) / p.batch_size))  # passes over the pool, any views
+        steps = pool_batches(len(pool), n_steps, p.batch_size, gen, groups if p.pool_balance else None)
         device = server.device
-        own = self.own_source_weights(server, list(teachers))
+        own = self.own_source_weights(server, list(teachers), groups)
         model.train()
         server.heads.train()
         mim_total = 0.0
@@ -301,9 +328,10 @@ class DistillCurator(Curator):
         model.eval()
         server.heads.eval()
         balance = {"pool_balanced": server.pool_groups is not None} if p.pool_balance else {}
-        return {"aggregated": len(updates), "steps": n_steps, **balance,
-                "kd_before": kd_before, "kd_after": self.mean_kl(server, teachers),
-                "forget_kl_before": forget_before, "forget_kl_after": self.mean_kl(server, old),
+        views = {"views": p.views} if p.views > 1 else {}
+        return {"aggregated": len(updates), "steps": n_steps, **balance, **views,
+                "kd_before": kd_before, "kd_after": self.mean_kl(server, teachers, pool),
+                "forget_kl_before": forget_before, "forget_kl_after": self.mean_kl(server, old, pool),
                 "mim_loss": mim_total / n_steps if p.mim_mu > 0 else None}
 
 
@@ -313,6 +341,8 @@ def make_curator(strategy: str, params: CurationParams) -> Curator:
         raise ConfigError(f"[curation] pool_balance applies to strategy 'distill' only, not {strategy!r}")
     if params.own_source_weight != 1.0 and strategy != "distill":
         raise ConfigError(f"[curation] own_source_weight applies to strategy 'distill' only, not {strategy!r}")
+    if params.views != 1 and strategy != "distill":
+        raise ConfigError(f"[curation] views applies to strategy 'distill' only, not {strategy!r}")
     if strategy == "distill":
         return DistillCurator(params)
     if strategy == "relay":
