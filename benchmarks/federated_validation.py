@@ -87,7 +87,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {  # each: overrides of the shi
     # weight, with 6 balanced sources)
     "pool3000_own5": {"data": {"max_pool": 3000}, "curation": {"own_source_weight": 5.0}},
     # pool3000, and the teachers label 3 augmented views of each pool image besides the image
-    # (the same number of distillation steps: each view seen 5 times in 20 passes)
+    # (the same number of distillation steps: each view drawn 5 times in 20 passes, on average)
     "pool3000_views4": {"data": {"max_pool": 3000}, "curation": {"views": 4}},
 }
 VERSION = 1

@@ -209,7 +209,11 @@ def test_distill_views_label_augmented_copies_of_the_pool(setup):
     for views in (1, 3):
         server = fresh_server(setup)
         server.pool_groups, server.pool_sources = groups, [c.name for c in clients]
-        curator = DistillCurator(CurationParams(epochs=2.0, batch_size=16, pool_balance=True, views=views))
+        curator = DistillCurator(CurationParams(epochs=2.0, batch_size=16, pool_balance=True, views=views,
+                                                own_source_weight=4.0))
+        if views == 3:  # each view keeps its source image's site: the own-source weights follow it
+            weights = curator.own_source_weights(server, ["alpha"], g3)
+            assert weights["alpha"].tolist() == ([4.0] * 12 + [1.0] * 10) * 3
         result = curator.curate(server, real_updates(setup, server), seed=0, progress=False)
         assert result["steps"] == 3 and result.get("views", 1) == views  # 2 passes over 22 images
         assert result["kd_after"] < result["kd_before"]

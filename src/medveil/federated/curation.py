@@ -33,9 +33,13 @@ resized crop down to half the area, horizontal flip, rotation up to 10 degrees, 
 curation); the teachers label every view, so the student matches their function on images
 beyond the pool's few hundred of a small site ("function matching": Beyer et al., "Knowledge
 distillation: a good teacher is patient and consistent", CVPR 2022). The number of steps stays
-``epochs`` passes over the pool (each view is seen epochs / V times); teacher outputs cost V
-forward passes of each teacher. Any view may flip a left/right class: the teacher's label for it
-is what the student copies, so no modality rule is needed. V = 1 (default) is the pool alone.
+``epochs`` passes over the pool (each view is drawn epochs / V times on average; with
+``pool_balance`` a small source's views more often). Teacher outputs, the ``lam`` targets and the
+``kd_*`` / ``forget_kl_*`` figures of ``metrics.json`` are all over the V M images (so those
+figures do not compare with a run at V = 1), and the transfer set holds V copies of the pool in
+CPU memory (28 px: 9 KB an image; 224 px: 600 KB). Any view may flip a left/right class: the
+teacher's label for it is what the student copies, so no modality rule is needed. V = 1 (default)
+is the pool alone, bit for bit as before the option existed.
 Student initialisation ``init``: "average" (default, our choice) starts from the n_k-weighted
 average of the teachers' backbones and copies the teachers' heads, then distils; "base" starts
 from the current global model (pure distillation: the server's weights only move through KD).
@@ -104,12 +108,14 @@ KD_VIEW = AugmentPolicy(hflip=True, crop_scale=(0.5, 1.0), rotate_deg=10.0)  # `
 def transfer_set(pool: torch.Tensor, groups: torch.Tensor | None, views: int,
                  seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(V M, C, H, W) images and (V M,) source groups: the pool, then ``views`` - 1 augmented
-    copies of it (:data:`KD_VIEW`, drawn from ``seed``); the pool itself when ``views`` = 1."""
+    copies of it (:data:`KD_VIEW`, drawn from ``seed`` on the CPU, so any device gives the same
+    views), image i of copy k at k M + i; the pool itself when ``views`` = 1. On the CPU (the
+    curation moves each batch to the device)."""
     if views == 1:
         return pool, groups
-    gen = torch.Generator().manual_seed(seed)
-    copies = [KD_VIEW.apply(pool.cpu(), gen).to(pool.device) for _ in range(views - 1)]
-    return torch.cat([pool, *copies]), None if groups is None else groups.repeat(views)
+    gen, cpu_pool = torch.Generator().manual_seed(seed), pool.cpu()
+    copies = [KD_VIEW.apply(cpu_pool, gen) for _ in range(views - 1)]
+    return torch.cat([cpu_pool, *copies]), None if groups is None else groups.cpu().repeat(views)
 
 
 def robust_average(states: list[StateDict], how: str, trim_fraction: float = 0.2) -> StateDict:
@@ -268,7 +274,7 @@ class DistillCurator(Curator):
 
     def own_source_weights(self, server: Server, names: list[str],
                            groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """{teacher: (M,) KD weight of each transfer image}: ``own_source_weight`` on the images of
+        """{teacher: (N,) KD weight of each transfer image}: ``own_source_weight`` on the images of
         its own dataset, 1 elsewhere; empty when the weight is 1 or the pool's sources are unknown.
         ``groups``: the transfer set's sources (default: the pool's)."""
         w = self.p.own_source_weight
@@ -284,23 +290,24 @@ class DistillCurator(Curator):
             return {"aggregated": 0}
         require_pool(server.pool, "distill curation")
         p, model = self.p, server.model
-        pool, groups = transfer_set(server.pool, server.pool_groups, p.views, seed + 1)
-        teachers = {u.client_name: self.teacher_logits(server, u, pool) for u in updates}
+        # the transfer set (the pool, or the pool and its views: seed + 1, the seed of the measured runs)
+        images, groups = transfer_set(server.pool, server.pool_groups, p.views, seed + 1)
+        teachers = {u.client_name: self.teacher_logits(server, u, images) for u in updates}
         others = [n for n in server.registry if n not in teachers]
         with torch.no_grad():
-            feats = extract_features(model, pool).to(server.device)
+            feats = extract_features(model, images).to(server.device)
             old = {n: server.heads[n](feats).detach() for n in others}
         if p.init == "average":
             server.load_backbone(weighted_average([u.backbone for u in updates],
                                                   [u.n_samples for u in updates]))
             for u in updates:
                 server.set_head(u.client_name, u.head)
-        kd_before, forget_before = self.mean_kl(server, teachers, pool), self.mean_kl(server, old, pool)
+        kd_before, forget_before = self.mean_kl(server, teachers, images), self.mean_kl(server, old, images)
         params = [q for q in model.parameters() if q.requires_grad] + list(server.heads.parameters())
         opt = torch.optim.AdamW(params, lr=p.lr, weight_decay=0.0)
         gen = torch.Generator().manual_seed(seed)
         n_steps = max(1, round(p.epochs * len(server.pool) / p.batch_size))  # passes over the pool, any views
-        steps = pool_batches(len(pool), n_steps, p.batch_size, gen, groups if p.pool_balance else None)
+        steps = pool_batches(len(images), n_steps, p.batch_size, gen, groups if p.pool_balance else None)
         device = server.device
         own = self.own_source_weights(server, list(teachers), groups)
         model.train()
@@ -309,7 +316,7 @@ class DistillCurator(Curator):
         with seeded(seed):
             for idx in progress_bar(steps, desc="curation: distill", leave=False,
                                     disable=not progress):
-                x = pool[idx].to(device)
+                x = images[idx].to(device)
                 f = model.forward_features(x)
                 loss = sum(distill_kl(server.heads[n](f), t[idx].to(device), p.tau, server.registry[n].task,
                                       own[n][idx].to(device) if n in own else None)
@@ -330,8 +337,8 @@ class DistillCurator(Curator):
         balance = {"pool_balanced": server.pool_groups is not None} if p.pool_balance else {}
         views = {"views": p.views} if p.views > 1 else {}
         return {"aggregated": len(updates), "steps": n_steps, **balance, **views,
-                "kd_before": kd_before, "kd_after": self.mean_kl(server, teachers, pool),
-                "forget_kl_before": forget_before, "forget_kl_after": self.mean_kl(server, old, pool),
+                "kd_before": kd_before, "kd_after": self.mean_kl(server, teachers, images),
+                "forget_kl_before": forget_before, "forget_kl_after": self.mean_kl(server, old, images),
                 "mim_loss": mim_total / n_steps if p.mim_mu > 0 else None}
 
 
