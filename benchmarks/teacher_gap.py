@@ -37,6 +37,7 @@ from medveil.evaluate.probe import universal_eval
 from medveil.evaluate.site_alone import SiteAloneRecipe, site_alone
 from medveil.federated.calibration import fit_linear_head
 from medveil.federated.config import load_config
+from medveil.federated.engine import UPDATES, require_complete
 from medveil.federated.rebuild import build_backbone, build_head
 from medveil.federated.sites import build_sites
 from medveil.federated.training import derive_seed, extract_features, predict_logits
@@ -44,18 +45,14 @@ from medveil.federated.universal import load_universal
 from medveil.io import write_json_atomic
 from medveil.metrics import classification_metrics
 
-COMPLETE = "complete"
-
-
 def teacher_gap(run: Path) -> dict[str, Any]:
     """{"sites": {site: {teacher, teacher_refit (calibrating runs), universal, alone: val
     metrics, stage, n_val, n_train}}, "left_out": [sites without a last update]}."""
-    if not (run / COMPLETE).is_file():
-        raise MedVeilError(f"{run}: not a complete federated run (no '{COMPLETE}' marker)")
+    require_complete(run)
     cfg = load_config(run / "config.toml")
     cfg.data.eval_split = "val"
     clients, _ = build_sites(cfg.clients, cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.seed)
-    updates = torch.load(run / "checkpoints" / "updates.pt", map_location="cpu", weights_only=True)
+    updates = torch.load(run / "checkpoints" / UPDATES, map_location="cpu", weights_only=True)
     left_out = [c.name for c in clients if c.name not in updates]
     clients = [c for c in clients if c.name in updates]
     model = load_universal(run / "model.pt")
@@ -105,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", type=Path)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    if not (args.run / "checkpoints" / "updates.pt").is_file():
+    if not (args.run / "checkpoints" / UPDATES).is_file():
         print(f"teacher_gap: {args.run}: no checkpoints/updates.pt (a finished federation folder keeps its "
               f"last stage's updates there)", file=sys.stderr)
         return 2

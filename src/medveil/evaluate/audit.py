@@ -68,7 +68,7 @@ from medveil.data import Task
 from medveil.errors import DataError, MedVeilError
 from medveil.federated.calibration import fit_linear_head
 from medveil.federated.config import load_config
-from medveil.federated.engine import COMPLETE, UPDATES, mim_only_state
+from medveil.federated.engine import UPDATES, mim_only_state, require_complete
 from medveil.federated.rebuild import build_backbone, build_head
 from medveil.federated.site_record import LAST_UPDATE, REFERENCE_START, SITE, audit_folder, read_site
 from medveil.federated.sites import UNUSED_TRAIN, ClientData, build_sites, load_site
@@ -238,8 +238,7 @@ def audit_run(run_dir: str | Path, progress: bool = True, nonmembers: str | None
     ``max_nonmembers``: held-out images per site, both halves (0: the run's ``max_test``; more
     non-members narrow the chance bands, which a 1 % FPR needs)."""
     run = Path(run_dir)
-    if not (run / COMPLETE).is_file():
-        raise MedVeilError(f"{run}: not a complete federated run (no '{COMPLETE}' marker)")
+    require_complete(run)
     _check_nonmembers(nonmembers, reference_split, max_nonmembers)
     cfg = load_config(run / "config.toml")
     if nonmembers is not None:

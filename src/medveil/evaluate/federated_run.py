@@ -20,7 +20,7 @@ from medveil.errors import MedVeilError
 from medveil.evaluate.probe import backbone_eval, universal_eval
 from medveil.evaluate.site_alone import PUBLISHED_NOTE, published_row, site_alone
 from medveil.federated.config import load_config
-from medveil.federated.engine import COMPLETE, mim_only_state
+from medveil.federated.engine import mim_only_state, require_complete
 from medveil.io import write_json_atomic
 from medveil.progress import bar as progress_bar
 from medveil.federated.universal import load_universal
@@ -35,9 +35,7 @@ def evaluate_run(run_dir: str | Path, finetune: bool = True, progress: bool = Tr
     unknown = [a for a in site_alone_archs if a not in CNN_ARCHS]
     if unknown:
         raise MedVeilError(f"--site-alone: unknown CNN {unknown[0]!r} (choose from {', '.join(CNN_ARCHS)} or none)")
-    if not (out / COMPLETE).is_file():
-        raise MedVeilError(f"{out}: not a complete federated run (no '{COMPLETE}' marker; "
-                           f"finish it with `medveil federate --out {out} --resume`)")
+    require_complete(out)
     cfg = load_config(out / "config.toml")
     universal = load_universal(out / "model.pt")
     clients, _ = build_sites(cfg.clients, cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.seed)

@@ -264,13 +264,13 @@ class DistillCurator(Curator):
         return predict_logits(backbone, head, images)
 
     @torch.no_grad()
-    def mean_kl(self, server: Server, targets: dict[str, torch.Tensor], images: torch.Tensor) -> float:
-        """Mean over heads of tau^2 KL(target || head(f(images))) on all the transfer images."""
-        if not targets:
-            return 0.0
-        feats = extract_features(server.model, images).to(server.device)
-        return float(sum(distill_kl(server.heads[n](feats), t.to(server.device), self.p.tau, server.registry[n].task)
-                         for n, t in targets.items()) / len(targets))
+    def mean_kls(self, server: Server, images: torch.Tensor,
+                 *targets: dict[str, torch.Tensor]) -> list[float]:
+        """For each target set: the mean over its heads of tau^2 KL(target || head(f(images))) on
+        all the transfer images (0 for an empty set); the features extracted once for all."""
+        feats = (extract_features(server.model, images).to(server.device) if any(targets) else None)
+        return [float(sum(distill_kl(server.heads[n](feats), t.to(server.device), self.p.tau, server.registry[n].task)
+                          for n, t in ts.items()) / len(ts)) if ts else 0.0 for ts in targets]
 
     def own_source_weights(self, server: Server, names: list[str],
                            groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -302,7 +302,7 @@ class DistillCurator(Curator):
                                                   [u.n_samples for u in updates]))
             for u in updates:
                 server.set_head(u.client_name, u.head)
-        kd_before, forget_before = self.mean_kl(server, teachers, images), self.mean_kl(server, old, images)
+        kd_before, forget_before = self.mean_kls(server, images, teachers, old)
         params = [q for q in model.parameters() if q.requires_grad] + list(server.heads.parameters())
         opt = torch.optim.AdamW(params, lr=p.lr, weight_decay=0.0)
         gen = torch.Generator().manual_seed(seed)
@@ -336,9 +336,10 @@ class DistillCurator(Curator):
         server.heads.eval()
         balance = {"pool_balanced": server.pool_groups is not None} if p.pool_balance else {}
         views = {"views": p.views} if p.views > 1 else {}
+        kd_after, forget_after = self.mean_kls(server, images, teachers, old)
         return {"aggregated": len(updates), "steps": n_steps, **balance, **views,
-                "kd_before": kd_before, "kd_after": self.mean_kl(server, teachers, images),
-                "forget_kl_before": forget_before, "forget_kl_after": self.mean_kl(server, old, images),
+                "kd_before": kd_before, "kd_after": kd_after,
+                "forget_kl_before": forget_before, "forget_kl_after": forget_after,
                 "mim_loss": mim_total / n_steps if p.mim_mu > 0 else None}
 
 

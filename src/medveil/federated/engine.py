@@ -46,6 +46,14 @@ def check_run_folder(out: Path, resume: bool) -> None:
         raise ConfigError(f"{out}: not empty; pass --resume to continue that run or choose another --out")
 
 
+def require_complete(run: Path) -> None:
+    """MedVeilError unless ``run`` is a finished federation (its ``complete`` marker), for the
+    commands that read a run (evaluate, audit)."""
+    if not (run / COMPLETE).is_file():
+        raise MedVeilError(f"{run}: not a complete federated run (no '{COMPLETE}' marker; "
+                           f"finish it with `medveil federate --out {run} --resume`)")
+
+
 UPDATES = "updates.pt"  # checkpoints/updates.pt: the last stage's accepted client updates
 
 
